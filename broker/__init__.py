@@ -1,0 +1,1 @@
+"""The coordinator: membership, SDFS master, jobs, fair scheduling, statistics, failover."""

@@ -1,0 +1,702 @@
+"""The coordinator's logic, free of sockets: membership, SDFS master, jobs, scheduling, statistics.
+
+``handle(identity, msg, now)`` processes one decoded message and ``tick(now)`` runs the timers;
+everything leaves through ``self.net`` (``send`` to a ROUTER peer, ``publish`` on PUB). The socket
+loop lives in :mod:`broker.server`; unit tests drive this class with an in-memory ``Net``.
+
+State changes that the standby must see go through :meth:`emit` (apply locally + journal a
+sequenced ``StateUpdate``); the standby applies the same ops with :meth:`apply_op`, so both sides
+run one code path (zguide Clone: snapshot + sequenced updates).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from broker.jobs import Job, JobState, JobTable
+from broker.scheduler import Candidate, make_scheduler
+from broker.stats import rate_gap, summarize
+from common.commands import COMMANDS
+from common.config import Config
+from common.identity import split_node_id
+from common.membership import Member, MemberRegistry, MembershipEvent
+from common.protocol import (
+    Command,
+    CoordinatorHeartbeat,
+    Delete,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    Join,
+    Leave,
+    ListFiles,
+    Locate,
+    Located,
+    Message,
+    Ok,
+    PutBegin,
+    PutCommit,
+    PutPlan,
+    Ready,
+    Rejoin,
+    ReportBad,
+    ResultAck,
+    StateRequest,
+    StateSnapshot,
+    StateUpdate,
+    Stored,
+    Task,
+    TaskResult,
+    Topic,
+    ViewRequest,
+    ViewSnapshot,
+    ViewUpdate,
+    Welcome,
+)
+from sdfs.master import MasterError, SdfsMaster
+
+log = logging.getLogger("idunno.coordinator")
+
+PRIMARY, STANDBY, PROBING = "primary", "standby", "probing"
+
+
+class Net(Protocol):
+    def send(self, identity: bytes, msg: Message) -> bool: ...
+    def publish(self, topic: bytes, msg: Message) -> None: ...
+
+
+class CommandError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class WorkerSlot:
+    """Per-worker scheduling state, kept beside (keyed like) the membership registry."""
+
+    credit: int = 0
+    outstanding: set[str] = field(default_factory=set)  # task ids sent and not yet answered
+    models: tuple[str, ...] = ()
+    cost: float = 0.0  # EWMA seconds per image (any model) on this worker
+
+
+class Coordinator:
+    def __init__(
+        self,
+        cfg: Config,
+        addr: str,
+        net: Net,
+        role: str = PRIMARY,
+        term: int = 1,
+        db_path: str | None = None,
+        scheduler: str = "fair-time",
+        on_job_done: Callable[[Job], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.addr = addr
+        self.net = net
+        self.role = role
+        self.term = term
+        self.registry = MemberRegistry(cfg.failure_timeout)
+        self.slots: dict[str, WorkerSlot] = {}
+        self.master = SdfsMaster(cfg, self.storage_nodes, db_path, journal=self.journal)
+        self.jobs = JobTable()
+        self.scheduler = make_scheduler(scheduler)
+        self.on_job_done = on_job_done or (lambda job: None)
+        self.state_seq = 0
+        self.cost: dict[str, float] = {}  # EWMA seconds per image, per model
+        self.next_repair = 0.0
+        self.next_heartbeat = 0.0
+        self.last_vote = -1e9  # last time a worker asked this (non-primary) coordinator for service
+        self.events: list[dict[str, Any]] = []  # timeline for reports: job added, worker failed, ...
+        self.handlers: dict[type[Message], Callable[[bytes, Any, float], None]] = {
+            Join: self.on_join,
+            Heartbeat: self.on_heartbeat,
+            Leave: self.on_leave,
+            ViewRequest: self.on_view_request,
+            PutBegin: self.on_put_begin,
+            PutCommit: self.on_put_commit,
+            Locate: self.on_locate,
+            Delete: self.on_delete,
+            ListFiles: self.on_ls,
+            ReportBad: self.on_report_bad,
+            Stored: self.on_stored,
+            Ready: self.on_ready,
+            TaskResult: self.on_result,
+            Command: self.on_command,
+            StateRequest: self.on_state_request,
+        }
+        self.ops: dict[str, Callable[[dict[str, Any], float], None]] = {
+            "job.add": self._op_job_add,
+            "job.start": self._op_job_start,
+            "job.batch": self._op_job_batch,
+            "task.dispatch": self._op_task_dispatch,
+            "task.result": self._op_task_result,
+            "task.requeue": self._op_task_requeue,
+            "member": self._op_member,
+            "sdfs.files": self._op_sdfs_files,
+            "event": self._op_event,
+        }
+        self.commands: dict[str, Callable[[dict[str, Any], float], Any]] = {
+            name: getattr(self, f"cmd_{name}") for name in COMMANDS
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # helpers
+
+    def storage_nodes(self) -> dict[str, str]:
+        return {m.node_id: m.data_addr for m in self.registry.alive("worker") if m.data_addr}
+
+    def reply_error(self, ident: bytes, req: int, code: str, message: str) -> None:
+        self.net.send(ident, Error(req, code, message))
+
+    def send_outbox(self, outbox: list[tuple[str, Message]]) -> None:
+        for node_id, msg in outbox:
+            self.net.send(node_id.encode(), msg)
+
+    def journal(self, op: str, data: dict[str, Any]) -> None:
+        """Publish one state change to the standby (only the primary journals)."""
+        if self.role != PRIMARY:
+            return
+        self.state_seq += 1
+        self.net.publish(Topic.STATE, StateUpdate(self.state_seq, self.term, op, data))
+
+    def emit(self, op: str, data: dict[str, Any], now: float) -> None:
+        self.apply_op(op, data, now)
+        self.journal(op, data)
+
+    def apply_op(self, op: str, data: dict[str, Any], now: float) -> None:
+        handler = self.ops.get(op)
+        if handler is None:
+            log.warning("unknown state op %r ignored", op)
+            return
+        handler(data, now)
+
+    def event(self, kind: str, detail: str, now: float) -> None:
+        self.emit("event", {"ts": time.time(), "kind": kind, "detail": detail}, now)
+
+    # ------------------------------------------------------------------------------------------
+    # entry points
+
+    def handle(self, ident: bytes, msg: Message, now: float) -> None:
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            req = getattr(msg, "req", 0)
+            self.reply_error(ident, req, ErrorCode.BAD_REQUEST, f"{msg.TYPE} is not a coordinator request")
+            return
+        if self.role != PRIMARY and not isinstance(msg, (StateRequest, ViewRequest)):
+            self.on_not_primary(ident, msg, now)
+            return
+        try:
+            handler(ident, msg, now)
+        except Exception as exc:  # a handler bug must never take the coordinator down
+            log.exception("handler for %s failed", msg.TYPE)
+            self.reply_error(ident, getattr(msg, "req", 0), ErrorCode.INTERNAL, f"internal error: {exc}")
+
+    def on_not_primary(self, ident: bytes, msg: Message, now: float) -> None:
+        # A worker talking to the standby is a vote that the primary is gone (Binary Star).
+        if isinstance(msg, (Join, Heartbeat)):
+            self.last_vote = now
+        req = getattr(msg, "req", None)
+        if req is not None:
+            self.reply_error(ident, req, ErrorCode.NOT_PRIMARY, f"{self.addr} is {self.role}, not primary")
+        elif isinstance(msg, (Join, Heartbeat)):
+            self.net.send(ident, Error(0, ErrorCode.NOT_PRIMARY, f"{self.addr} is {self.role}"))
+
+    def tick(self, now: float) -> None:
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.cfg.heartbeat_interval
+            self.net.publish(
+                Topic.HEARTBEAT,
+                CoordinatorHeartbeat(
+                    self.addr, self.role, self.term, self.registry.epoch, self.registry.seq, self.state_seq
+                ),
+            )
+        if self.role != PRIMARY:
+            return
+        for ev in self.registry.expire(now):
+            log.warning("member %s failed (no heartbeat for %.1fs)", ev.member.node_id, self.registry.timeout)
+            self.member_gone(ev, now)
+        for task in [t for t in self.jobs.tasks.values() if t.deadline < now]:
+            log.warning("task %s on %s timed out; re-queued", task.task_id, task.worker)
+            self.emit("task.requeue", {"task_id": task.task_id}, now)
+        if now >= self.next_repair:
+            self.next_repair = now + self.cfg.repair_interval
+            self.send_outbox(self.master.repair(now))
+        self.dispatch(now)
+
+    def next_deadline(self, now: float) -> float:
+        deadlines = [self.next_heartbeat, self.next_repair if self.role == PRIMARY else now + 1.0]
+        d = self.registry.next_deadline()
+        if d is not None and self.role == PRIMARY:
+            deadlines.append(d)
+        return min(deadlines)
+
+    # ------------------------------------------------------------------------------------------
+    # membership
+
+    def publish_member(self, ev: MembershipEvent, now: float) -> None:
+        member = ev.member.public()
+        self.net.publish(Topic.VIEW, ViewUpdate(ev.seq, ev.epoch, str(ev.event), member))
+        self.journal("member", {"event": str(ev.event), "member": member, "seq": ev.seq, "epoch": ev.epoch})
+
+    def on_join(self, ident: bytes, m: Join, now: float) -> None:
+        try:
+            split_node_id(m.node_id)
+        except ValueError as exc:
+            self.net.send(ident, Error(0, ErrorCode.BAD_REQUEST, str(exc)))
+            return
+        if ident != m.node_id.encode():
+            self.net.send(ident, Error(0, ErrorCode.BAD_REQUEST, "socket identity must equal node id"))
+            return
+        member = Member(m.node_id, m.role, m.data_addr, joined_at=time.time())
+        ev = self.registry.join(member, now)
+        if ev is not None:
+            log.info("member %s joined (%s, data %s)", m.node_id, m.role, m.data_addr or "-")
+            self.publish_member(ev, now)
+            self.event("join", m.node_id, now)
+        # Credit comes with the worker's Ready; results of the tasks it still holds will return credit.
+        self.slots[m.node_id] = WorkerSlot(outstanding=set(m.inflight))
+        self.net.send(ident, Welcome(m.node_id, self.term, self.registry.epoch))
+        self.send_outbox(self.master.node_report(m.node_id, m.store))
+        # Tasks the node still works on keep their queries out of the pending queue.
+        live_tasks = set(m.inflight)
+        for task in self.jobs.tasks_of(m.node_id):
+            if task.task_id not in live_tasks:
+                self.emit("task.requeue", {"task_id": task.task_id}, now)
+
+    def on_heartbeat(self, ident: bytes, m: Heartbeat, now: float) -> None:
+        if not self.registry.heartbeat(m.node_id, now, m.busy):
+            self.net.send(ident, Rejoin(f"{m.node_id} is not a live member here"))
+
+    def on_leave(self, ident: bytes, m: Leave, now: float) -> None:
+        ev = self.registry.leave(m.node_id)
+        if ev is not None:
+            log.info("member %s left", m.node_id)
+            self.member_gone(ev, now)
+
+    def member_gone(self, ev: MembershipEvent, now: float) -> None:
+        node = ev.member.node_id
+        self.publish_member(ev, now)
+        self.event(str(ev.event), node, now)
+        self.slots.pop(node, None)
+        for task in self.jobs.tasks_of(node):
+            self.emit("task.requeue", {"task_id": task.task_id}, now)
+        self.master.node_down(node)
+        self.next_repair = now  # re-replicate right away
+
+    def on_view_request(self, ident: bytes, m: ViewRequest, now: float) -> None:
+        self.net.send(ident, ViewSnapshot(m.req, self.registry.seq, self.registry.epoch, self.registry.view()))
+
+    # ------------------------------------------------------------------------------------------
+    # SDFS
+
+    def _master_call(self, ident: bytes, req: int, fn: Callable[[], Message]) -> None:
+        try:
+            self.net.send(ident, fn())
+        except MasterError as exc:
+            self.reply_error(ident, req, exc.code, str(exc))
+
+    def on_put_begin(self, ident: bytes, m: PutBegin, now: float) -> None:
+        self._master_call(ident, m.req, lambda: PutPlan(m.req, self.master.begin_put(m.files, now)))
+
+    def on_put_commit(self, ident: bytes, m: PutCommit, now: float) -> None:
+        failed, out = self.master.commit_put(m.commits, now)
+        self.send_outbox(out)
+        self.net.send(ident, Ok(m.req, {"failed": failed}))
+
+    def on_locate(self, ident: bytes, m: Locate, now: float) -> None:
+        self._master_call(ident, m.req, lambda: Located(m.req, m.name, self.master.locate(m.name, m.count)))
+
+    def on_delete(self, ident: bytes, m: Delete, now: float) -> None:
+        def run() -> Message:
+            n, out = self.master.delete(m.name)
+            self.send_outbox(out)
+            return Ok(m.req, {"deleted_versions": n})
+
+        self._master_call(ident, m.req, run)
+
+    def on_ls(self, ident: bytes, m: ListFiles, now: float) -> None:
+        self.net.send(ident, Ok(m.req, {"files": self.master.ls(m.pattern)}))
+
+    def on_report_bad(self, ident: bytes, m: ReportBad, now: float) -> None:
+        self.send_outbox(self.master.report_bad(m.node_id, m.name, m.version))
+        self.next_repair = now
+
+    def on_stored(self, ident: bytes, m: Stored, now: float) -> None:
+        if not m.ok:
+            log.warning("re-replication of %s v%d to %s failed: %s", m.name, m.version, m.node_id, m.error)
+        self.send_outbox(self.master.stored(m.node_id, m.name, m.version, m.ok, m.checksum))
+
+    # ------------------------------------------------------------------------------------------
+    # inference
+
+    def on_ready(self, ident: bytes, m: Ready, now: float) -> None:
+        if not self.registry.is_alive(m.node_id):
+            self.net.send(ident, Rejoin("ready from a non-member"))
+            return
+        slot = self.slots.setdefault(m.node_id, WorkerSlot())
+        slot.credit = max(0, min(m.credit, 64))  # absolute: the tasks it holds are already discounted
+        slot.models = tuple(m.models)
+        self.dispatch(now)
+
+    def task_timeout(self, job: Job, worker: str) -> float:
+        per_image = self.cost.get(job.model) or self.slots.get(worker, WorkerSlot()).cost or 1.0
+        return max(self.cfg.task_timeout_min, 10 * per_image * job.batch_size * self.cfg.worker_credit)
+
+    def dispatch(self, now: float) -> None:
+        """Give every free worker slot a batch from the job the scheduler picks."""
+        if self.role != PRIMARY:
+            return
+        while True:
+            backlog = self.jobs.backlogged()
+            if not backlog:
+                return
+            free = [(node, s) for node, s in self.slots.items() if s.credit > 0 and self.registry.is_alive(node)]
+            if not free:
+                return
+            node, slot = max(free, key=lambda ns: ns[1].credit)
+            pick = self.scheduler.pick(Candidate(j.job_id, j.weight, j.model) for j in backlog)
+            if pick is None:
+                return
+            job = self.jobs.jobs[pick.job_id]
+            n = min(job.batch_size, len(job.pending))
+            indexes = list(job.pending)[:n]
+            task_id = self.jobs.next_task_id(job.job_id)
+            self.emit(
+                "task.dispatch",
+                {"task_id": task_id, "job_id": job.job_id, "worker": node, "indexes": indexes,
+                 "dispatched": time.time()},
+                now,
+            )
+            task = self.jobs.tasks[task_id]
+            task.deadline = now + self.task_timeout(job, node)
+            queries = [{"qid": job.qid(i), "input": job.inputs[i][0], "version": job.inputs[i][1]} for i in indexes]
+            slot.credit -= 1
+            slot.outstanding.add(task_id)
+            self.scheduler.charge(job.job_id, n, job.weight)
+            if not self.net.send(node.encode(), Task(task_id, job.job_id, job.model, self.term, queries)):
+                log.warning("worker %s unreachable; task %s re-queued", node, task_id)
+                slot.credit = 0
+                slot.outstanding.discard(task_id)
+                self.emit("task.requeue", {"task_id": task_id}, now)
+
+    def on_result(self, ident: bytes, m: TaskResult, now: float) -> None:
+        self.net.send(ident, ResultAck(m.task_id))
+        if not self.registry.is_alive(m.node_id):
+            log.info("late result %s from %s (not a live member) dropped", m.task_id, m.node_id)
+            return
+        task = self.jobs.tasks.get(m.task_id)
+        slot = self.slots.get(m.node_id)
+        if slot is not None and m.task_id in slot.outstanding:
+            slot.outstanding.discard(m.task_id)
+            slot.credit += 1
+        job = self.jobs.jobs.get(m.job_id)
+        if job is None:
+            return
+        results: dict[str, dict[str, Any]] = {}
+        prefix = f"{job.job_id}:"
+        for r in m.results:
+            qid = str(r.get("qid", ""))
+            if not qid.startswith(prefix) or not qid[len(prefix):].isdigit():
+                continue
+            idx = int(qid[len(prefix):])
+            if idx >= job.total or idx in job.results:
+                continue  # a duplicate (re-dispatched query) or garbage: exactly one result per input
+            results[str(idx)] = {
+                "input": job.inputs[idx][0],
+                "model": job.model,
+                "top5": r.get("top5") or [],
+                "error": r.get("error"),
+                "worker": m.node_id,
+            }
+        dispatched = task.dispatched if task is not None else time.time() - m.elapsed
+        latency = max(0.0, time.time() - dispatched)
+        for r in results.values():
+            r["latency"] = latency
+        n = len(results)
+        if n and m.elapsed > 0:
+            per_image = m.elapsed / max(1, len(m.results))
+            old = self.cost.get(job.model)
+            self.cost[job.model] = per_image if old is None else 0.8 * old + 0.2 * per_image
+            slot = self.slots.get(m.node_id)
+            if slot is not None:
+                slot.cost = per_image if not slot.cost else 0.8 * slot.cost + 0.2 * per_image
+        self.emit(
+            "task.result",
+            {"task_id": m.task_id, "job_id": job.job_id, "results": results, "latency": latency,
+             "elapsed": m.elapsed, "ts": time.time()},
+            now,
+        )
+        self.dispatch(now)
+
+    # ------------------------------------------------------------------------------------------
+    # replicated state ops (run on primary and standby alike)
+
+    def _op_job_add(self, d: dict[str, Any], now: float) -> None:
+        job = Job.restore(d)
+        self.jobs.add(job)
+
+    def _op_job_start(self, d: dict[str, Any], now: float) -> None:
+        for job_id in d["job_ids"]:
+            job = self.jobs.jobs.get(job_id)
+            if job is not None and job.state is JobState.QUEUED:
+                job.state = JobState.RUNNING
+                job.started = d["ts"]
+
+    def _op_job_batch(self, d: dict[str, Any], now: float) -> None:
+        job = self.jobs.jobs.get(d["job_id"])
+        if job is not None:
+            job.batch_size = int(d["batch_size"])
+
+    def _op_task_dispatch(self, d: dict[str, Any], now: float) -> None:
+        job = self.jobs.jobs.get(d["job_id"])
+        if job is None:
+            return
+        self.jobs.dispatch(job, d["task_id"], d["worker"], list(d["indexes"]), d["dispatched"],
+                           now + self.cfg.task_timeout_min)
+
+    def _op_task_result(self, d: dict[str, Any], now: float) -> None:
+        self.jobs.tasks.pop(d["task_id"], None)
+        job = self.jobs.jobs.get(d["job_id"])
+        if job is None:
+            return
+        fresh = self.jobs.record(job, {int(k): v for k, v in d["results"].items()})
+        errors = sum(1 for r in fresh.values() if r.get("error"))
+        if fresh:
+            job.stats.record(len(fresh), errors, d["latency"], d["elapsed"], d["ts"])
+        if self.jobs.maybe_finish(job, d["ts"]):
+            log.info("job %s finished: %d results", job.job_id, len(job.results))
+            self.scheduler.forget(job.job_id)
+            self.events.append({"ts": d["ts"], "kind": "job_done", "detail": job.job_id})
+            if self.role == PRIMARY:
+                self.on_job_done(job)
+
+    def _op_task_requeue(self, d: dict[str, Any], now: float) -> None:
+        self.jobs.requeue(d["task_id"])
+
+    def _op_member(self, d: dict[str, Any], now: float) -> None:
+        self.registry.apply(d["event"], d["member"], d["seq"], d["epoch"], now)
+
+    def _op_sdfs_files(self, d: dict[str, Any], now: float) -> None:
+        self.master.apply_entries(d["entries"])
+
+    def _op_event(self, d: dict[str, Any], now: float) -> None:
+        self.events.append(d)
+        del self.events[:-1000]
+
+    # ------------------------------------------------------------------------------------------
+    # standby replication
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "members": self.registry.view(),
+            "view_seq": self.registry.seq,
+            "epoch": self.registry.epoch,
+            "sdfs": self.master.snapshot(),
+            "jobs": [j.snapshot() for j in self.jobs.jobs.values()],
+            "tasks": [
+                {"task_id": t.task_id, "job_id": t.job_id, "worker": t.worker, "indexes": t.indexes,
+                 "dispatched": t.dispatched}
+                for t in self.jobs.tasks.values()
+            ],
+            "events": self.events[-1000:],
+            "cost": self.cost,
+        }
+
+    def restore(self, state: dict[str, Any], seq: int, term: int, now: float) -> None:
+        self.registry.restore(state["members"], state["view_seq"], state["epoch"], now)
+        self.master.files.clear()
+        self.master.next_version.clear()
+        self.master.apply_entries(state["sdfs"]["entries"])
+        self.jobs = JobTable()
+        for jd in state["jobs"]:
+            self.jobs.add(Job.restore(jd))
+        for t in state["tasks"]:
+            self._op_task_dispatch(t, now)
+        self.events = list(state.get("events", []))
+        self.cost = dict(state.get("cost", {}))
+        self.state_seq = seq
+        self.term = max(self.term, term)
+
+    def on_state_request(self, ident: bytes, m: StateRequest, now: float) -> None:
+        if self.role != PRIMARY:
+            self.reply_error(ident, m.req, ErrorCode.NOT_PRIMARY, f"{self.addr} is {self.role}")
+            return
+        self.net.send(ident, StateSnapshot(m.req, self.state_seq, self.term, self.snapshot()))
+
+    def promote(self, now: float) -> None:
+        """Standby -> primary: new term, fresh failure-detector grace, unfinished work re-planned."""
+        self.role = PRIMARY
+        self.term += 1
+        self.registry.touch_all(now)
+        for task in self.jobs.tasks.values():
+            task.deadline = now + self.cfg.task_timeout_min
+        self.slots = {}  # until each worker re-attaches and announces its credit
+        self.next_repair = now + self.cfg.failure_timeout
+        log.warning("promoted to primary with term %d", self.term)
+        self.event("failover", f"{self.addr} primary (term {self.term})", now)
+
+    def demote(self) -> None:
+        log.warning("another coordinator has a higher term; becoming standby")
+        self.role = STANDBY
+
+    # ------------------------------------------------------------------------------------------
+    # commands
+
+    def on_command(self, ident: bytes, m: Command, now: float) -> None:
+        fn = self.commands.get(m.name)
+        if fn is None:
+            self.reply_error(ident, m.req, ErrorCode.BAD_REQUEST,
+                             f"unknown command {m.name!r}; commands: {', '.join(sorted(COMMANDS))}")
+            return
+        try:
+            data = fn(m.args, now)
+        except CommandError as exc:
+            self.reply_error(ident, m.req, exc.code, str(exc))
+            return
+        except (KeyError, TypeError, ValueError) as exc:
+            self.reply_error(ident, m.req, ErrorCode.BAD_REQUEST,
+                             f"bad arguments for {m.name}: {exc}; usage: {COMMANDS[m.name].usage()}")
+            return
+        self.net.send(ident, Ok(m.req, data))
+
+    def _job(self, args: dict[str, Any]) -> Job:
+        job_id = args.get("job")
+        if not isinstance(job_id, str) or job_id not in self.jobs.jobs:
+            known = ", ".join(self.jobs.jobs) or "none"
+            raise CommandError(ErrorCode.NOT_FOUND, f"no such job {job_id!r} (jobs: {known})")
+        return self.jobs.jobs[job_id]
+
+    def _jobs(self, args: dict[str, Any]) -> list[Job]:
+        return [self._job(args)] if args.get("job") else list(self.jobs.jobs.values())
+
+    def cmd_info(self, args: dict[str, Any], now: float) -> Any:
+        return {"sdfs": self.master.info(), "members": len(self.registry.alive()), "term": self.term,
+                "role": self.role}
+
+    def cmd_pending(self, args: dict[str, Any], now: float) -> Any:
+        return {
+            j.job_id: {
+                "pending": [j.qid(i) for i in list(j.pending)[:200]],
+                "pending_count": len(j.pending),
+                "in_flight": sum(len(t.indexes) for t in self.jobs.tasks.values() if t.job_id == j.job_id),
+                "state": str(j.state),
+            }
+            for j in self._jobs(args)
+        }
+
+    def cmd_completed(self, args: dict[str, Any], now: float) -> Any:
+        return {
+            j.job_id: {"completed": len(j.results), "total": j.total, "errors": j.stats.errors,
+                       "model": j.model, "state": str(j.state)}
+            for j in self._jobs(args)
+        }
+
+    def cmd_start(self, args: dict[str, Any], now: float) -> Any:
+        queued = [j.job_id for j in self.jobs.jobs.values() if j.state is JobState.QUEUED]
+        if queued:
+            self.emit("job.start", {"job_ids": queued, "ts": time.time()}, now)
+            for job_id in queued:
+                self.event("job_started", job_id, now)
+        self.dispatch(now)
+        return {"started": queued}
+
+    def cmd_submit(self, args: dict[str, Any], now: float) -> Any:
+        model = args.get("model")
+        pattern = args.get("inputs")
+        if not isinstance(model, str) or not model.strip():
+            raise CommandError(ErrorCode.BAD_REQUEST, "submit needs a model name")
+        if not isinstance(pattern, str) or not pattern:
+            raise CommandError(ErrorCode.BAD_REQUEST, "submit needs an SDFS glob or prefix of inputs")
+        batch = int(args.get("batch") or self.cfg.default_batch_size)
+        if not 1 <= batch <= self.cfg.max_batch_size:
+            raise CommandError(ErrorCode.BAD_REQUEST, f"batch size must be 1..{self.cfg.max_batch_size}")
+        weight = float(args.get("weight") or 1.0)
+        if not 0 < weight <= 1000:
+            raise CommandError(ErrorCode.BAD_REQUEST, "weight must be in (0, 1000]")
+        files = self.master.ls(pattern)
+        inputs = [(f["name"], f["versions"][0]["version"]) for f in files if f["versions"]]
+        inputs = [i for i in inputs if not i[0].startswith("results/")]
+        if not inputs:
+            raise CommandError(ErrorCode.NOT_FOUND, f"no input files match {pattern!r} in SDFS; `put` them first")
+        job_id = self.jobs.new_job_id(model.strip())
+        job = Job(job_id, model.strip(), inputs, batch, weight)
+        self.emit("job.add", job.snapshot(), now)
+        self.event("job_added", job_id, now)
+        if args.get("start") or self.jobs.running():
+            self.emit("job.start", {"job_ids": [job_id], "ts": time.time()}, now)
+            self.event("job_started", job_id, now)
+            self.dispatch(now)
+        return self.jobs.jobs[job_id].describe()
+
+    def cmd_jobs(self, args: dict[str, Any], now: float) -> Any:
+        return [j.describe() for j in self.jobs.jobs.values()]
+
+    def _rate(self, job: Job) -> float:
+        return job.stats.rate(time.time(), self.cfg.rate_window)
+
+    def cmd_query_rate(self, args: dict[str, Any], now: float) -> Any:
+        jobs = self._jobs(args)
+        rates = {j.job_id: {"rate": self._rate(j), "count": len(j.results), "window": self.cfg.rate_window,
+                            "model": j.model} for j in jobs}
+        running = [r["rate"] for j, r in zip(jobs, rates.values(), strict=True) if j.state is JobState.RUNNING]
+        return {"jobs": rates, "gap": rate_gap(running)}
+
+    def cmd_query_time(self, args: dict[str, Any], now: float) -> Any:
+        return {
+            j.job_id: {"latency": summarize(j.stats.latencies), "compute": summarize(j.stats.compute),
+                       "model": j.model}
+            for j in self._jobs(args)
+        }
+
+    def cmd_set_batch_size(self, args: dict[str, Any], now: float) -> Any:
+        job = self._job(args)
+        n = int(args["n"])
+        if not 1 <= n <= self.cfg.max_batch_size:
+            raise CommandError(ErrorCode.BAD_REQUEST, f"batch size must be 1..{self.cfg.max_batch_size}")
+        self.emit("job.batch", {"job_id": job.job_id, "batch_size": n}, now)
+        return job.describe()
+
+    def cmd_results(self, args: dict[str, Any], now: float) -> Any:
+        job = self._job(args)
+        limit = int(args.get("limit") or 0)
+        items = [job.results[i] | {"qid": job.qid(i)} for i in sorted(job.results)]
+        return {"job": job.describe(), "results": items[:limit] if limit > 0 else items,
+                "sdfs_name": f"results/{job.job_id}"}
+
+    def cmd_vm_info(self, args: dict[str, Any], now: float) -> Any:
+        out = {}
+        for m in self.registry.alive("worker"):
+            slot = self.slots.get(m.node_id, WorkerSlot())
+            out[m.node_id] = {
+                "models": list(slot.models),
+                "credit": slot.credit,
+                "cost_per_image": slot.cost,
+                "tasks": [
+                    {"task_id": t.task_id, "job": t.job_id, "queries": [f"{t.job_id}:{i}" for i in t.indexes]}
+                    for t in self.jobs.tasks_of(m.node_id)
+                ],
+            }
+        return out
+
+    def cmd_members(self, args: dict[str, Any], now: float) -> Any:
+        return {"epoch": self.registry.epoch, "seq": self.registry.seq, "members": self.registry.view(),
+                "coordinator": {"addr": self.addr, "role": self.role, "term": self.term}}
+
+    def cmd_status(self, args: dict[str, Any], now: float) -> Any:
+        return {
+            "members": self.cmd_members({}, now),
+            "jobs": self.cmd_jobs({}, now),
+            "rates": self.cmd_query_rate({}, now),
+            "times": self.cmd_query_time({}, now),
+            "vm_info": self.cmd_vm_info({}, now),
+            "sdfs": self.master.info(),
+            "events": self.events[-200:],
+            "cost": self.cost,
+        }

@@ -1,0 +1,183 @@
+"""Jobs, their queries and the tasks (batches of queries) that are out at workers.
+
+Invariant: every query index of a job is in exactly one of ``pending``, a task's ``indexes``, or
+``results``. A result is accepted once per query (by index); a re-dispatched query's second
+result is dropped, so every input gets exactly one result.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from broker.stats import JobStats
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"  # submitted, waits for `start`
+    RUNNING = "running"
+    DONE = "done"
+
+
+@dataclass
+class TaskInfo:
+    task_id: str
+    job_id: str
+    worker: str
+    indexes: list[int]
+    dispatched: float  # wall clock
+    deadline: float  # monotonic
+
+
+@dataclass
+class Job:
+    job_id: str
+    model: str
+    inputs: list[tuple[str, int]]  # (sdfs name, version)
+    batch_size: int
+    weight: float = 1.0
+    state: JobState = JobState.QUEUED
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    pending: deque[int] = field(default_factory=deque)
+    results: dict[int, dict[str, Any]] = field(default_factory=dict)
+    stats: JobStats | None = None
+
+    def __post_init__(self) -> None:
+        if self.stats is None:
+            self.stats = JobStats(self.job_id)
+        if not self.pending and not self.results:
+            self.pending.extend(range(len(self.inputs)))
+
+    @property
+    def total(self) -> int:
+        return len(self.inputs)
+
+    def qid(self, index: int) -> str:
+        return f"{self.job_id}:{index}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "model": self.model,
+            "state": str(self.state),
+            "batch_size": self.batch_size,
+            "weight": self.weight,
+            "total": self.total,
+            "completed": len(self.results),
+            "pending": len(self.pending),
+            "submitted": self.submitted,
+            "started": self.started,
+            "finished": self.finished,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        d = self.describe()
+        d["inputs"] = [list(i) for i in self.inputs]
+        d["results"] = {str(k): v for k, v in self.results.items()}
+        d["stats"] = self.stats.snapshot() if self.stats else None
+        return d
+
+    @classmethod
+    def restore(cls, d: dict[str, Any]) -> Job:
+        job = cls(
+            job_id=d["job_id"],
+            model=d["model"],
+            inputs=[(str(n), int(v)) for n, v in d["inputs"]],
+            batch_size=int(d["batch_size"]),
+            weight=float(d.get("weight", 1.0)),
+            state=JobState(d["state"]),
+            submitted=float(d["submitted"]),
+            started=d.get("started"),
+            finished=d.get("finished"),
+            results={int(k): v for k, v in d.get("results", {}).items()},
+            stats=JobStats.restore(d["stats"]) if d.get("stats") else None,
+        )
+        # Whatever was in flight at the old primary is pending again (its late results still count once).
+        job.pending = deque(i for i in range(job.total) if i not in job.results)
+        return job
+
+
+class JobTable:
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+        self.tasks: dict[str, TaskInfo] = {}
+        self._task_ids = itertools.count(1)
+        self._job_ids = itertools.count(1)
+
+    def new_job_id(self, model: str) -> str:
+        while True:
+            job_id = f"job{next(self._job_ids)}-{model}"
+            if job_id not in self.jobs:
+                return job_id
+
+    def add(self, job: Job) -> None:
+        self.jobs[job.job_id] = job
+
+    def running(self) -> list[Job]:
+        return [j for j in self.jobs.values() if j.state is JobState.RUNNING]
+
+    def backlogged(self) -> list[Job]:
+        return [j for j in self.running() if j.pending]
+
+    def start_queued(self, now: float) -> list[Job]:
+        started = []
+        for j in self.jobs.values():
+            if j.state is JobState.QUEUED:
+                j.state = JobState.RUNNING
+                j.started = now
+                started.append(j)
+        return started
+
+    def next_task_id(self, job_id: str) -> str:
+        return f"t{next(self._task_ids)}-{job_id}"
+
+    def dispatch(
+        self, job: Job, task_id: str, worker: str, indexes: list[int], dispatched: float, deadline: float
+    ) -> TaskInfo:
+        """Move ``indexes`` from the job's queue into a task held by ``worker``."""
+        taken = set(indexes)
+        if list(job.pending)[: len(indexes)] == indexes:
+            for _ in indexes:
+                job.pending.popleft()
+        else:
+            job.pending = deque(i for i in job.pending if i not in taken)
+        task = TaskInfo(task_id, job.job_id, worker, indexes, dispatched, deadline)
+        self.tasks[task_id] = task
+        return task
+
+    def requeue(self, task_id: str) -> TaskInfo | None:
+        """Put an unfinished task's queries back at the front of its job's queue."""
+        task = self.tasks.pop(task_id, None)
+        if task is None:
+            return None
+        job = self.jobs.get(task.job_id)
+        if job is not None:
+            todo = [i for i in task.indexes if i not in job.results and i not in job.pending]
+            job.pending.extendleft(reversed(todo))
+        return task
+
+    def tasks_of(self, worker: str) -> list[TaskInfo]:
+        return [t for t in self.tasks.values() if t.worker == worker]
+
+    def record(self, job: Job, results: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Store results not seen before; return the newly accepted ones."""
+        fresh = {i: r for i, r in results.items() if 0 <= i < job.total and i not in job.results}
+        job.results.update(fresh)
+        if fresh:
+            pending = set(fresh)
+            if any(i in pending for i in job.pending):
+                job.pending = deque(i for i in job.pending if i not in pending)
+        return fresh
+
+    def maybe_finish(self, job: Job, now: float) -> bool:
+        if job.state is JobState.RUNNING and len(job.results) == job.total:
+            job.state = JobState.DONE
+            job.finished = now
+            return True
+        return False

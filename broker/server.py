@@ -1,0 +1,321 @@
+"""The coordinator daemon: sockets, the one loop, standby replication and Binary Star failover.
+
+Sockets (port P = the control port of ``addr``):
+  P     ROUTER  workers and clients (DEALER) — requests, worker protocol, commands
+  P+1   PUB     heartbeats, membership view, log stream, state updates for the standby
+  P+2   PULL    log records pushed by every node, republished on PUB
+and, when a peer coordinator is configured, a SUB to the peer's PUB and a DEALER to its ROUTER.
+
+Failover rules (zguide Binary Star): a standby promotes itself only when the primary has been
+silent for ``failover_timeout`` *and* a worker has asked it for service in that time (a standby cut
+off from everyone stays standby). Each promotion raises the term; a primary that hears a primary
+with a higher term demotes itself to standby and re-syncs, and workers ignore older terms.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from broker.coordinator import PRIMARY, PROBING, STANDBY, Coordinator
+from broker.jobs import Job
+from common.config import Config
+from common.logstream import LOG_PORT_OFFSET, PUB_PORT_OFFSET
+from common.protocol import (
+    CoordinatorHeartbeat,
+    LogRecord,
+    Message,
+    StateRequest,
+    StateSnapshot,
+    StateUpdate,
+    Topic,
+)
+from common.rpc import next_req
+from common.transport import host_port, make_socket, offset_addr, router_send, tcp, try_decode
+
+log = logging.getLogger("idunno.coordinator.server")
+
+
+class ZmqNet:
+    def __init__(self, router: zmq.Socket, pub: zmq.Socket) -> None:
+        self.router = router
+        self.pub = pub
+
+    def send(self, identity: bytes, msg: Message) -> bool:
+        return router_send(self.router, identity, msg)
+
+    def publish(self, topic: bytes, msg: Message) -> None:
+        self.publish_raw(topic, msg.encode())
+
+    def publish_raw(self, topic: bytes, payload: bytes) -> None:
+        try:
+            self.pub.send_multipart([topic, payload], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # PUB never blocks; subscribers detect the gap by sequence number
+
+
+class ResultWriter:
+    """Writes finished jobs' results to SDFS off the loop thread (the loop must never block)."""
+
+    def __init__(self, cfg: Config, addr: str) -> None:
+        self.cfg = cfg
+        self.addr = addr
+        self.queue: queue.Queue[tuple[str, list[dict]] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self.run, name="result-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        items = [job.results[i] | {"qid": job.qid(i)} for i in sorted(job.results)]
+        self.queue.put((job.job_id, items))
+
+    def run(self) -> None:
+        from sdfs.client import SdfsClient  # noqa: PLC0415 - only this thread needs a client
+
+        client = SdfsClient(self.cfg, [self.addr], zmq.Context.instance())
+        try:
+            while (item := self.queue.get()) is not None:
+                job_id, items = item
+                fd, tmp = tempfile.mkstemp(prefix="idunno-results-", suffix=".json")
+                try:
+                    with os.fdopen(fd, "w") as fh:
+                        json.dump({"job": job_id, "results": items}, fh)
+                    for attempt in range(5):
+                        try:
+                            v = client.put(tmp, f"results/{job_id}")
+                            log.info("results of %s written to SDFS results/%s v%d", job_id, job_id, v)
+                            break
+                        except Exception as exc:
+                            log.warning("writing results of %s failed (attempt %d): %s", job_id, attempt + 1, exc)
+                            time.sleep(1.0)  # writer thread, not the loop
+                finally:
+                    Path(tmp).unlink(missing_ok=True)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        self.queue.put(None)
+
+
+class CoordinatorServer:
+    def __init__(
+        self,
+        cfg: Config,
+        addr: str,
+        peer: str | None = None,
+        standby: bool = False,
+        data_dir: str | None = None,
+        scheduler: str = "fair-time",
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.ctx = ctx or zmq.Context.instance()
+        host, port = host_port(addr)
+        self.addr = addr
+        self.peer = peer or None
+        self.data_dir = Path(data_dir or Path(cfg.data_dir) / f"coordinator-{port}")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.router = make_socket(self.ctx, zmq.ROUTER, cfg.max_frame_bytes)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker with the same id takes over
+        self.router.bind(tcp(addr))
+        self.pub = make_socket(self.ctx, zmq.PUB, cfg.max_frame_bytes)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self.pub.bind(tcp(offset_addr(addr, PUB_PORT_OFFSET)))
+        self.pull = make_socket(self.ctx, zmq.PULL, cfg.max_frame_bytes)
+        self.pull.bind(tcp(offset_addr(addr, LOG_PORT_OFFSET)))
+        self.net = ZmqNet(self.router, self.pub)
+        self.writer = ResultWriter(cfg, addr)
+        stored_term = self._load_term()
+        role = STANDBY if standby else (PROBING if self.peer else PRIMARY)
+        self.core = Coordinator(
+            cfg, addr, self.net, role=role, term=stored_term + (1 if role == PRIMARY else 0),
+            db_path=str(self.data_dir / "metadata.sqlite"), scheduler=scheduler, on_job_done=self.writer.submit,
+        )
+        if role == PRIMARY:
+            self._save_term()
+        self.started = time.monotonic()
+        self.peer_sub: zmq.Socket | None = None
+        self.peer_dealer: zmq.Socket | None = None
+        self.peer_seen = -1e9
+        self.peer_role = ""
+        self.peer_term = 0
+        self.snapshot_req: int | None = None
+        self.snapshot_sent = 0.0
+        self.buffered: list[StateUpdate] = []
+        self.synced = False
+        if self.peer:
+            self.peer_sub = make_socket(self.ctx, zmq.SUB, cfg.max_frame_bytes)
+            for topic in (Topic.HEARTBEAT, Topic.STATE):
+                self.peer_sub.setsockopt(zmq.SUBSCRIBE, topic)
+            self.peer_sub.setsockopt(zmq.RCVHWM, 100_000)
+            self.peer_sub.connect(tcp(offset_addr(self.peer, PUB_PORT_OFFSET)))
+            self.peer_dealer = make_socket(self.ctx, zmq.DEALER, cfg.max_frame_bytes)
+            self.peer_dealer.connect(tcp(self.peer))
+        self.poller = zmq.Poller()
+        for s in (self.router, self.pull, self.peer_sub, self.peer_dealer):
+            if s is not None:
+                self.poller.register(s, zmq.POLLIN)
+        self.stop_event = threading.Event()
+        log.info("coordinator %s up as %s (term %d, peer %s)", addr, role, self.core.term, self.peer or "none")
+
+    # -- term persistence ---------------------------------------------------------------------
+    def _load_term(self) -> int:
+        try:
+            return int((self.data_dir / "term").read_text().strip())
+        except (OSError, ValueError):
+            return 0
+
+    def _save_term(self) -> None:
+        (self.data_dir / "term").write_text(str(self.core.term))
+
+    # -- loop -----------------------------------------------------------------------------------
+    def step(self, now: float) -> None:
+        timeout = max(0.0, min(0.1, self.core.next_deadline(now) - now))
+        for sock, _ in self.poller.poll(int(timeout * 1000)):
+            if sock is self.router:
+                self._drain_router()
+            elif sock is self.pull:
+                self._drain_logs()
+            elif sock is self.peer_sub:
+                self._drain_peer_sub()
+            elif sock is self.peer_dealer:
+                self._drain_peer_dealer()
+        now = time.monotonic()
+        self._failover_rules(now)
+        self.core.tick(now)
+
+    def run(self) -> None:
+        try:
+            while not self.stop_event.is_set():
+                self.step(time.monotonic())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.writer.stop()
+        for s in (self.router, self.pub, self.pull, self.peer_sub, self.peer_dealer):
+            if s is not None:
+                s.close(0)
+
+    def _drain_router(self) -> None:
+        for _ in range(256):
+            try:
+                frames = self.router.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                log.warning("dropped message with %d frames", len(frames))
+                continue
+            ident, frame = frames
+            msg = try_decode(frame, self.cfg.max_frame_bytes, f"peer {ident[:40]!r}")
+            if msg is not None:
+                self.core.handle(ident, msg, time.monotonic())
+
+    def _drain_logs(self) -> None:
+        for _ in range(1000):
+            try:
+                frame = self.pull.recv(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            msg = try_decode(frame, self.cfg.max_frame_bytes, "log pusher")
+            if isinstance(msg, LogRecord):
+                self.net.publish_raw(Topic.LOG, frame)
+
+    # -- peer coordinator ---------------------------------------------------------------------
+    def _drain_peer_sub(self) -> None:
+        assert self.peer_sub is not None
+        for _ in range(10_000):
+            try:
+                frames = self.peer_sub.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                continue
+            msg = try_decode(frames[1], self.cfg.max_frame_bytes, "peer coordinator")
+            if isinstance(msg, CoordinatorHeartbeat):
+                self.peer_seen = time.monotonic()
+                self.peer_role, self.peer_term = msg.role, msg.term
+            elif isinstance(msg, StateUpdate):
+                self._on_state_update(msg)
+
+    def _drain_peer_dealer(self) -> None:
+        assert self.peer_dealer is not None
+        for _ in range(100):
+            try:
+                frame = self.peer_dealer.recv(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            msg = try_decode(frame, self.cfg.max_frame_bytes, "peer coordinator")
+            if isinstance(msg, StateSnapshot) and msg.req == self.snapshot_req and self.core.role == STANDBY:
+                now = time.monotonic()
+                self.core.restore(msg.state, msg.seq, msg.term, now)
+                self.synced = True
+                self.snapshot_req = None
+                pending, self.buffered = self.buffered, []
+                for u in pending:
+                    self._on_state_update(u)
+                log.info("standby synced: state seq %d, term %d, %d jobs", msg.seq, msg.term, len(self.core.jobs.jobs))
+
+    def _request_snapshot(self, now: float) -> None:
+        if self.peer_dealer is None:
+            return
+        self.snapshot_req = next_req()
+        self.snapshot_sent = now
+        self.synced = False
+        self.buffered = []
+        self.peer_dealer.send(StateRequest(self.snapshot_req).encode(), flags=zmq.NOBLOCK)
+
+    def _on_state_update(self, u: StateUpdate) -> None:
+        if self.core.role != STANDBY:
+            return
+        if not self.synced:
+            self.buffered.append(u)
+            return
+        if u.seq <= self.core.state_seq:
+            return
+        if u.seq != self.core.state_seq + 1:
+            log.warning("state update gap (have %d, got %d): re-syncing", self.core.state_seq, u.seq)
+            self._request_snapshot(time.monotonic())
+            return
+        self.core.apply_op(u.op, u.data, time.monotonic())
+        self.core.state_seq = u.seq
+        self.core.term = max(self.core.term, u.term)
+
+    def _failover_rules(self, now: float) -> None:
+        core = self.core
+        peer_alive = now - self.peer_seen < self.cfg.failover_timeout
+        if core.role == PROBING:
+            if peer_alive and self.peer_role == PRIMARY:
+                core.role = STANDBY
+                core.term = max(core.term, self.peer_term)
+                log.info("peer %s is primary (term %d): starting as standby", self.peer, self.peer_term)
+            elif now - self.started > self.cfg.failover_timeout:
+                core.role = PRIMARY
+                core.term = max(core.term, self.peer_term) + 1
+                self._save_term()
+                log.info("no primary heard: starting as primary (term %d)", core.term)
+            return
+        if core.role == PRIMARY:
+            if peer_alive and self.peer_role == PRIMARY and (
+                self.peer_term > core.term or (self.peer_term == core.term and self.peer < self.addr)
+            ):
+                core.demote()
+                core.term = self.peer_term
+            return
+        # standby
+        if peer_alive and self.peer_role == PRIMARY:
+            if not self.synced and (self.snapshot_req is None or now - self.snapshot_sent > self.cfg.request_timeout):
+                self._request_snapshot(now)
+            return
+        voted = now - core.last_vote < max(2 * self.cfg.failover_timeout, 2.0)
+        if not peer_alive and voted and now - self.started > self.cfg.failover_timeout:
+            core.term = max(core.term, self.peer_term)
+            core.promote(now)
+            self._save_term()

@@ -1,0 +1,111 @@
+"""Per-job statistics: the one place the shell, metrics, top and report read from.
+
+Query rate is images per second over a sliding window (default 10 s). A batch's images are spread
+over the batch's compute interval (a fluid count), so a window edge that cuts a batch in half
+counts half of it: without that, rates jump by a whole batch at each completion and two equally
+served jobs look 10-20 % apart on short windows. Timestamps are wall-clock so the standby's copy
+of the statistics stays meaningful after a takeover.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Completion:
+    start: float
+    end: float
+    n: int
+
+
+@dataclass
+class JobStats:
+    job_id: str
+    completed: int = 0
+    errors: int = 0
+    first_result: float | None = None
+    latencies: list[float] = field(default_factory=list)  # seconds, dispatch -> result, per query
+    compute: list[float] = field(default_factory=list)  # seconds of compute per image
+    history: deque[Completion] = field(default_factory=lambda: deque(maxlen=100_000))
+
+    def record(self, n: int, errors: int, latency: float, elapsed: float, now: float) -> None:
+        if n <= 0:
+            return
+        self.completed += n
+        self.errors += errors
+        if self.first_result is None:
+            self.first_result = now
+        self.latencies.extend([latency] * n)
+        self.compute.extend([elapsed / n] * n)
+        start = now - max(elapsed, 1e-6)
+        self.history.append(Completion(start, now, n))
+
+    def images_between(self, t0: float, t1: float) -> float:
+        total = 0.0
+        for c in reversed(self.history):
+            if c.end <= t0:
+                break
+            overlap = min(c.end, t1) - max(c.start, t0)
+            if overlap > 0:
+                total += c.n * overlap / (c.end - c.start)
+        return total
+
+    def rate(self, now: float, window: float) -> float:
+        if self.first_result is None:
+            return 0.0
+        return self.images_between(now - window, now) / window
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "completed": self.completed,
+            "errors": self.errors,
+            "first_result": self.first_result,
+            "latencies": self.latencies[-20_000:],
+            "compute": self.compute[-20_000:],
+            "history": [[c.start, c.end, c.n] for c in list(self.history)[-5_000:]],
+        }
+
+    @classmethod
+    def restore(cls, d: dict[str, Any]) -> JobStats:
+        s = cls(d["job_id"], int(d["completed"]), int(d["errors"]), d.get("first_result"))
+        s.latencies = list(d.get("latencies", []))
+        s.compute = list(d.get("compute", []))
+        s.history.extend(Completion(float(a), float(b), int(n)) for a, b, n in d.get("history", []))
+        return s
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return math.nan
+    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"count": 0, "avg": math.nan, "std": math.nan, "median": math.nan, "p90": math.nan,
+                "p95": math.nan, "p99": math.nan}
+    s = sorted(values)
+    return {
+        "count": len(s),
+        "avg": statistics.fmean(s),
+        "std": statistics.pstdev(s) if len(s) > 1 else 0.0,
+        "median": statistics.median(s),
+        "p90": percentile(s, 90),
+        "p95": percentile(s, 95),
+        "p99": percentile(s, 99),
+    }
+
+
+def rate_gap(rates: list[float]) -> float:
+    """Fairness measure |r1 - r2| / max(r1, r2), generalized to N jobs as (max - min) / max."""
+    if len(rates) < 2 or max(rates) <= 0:
+        return 0.0
+    return (max(rates) - min(rates)) / max(rates)

@@ -1,0 +1,281 @@
+"""A local cluster on loopback: coordinator, standby and N workers as separate processes.
+
+Used by ``idunno up/down/demo``, the benchmarks and the multi-process tests. The cluster's
+addresses and pids are written to ``<data_dir>/cluster.json`` so other commands find it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.commands import COMMANDS
+from common.config import Config
+from common.protocol import Command
+from common.rpc import RpcClient, RpcError
+
+STATE_FILE = "cluster.json"
+
+
+def free_port_block(host: str = "127.0.0.1", size: int = 3) -> int:
+    """A port P such that P..P+size-1 are free right now (coordinators use three)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = s.getsockname()[1]
+        if base + size >= 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + size):
+                t = socket.socket()
+                t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                t.bind((host, p))
+                socks.append(t)
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError("no free port block found")
+
+
+def ctl(cfg: Config, name: str, timeout: float | None = None, **args: Any) -> Any:
+    """One command to the coordinators (raises RpcError on failure)."""
+    if name not in COMMANDS:
+        raise ValueError(f"unknown command {name}")
+    client = RpcClient(cfg.coordinators, cfg)
+    try:
+        return client.call(Command(0, name, args), timeout=timeout).data  # type: ignore[attr-defined]
+    finally:
+        client.close()
+
+
+@dataclass
+class Proc:
+    role: str
+    popen: subprocess.Popen
+    addr: str = ""
+    log_path: str = ""
+
+
+@dataclass
+class LocalCluster:
+    workers: int = 4
+    standby: bool = True
+    data_dir: str = "var"
+    host: str = "127.0.0.1"
+    torch_threads: int = 0  # 0: pick from cpu_count and worker count
+    env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
+    procs: list[Proc] = field(default_factory=list)
+    coordinator: str = ""
+    standby_addr: str = ""
+
+    def __post_init__(self) -> None:
+        self.data_dir = str(Path(self.data_dir).resolve())
+        if not self.torch_threads:
+            self.torch_threads = max(1, (os.cpu_count() or 1) // max(1, self.workers))
+
+    # -- configuration shared by every process --------------------------------------------------
+    def config(self) -> Config:
+        return Config(coordinator=self.coordinator, standby=self.standby_addr, host=self.host,
+                      torch_threads=self.torch_threads, data_dir=self.data_dir)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.env)
+        env["IDUNNO_COORDINATOR"] = self.coordinator
+        env["IDUNNO_STANDBY"] = self.standby_addr
+        env["IDUNNO_HOST"] = self.host
+        env["IDUNNO_TORCH_THREADS"] = str(self.torch_threads)
+        env["IDUNNO_DATA_DIR"] = self.data_dir
+        env.setdefault("OMP_NUM_THREADS", str(self.torch_threads))
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _spawn(self, role: str, args: list[str], name: str) -> Proc:
+        logs = Path(self.data_dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{name}.log"
+        fh = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", *args, *self.extra_args],
+            env=self._env(), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in the launcher's terminal is handled by the launcher
+        )
+        fh.close()
+        proc = Proc(role, popen, log_path=str(log_path))
+        self.procs.append(proc)
+        return proc
+
+    # -- life cycle ---------------------------------------------------------------------------------
+    def start(self, wait: bool = True, timeout: float = 30.0) -> LocalCluster:
+        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        self.coordinator = f"{self.host}:{free_port_block(self.host)}"
+        self.standby_addr = f"{self.host}:{free_port_block(self.host)}" if self.standby else ""
+        self.start_coordinator(primary=True)
+        if self.standby:
+            self.start_coordinator(primary=False)
+        for _ in range(self.workers):
+            self.add_worker()
+        self.save()
+        if wait:
+            self.wait_ready(self.workers, timeout)
+        return self
+
+    def start_coordinator(self, primary: bool, standby_mode: bool | None = None) -> Proc:
+        me, peer = (self.coordinator, self.standby_addr) if primary else (self.standby_addr, self.coordinator)
+        args = ["coordinator", "--bind", me, "--data-dir", str(Path(self.data_dir) / f"coord-{me.replace(':', '-')}")]
+        if peer:
+            args += ["--peer", peer]
+        if standby_mode if standby_mode is not None else not primary:
+            args.append("--standby")
+        proc = self._spawn("coordinator" if primary else "standby", args, f"coord-{me.replace(':', '-')}")
+        proc.addr = me
+        return proc
+
+    def add_worker(self) -> Proc:
+        n = sum(1 for p in self.procs if p.role == "worker")
+        port = free_port_block(self.host, 1)
+        addr = f"{self.host}:{port}"
+        args = ["worker", "--port", str(port), "--data-dir", str(Path(self.data_dir) / f"worker-{n}-{port}")]
+        proc = self._spawn("worker", args, f"worker-{n}-{port}")
+        proc.addr = addr
+        self.save()
+        return proc
+
+    def worker_procs(self) -> list[Proc]:
+        return [p for p in self.procs if p.role == "worker" and p.popen.poll() is None]
+
+    def members(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        return ctl(self.config(), "members", timeout=timeout)["members"]
+
+    def alive_workers(self) -> list[dict[str, Any]]:
+        try:
+            return [m for m in self.members() if m["state"] == "alive" and m["role"] == "worker"]
+        except RpcError:
+            return []
+
+    def wait_ready(self, n: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [p for p in self.procs if p.popen.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{dead[0].role} exited with {dead[0].popen.returncode}; see {dead[0].log_path}")
+            if len(self.alive_workers()) >= n:
+                return
+            time.sleep(0.1)  # polling the cluster from outside; there is no event to wait on
+        raise TimeoutError(f"cluster not ready within {timeout}s")
+
+    def ctl(self, name: str, timeout: float | None = None, **args: Any) -> Any:
+        return ctl(self.config(), name, timeout=timeout, **args)
+
+    def kill(self, proc: Proc, sig: int = signal.SIGKILL) -> None:
+        try:
+            proc.popen.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            try:
+                proc.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait(timeout=5)
+
+    def stop(self, grace: float = 5.0) -> None:
+        for p in self.procs:
+            if p.popen.poll() is None:
+                try:
+                    p.popen.send_signal(signal.SIGCONT)  # a SIGSTOPped process cannot act on SIGTERM
+                    p.popen.terminate()
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for p in self.procs:
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait(timeout=5)
+        state = Path(self.data_dir) / STATE_FILE
+        state.unlink(missing_ok=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def save(self) -> None:
+        state = {
+            "coordinator": self.coordinator,
+            "standby": self.standby_addr,
+            "data_dir": self.data_dir,
+            "procs": [{"role": p.role, "pid": p.popen.pid, "addr": p.addr} for p in self.procs],
+        }
+        (Path(self.data_dir) / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def load_state(data_dir: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(data_dir) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stop_from_state(data_dir: str, grace: float = 5.0) -> int:
+    """``idunno down``: stop every process recorded by ``idunno up``; return how many were stopped."""
+    state = load_state(data_dir)
+    if state is None:
+        return 0
+    pids = [p["pid"] for p in state.get("procs", [])]
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGTERM)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    for pid in alive:
+        while time.monotonic() < deadline and _exists(pid):
+            time.sleep(0.05)  # waiting for another process to exit: no event available
+        if _exists(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    (Path(data_dir) / STATE_FILE).unlink(missing_ok=True)
+    return len(alive)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of ours still "exists": reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return _not_zombie(pid)
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

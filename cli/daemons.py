@@ -1,0 +1,61 @@
+"""Process entry points of the daemons: logging, signals, the loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from common.config import Config
+from common.logstream import setup_logging
+
+log = logging.getLogger("idunno")
+
+
+def _on_term(stop: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_coordinator(cfg: Config, addr: str, peer: str | None, standby: bool, data_dir: str | None,
+                    scheduler: str = "fair-time", shell: bool = False) -> int:
+    from broker.server import CoordinatorServer  # noqa: PLC0415
+
+    setup_logging(f"coord-{addr}", [addr], cfg.log_level, cfg.max_frame_bytes)
+    server = CoordinatorServer(cfg, addr, peer=peer, standby=standby, data_dir=data_dir, scheduler=scheduler)
+    if cfg.metrics_port:
+        from broker.metrics import serve_metrics  # noqa: PLC0415
+
+        serve_metrics(server, cfg.metrics_port, cfg.host)
+    if shell:
+        from cli.shell import coordinator_shell  # noqa: PLC0415
+
+        t = threading.Thread(target=server.run, name="coordinator", daemon=True)
+        t.start()
+        try:
+            coordinator_shell(cfg.replace(coordinator=addr, standby=peer or ""))
+        finally:
+            server.stop_event.set()
+            t.join(timeout=3)
+        return 0
+    _on_term(server.stop_event)
+    server.run()
+    return 0
+
+
+def run_worker(cfg: Config, port: int, data_dir: str | None) -> int:
+    # Cap torch's threads before it is imported anywhere: several workers share few cores.
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.torch_threads))
+    from worker.worker import Worker  # noqa: PLC0415
+
+    base = Path(data_dir or Path(cfg.data_dir) / f"worker-{port or os.getpid()}")
+    w = Worker(cfg, base, port=port)
+    setup_logging(f"worker-{w.storage.addr}", cfg.coordinators, cfg.log_level, cfg.max_frame_bytes)
+    _on_term(w.stop_event)
+    w.run()
+    return 0

@@ -1,0 +1,259 @@
+"""The ``idunno`` command: daemons, the local cluster launcher, shells and one-shot commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from rich.console import Console
+
+from common.config import Config, load_config
+
+DEFAULT_DATA_DIR = "var"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--config", help="TOML config file (also IDUNNO_CONFIG)")
+    g.add_argument("--coordinator", help="coordinator address(es) host:port[,host:port] (primary first)")
+    g.add_argument("--data-dir", help="where daemons keep their data and `up` its state (default ./var)")
+    g.add_argument("--host", help="address to bind and advertise (default 127.0.0.1)")
+    g.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+
+
+def resolve_config(ns: argparse.Namespace, **overrides: Any) -> Config:
+    from cli.cluster import load_state  # noqa: PLC0415
+
+    coord = standby = None
+    if ns.coordinator:
+        parts = [a.strip() for a in ns.coordinator.split(",") if a.strip()]
+        coord, standby = parts[0], (parts[1] if len(parts) > 1 else "")
+    data_dir = ns.data_dir or os.environ.get("IDUNNO_DATA_DIR") or DEFAULT_DATA_DIR
+    if coord is None and "IDUNNO_COORDINATOR" not in os.environ:
+        state = load_state(data_dir)  # the cluster `idunno up` started here
+        if state:
+            coord, standby = state["coordinator"], state.get("standby", "")
+    return load_config(ns.config, coordinator=coord, standby=standby, data_dir=data_dir, host=ns.host,
+                       log_level=ns.log_level, **overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idunno", description="IDunno distributed ML inference")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("coordinator", help="run a coordinator (primary or hot standby)")
+    _common(p)
+    p.add_argument("--bind", help="host:port of the control socket (PUB is +1, logs +2)")
+    p.add_argument("--peer", help="the other coordinator (primary <-> standby)")
+    p.add_argument("--standby", action="store_true", help="start as hot standby of --primary/--peer")
+    p.add_argument("--primary", help="alias of --peer for a standby")
+    p.add_argument("--scheduler", default="fair-time", choices=["fair-time", "round-robin"])
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port")
+    p.add_argument("--shell", action=argparse.BooleanOptionalAction, default=None,
+                   help="attach the interactive shell (default: when stdin is a terminal)")
+
+    p = sub.add_parser("worker", help="run a worker (inference + SDFS storage)")
+    _common(p)
+    p.add_argument("--port", type=int, default=0, help="SDFS data port; also the node's address")
+    p.add_argument("--torch-threads", type=int)
+
+    p = sub.add_parser("up", help="start a local cluster on loopback")
+    _common(p)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--no-standby", action="store_true")
+    p.add_argument("--detach", action="store_true", help="return once ready; stop later with `idunno down`")
+    p.add_argument("--timeout", type=float, default=30.0)
+
+    p = sub.add_parser("down", help="stop the local cluster started by `idunno up`")
+    _common(p)
+
+    p = sub.add_parser("members", help="print the membership table")
+    _common(p)
+
+    p = sub.add_parser("ctl", help="run one coordinator command (see `idunno ctl help`)")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print raw JSON instead of tables")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="command and arguments")
+
+    p = sub.add_parser("shell", help="attach the coordinator shell to a running cluster")
+    _common(p)
+
+    p = sub.add_parser("sdfs", help="SDFS commands: one-shot with arguments, the worker shell without")
+    _common(p)
+    p.add_argument("--node", help="data address of the node whose `store` to show (worker shell's node)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("logs", help="stream live logs from every node")
+    _common(p)
+    p.add_argument("--node", help="only nodes whose name contains this")
+    p.add_argument("--level", default="DEBUG")
+    p.add_argument("--grep", help="only messages matching this regular expression")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+
+    p = sub.add_parser("demo", help="start a cluster, load data/, run AlexNet and ResNet jobs, print stats")
+    _common(p)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--images", default="data", help="directory of input images")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--models", default="alexnet,resnet50")
+    p.add_argument("--report", default="report.png", help="where to write the run report ('' for none)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return dispatch(ns)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one-shot commands: a clear message and a non-zero exit
+        from common.rpc import RpcError  # noqa: PLC0415
+        from sdfs.client import SdfsError  # noqa: PLC0415
+        from sdfs.names import BadName  # noqa: PLC0415
+
+        if isinstance(exc, (RpcError, SdfsError, BadName, ValueError, OSError, TimeoutError, RuntimeError)):
+            print(f"idunno: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def dispatch(ns: argparse.Namespace) -> int:
+    # Scripts and pipes get full-width lines instead of tables squeezed to 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
+    cmd = ns.command
+    if cmd == "coordinator":
+        from cli.daemons import run_coordinator  # noqa: PLC0415
+
+        cfg = resolve_config(ns, metrics_port=ns.metrics_port)
+        addr = ns.bind or cfg.coordinator
+        shell = sys.stdin.isatty() if ns.shell is None else ns.shell
+        return run_coordinator(cfg, addr, ns.peer or ns.primary, ns.standby, ns.data_dir, ns.scheduler, shell)
+    if cmd == "worker":
+        from cli.daemons import run_worker  # noqa: PLC0415
+
+        return run_worker(resolve_config(ns, torch_threads=ns.torch_threads), ns.port, ns.data_dir)
+    if cmd == "up":
+        return cmd_up(ns, console)
+    if cmd == "down":
+        from cli.cluster import stop_from_state  # noqa: PLC0415
+
+        n = stop_from_state(ns.data_dir or DEFAULT_DATA_DIR)
+        console.print(f"stopped {n} processes" if n else "no running cluster found")
+        return 0
+    if cmd in ("members", "ctl"):
+        return cmd_ctl(ns, console, ["members"] if cmd == "members" else ns.cmd)
+    if cmd == "shell":
+        from cli.shell import coordinator_shell  # noqa: PLC0415
+
+        return coordinator_shell(resolve_config(ns))
+    if cmd == "sdfs":
+        return cmd_sdfs(ns, console)
+    if cmd == "logs":
+        from cli.logs import stream_logs  # noqa: PLC0415
+
+        stream_logs(resolve_config(ns), ns.node, ns.level, ns.grep, duration=ns.duration)
+        return 0
+    if cmd == "demo":
+        from cli.demo import run_demo  # noqa: PLC0415
+
+        return run_demo(ns, console)
+    raise ValueError(f"unknown command {cmd}")
+
+
+def cmd_ctl(ns: argparse.Namespace, console: Console, tokens: list[str]) -> int:
+    import json  # noqa: PLC0415
+
+    from cli import render  # noqa: PLC0415
+    from cli.cluster import ctl  # noqa: PLC0415
+    from cli.cmdline import UsageError, help_text, parse_command  # noqa: PLC0415
+
+    if not tokens or tokens[0] in ("help", "-h", "--help"):
+        print(help_text(tokens[1] if len(tokens) > 1 else None))
+        return 0 if tokens else 2
+    try:
+        name, args = parse_command(tokens)
+    except UsageError as exc:
+        print(f"idunno: error: {exc}", file=sys.stderr)
+        return 2
+    data = ctl(resolve_config(ns), name, **args)
+    if getattr(ns, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        render.show(console, name, data)
+    return 0
+
+
+def cmd_sdfs(ns: argparse.Namespace, console: Console) -> int:
+    from cli.cmdline import UsageError  # noqa: PLC0415
+    from cli.sdfs_cmds import SDFS_COMMANDS, run_sdfs  # noqa: PLC0415
+    from sdfs.client import SdfsClient  # noqa: PLC0415
+
+    cfg = resolve_config(ns)
+    if not ns.cmd:
+        from cli.shell import sdfs_shell  # noqa: PLC0415
+
+        return sdfs_shell(cfg, ns.node)
+    if ns.cmd[0] in ("help", "-h", "--help"):
+        print("\n".join(SDFS_COMMANDS.values()))
+        return 0
+    with SdfsClient(cfg) as client:
+        nodes = None
+        if ns.cmd[0] == "store" and not ns.node and len(ns.cmd) == 1:
+            from cli.cluster import ctl  # noqa: PLC0415
+
+            members = ctl(cfg, "members")["members"]
+            nodes = [m["data_addr"] for m in members if m["state"] == "alive" and m["data_addr"]]
+        try:
+            run_sdfs(client, console, ns.cmd, node=ns.node, nodes=nodes)
+        except UsageError as exc:
+            print(f"idunno: error: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def cmd_up(ns: argparse.Namespace, console: Console) -> int:
+    from cli.cluster import LocalCluster, load_state  # noqa: PLC0415
+
+    data_dir = ns.data_dir or DEFAULT_DATA_DIR
+    if load_state(data_dir):
+        from cli.cluster import stop_from_state  # noqa: PLC0415
+
+        console.print(f"a cluster from an earlier `idunno up` is recorded in {data_dir}; stopping it first")
+        stop_from_state(data_dir)
+    if ns.workers < 1:
+        raise ValueError("--workers must be >= 1")
+    cluster = LocalCluster(workers=ns.workers, standby=not ns.no_standby, data_dir=data_dir)
+    try:
+        cluster.start(timeout=ns.timeout)
+    except BaseException:
+        cluster.stop()
+        raise
+    coords = ",".join(a for a in (cluster.coordinator, cluster.standby_addr) if a)
+    console.print(f"IDunno cluster up: coordinator {cluster.coordinator}"
+                  f"{f', standby {cluster.standby_addr}' if cluster.standby_addr else ''}, {ns.workers} workers")
+    for p in cluster.procs:
+        console.print(f"  {p.role:<12} pid {p.popen.pid:<8} {p.addr}   log {p.log_path}")
+    console.print(f"attach a shell: idunno shell        (or: idunno shell --coordinator {coords})")
+    console.print("SDFS shell:     idunno sdfs         logs: idunno logs         stop: idunno down")
+    if ns.detach:
+        return 0
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    console.print("running; press Ctrl-C to stop the cluster")
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    cluster.stop()
+    console.print("cluster stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Membership: one registry of peers (state + expiry) on the coordinator, one view tracker on subscribers.
+
+The coordinator's :class:`MemberRegistry` is the failure detector: a member that has not been heard
+from for ``timeout`` seconds is declared failed. Every change is an event with a contiguous sequence
+number, published on PUB; :class:`ViewTracker` applies a snapshot then the updates above its
+sequence (zguide Clone) and reports a gap so the subscriber re-syncs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class MemberState(StrEnum):
+    ALIVE = "alive"
+    FAILED = "failed"
+    LEFT = "left"
+
+
+class Event(StrEnum):
+    JOIN = "join"
+    LEAVE = "leave"
+    FAIL = "fail"
+
+
+@dataclass
+class Member:
+    node_id: str
+    role: str
+    data_addr: str
+    state: MemberState = MemberState.ALIVE
+    joined_at: float = 0.0  # wall clock, for display
+    last_seen: float = 0.0  # monotonic, local to the detector; not part of the view
+    busy: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("last_seen")
+        d["state"] = str(self.state)
+        return d
+
+    @classmethod
+    def from_public(cls, d: dict[str, Any]) -> Member:
+        return cls(
+            node_id=str(d["node_id"]),
+            role=str(d.get("role", "worker")),
+            data_addr=str(d.get("data_addr", "")),
+            state=MemberState(d.get("state", "alive")),
+            joined_at=float(d.get("joined_at", 0.0)),
+            busy=int(d.get("busy", 0)),
+            extra=dict(d.get("extra", {})),
+        )
+
+
+@dataclass
+class MembershipEvent:
+    seq: int
+    epoch: int
+    event: Event
+    member: Member
+
+
+class MemberRegistry:
+    """The coordinator's registry of peers and failure detector."""
+
+    def __init__(self, timeout: float, keep_dead: int = 64) -> None:
+        self.timeout = timeout
+        self.members: dict[str, Member] = {}
+        self.seq = 0
+        self.epoch = 0  # bumps on every membership change
+        self.keep_dead = keep_dead
+
+    # -- queries -------------------------------------------------------------------------
+    def alive(self, role: str | None = None) -> list[Member]:
+        return [
+            m for m in self.members.values() if m.state is MemberState.ALIVE and (role is None or m.role == role)
+        ]
+
+    def is_alive(self, node_id: str) -> bool:
+        m = self.members.get(node_id)
+        return m is not None and m.state is MemberState.ALIVE
+
+    def get(self, node_id: str) -> Member | None:
+        return self.members.get(node_id)
+
+    def view(self) -> list[dict[str, Any]]:
+        return [m.public() for m in self.members.values()]
+
+    def next_deadline(self) -> float | None:
+        alive = [m.last_seen for m in self.members.values() if m.state is MemberState.ALIVE]
+        return min(alive) + self.timeout if alive else None
+
+    # -- changes -------------------------------------------------------------------------
+    def _event(self, event: Event, member: Member) -> MembershipEvent:
+        self.seq += 1
+        self.epoch += 1
+        return MembershipEvent(self.seq, self.epoch, event, member)
+
+    def join(self, member: Member, now: float) -> MembershipEvent | None:
+        """Admit a member; re-attaching an alive member (same incarnation) is not a new event."""
+        old = self.members.get(member.node_id)
+        member.last_seen = now
+        if old is not None and old.state is MemberState.ALIVE:
+            old.last_seen = now
+            old.data_addr = member.data_addr or old.data_addr
+            return None
+        self.members[member.node_id] = member
+        self._forget_old_dead()
+        return self._event(Event.JOIN, member)
+
+    def heartbeat(self, node_id: str, now: float, busy: int = 0) -> bool:
+        """Record liveness; False means the sender is unknown or was declared dead (must rejoin)."""
+        m = self.members.get(node_id)
+        if m is None or m.state is not MemberState.ALIVE:
+            return False
+        m.last_seen = now
+        m.busy = busy
+        return True
+
+    def leave(self, node_id: str) -> MembershipEvent | None:
+        m = self.members.get(node_id)
+        if m is None or m.state is not MemberState.ALIVE:
+            return None
+        m.state = MemberState.LEFT
+        return self._event(Event.LEAVE, m)
+
+    def expire(self, now: float) -> list[MembershipEvent]:
+        events = []
+        for m in self.members.values():
+            if m.state is MemberState.ALIVE and now - m.last_seen > self.timeout:
+                m.state = MemberState.FAILED
+                events.append(self._event(Event.FAIL, m))
+        return events
+
+    def touch_all(self, now: float) -> None:
+        """Grace period after a takeover: nobody is blamed for the old primary's silence."""
+        for m in self.members.values():
+            m.last_seen = now
+
+    def restore(self, members: list[dict[str, Any]], seq: int, epoch: int, now: float) -> None:
+        self.members = {}
+        for d in members:
+            m = Member.from_public(d)
+            m.last_seen = now
+            self.members[m.node_id] = m
+        self.seq, self.epoch = seq, epoch
+
+    def apply(self, event: str, member: dict[str, Any], seq: int, epoch: int, now: float) -> None:
+        """Apply a replicated event (standby side)."""
+        m = Member.from_public(member)
+        m.last_seen = now
+        self.members[m.node_id] = m
+        self.seq, self.epoch = seq, epoch
+
+    def _forget_old_dead(self) -> None:
+        dead = [m for m in self.members.values() if m.state is not MemberState.ALIVE]
+        for m in dead[: max(0, len(dead) - self.keep_dead)]:
+            del self.members[m.node_id]
+
+
+class ViewTracker:
+    """Subscriber side of the membership view: snapshot + contiguous updates, gap -> resync."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, Member] = {}
+        self.seq = -1  # -1: no snapshot yet
+        self.epoch = 0
+        self.pending: list[tuple[int, int, str, dict[str, Any]]] = []
+
+    @property
+    def synced(self) -> bool:
+        return self.seq >= 0
+
+    def load_snapshot(self, seq: int, epoch: int, members: list[dict[str, Any]]) -> None:
+        self.members = {d["node_id"]: Member.from_public(d) for d in members if "node_id" in d}
+        self.seq, self.epoch = seq, epoch
+        queued, self.pending = self.pending, []
+        for item in sorted(queued):
+            self.update(*item)
+
+    def update(self, seq: int, epoch: int, event: str, member: dict[str, Any]) -> bool:
+        """Apply one update. Return False if a gap was detected (caller must re-request a snapshot)."""
+        if not self.synced:
+            self.pending.append((seq, epoch, event, member))  # subscribed before the snapshot arrived
+            return True
+        if seq <= self.seq:
+            return True  # already contained in the snapshot
+        if seq != self.seq + 1:
+            self.seq = -1  # gap: PUB dropped something at its high-water mark
+            self.pending = []
+            return False
+        m = Member.from_public(member)
+        self.members[m.node_id] = m
+        self.seq, self.epoch = seq, epoch
+        return True
+
+    def alive(self, role: str | None = None) -> list[Member]:
+        return [
+            m for m in self.members.values() if m.state is MemberState.ALIVE and (role is None or m.role == role)
+        ]

@@ -1,0 +1,532 @@
+"""The IDunno wire protocol: every message type, its fields and the one encoder/decoder.
+
+Every frame is a msgpack map ``{"v": VERSION, "t": <type>, <field>: <value>, ...}``. Each message
+type is a dataclass registered here; nothing else in the code base spells a type string.
+:func:`decode` turns *any* malformed input (bad msgpack, wrong version, unknown type, missing or
+extra field, wrong type, oversized frame) into :class:`ProtocolError`, so a daemon's loop needs a
+single ``except ProtocolError`` to drop a peer's garbage and keep running.
+
+See docs/protocol.md for the conversation diagrams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+VERSION = 1
+DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message of this protocol version."""
+
+
+class Topic:
+    """PUB/SUB topics (first frame of every published message)."""
+
+    HEARTBEAT = b"hb"
+    VIEW = b"view"
+    LOG = b"log"
+    STATE = b"state"
+
+
+class ErrorCode:
+    BAD_REQUEST = "bad_request"
+    NOT_FOUND = "not_found"
+    NOT_PRIMARY = "not_primary"
+    UNAVAILABLE = "unavailable"
+    CONFLICT = "conflict"
+    INTERNAL = "internal"
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+
+@dataclass
+class Message:
+    """Base of every message; subclasses set TYPE and declare typed fields."""
+
+    TYPE: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.TYPE:
+            if cls.TYPE in _REGISTRY:
+                raise RuntimeError(f"duplicate message type {cls.TYPE}")
+            _REGISTRY[cls.TYPE] = cls
+
+    def encode(self) -> bytes:
+        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        body["v"] = VERSION
+        body["t"] = self.TYPE
+        return msgpack.packb(body, use_bin_type=True)
+
+
+def message(cls: type) -> type:
+    """Decorator: make ``cls`` a registered dataclass message."""
+    return dataclass(cls)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _check(value: Any, hint: Any, path: str) -> None:
+    if hint is Any:
+        return
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for alt in typing.get_args(hint):
+            try:
+                _check(value, alt, path)
+                return
+            except ProtocolError as exc:
+                errors.append(str(exc))
+        raise ProtocolError(f"{path}: {value!r:.60} matches none of {hint}")
+    if hint is type(None):
+        if value is not None:
+            raise ProtocolError(f"{path}: expected nil")
+        return
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{path}: expected list, got {type(value).__name__}")
+        (item,) = typing.get_args(hint) or (Any,)
+        for i, v in enumerate(value):
+            _check(v, item, f"{path}[{i}]")
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{path}: expected map, got {type(value).__name__}")
+        kt, vt = typing.get_args(hint) or (Any, Any)
+        for k, v in value.items():
+            _check(k, kt, f"{path}.key")
+            _check(v, vt, f"{path}[{k!r:.30}]")
+        return
+    if hint is list or hint is dict:
+        if not isinstance(value, hint):
+            raise ProtocolError(f"{path}: expected {hint.__name__}, got {type(value).__name__}")
+        return
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise ProtocolError(f"{path}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_FRAME) -> Message:
+    """Decode and validate one frame; raise ProtocolError on anything unexpected."""
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise ProtocolError("frame is not bytes")
+    if len(frame) > max_bytes:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds limit {max_bytes}")
+    try:
+        body = msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=max_bytes,
+            max_str_len=max_bytes,
+            max_array_len=1_000_000,
+            max_map_len=100_000,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises many types (ExtraData, ValueError, ...)
+        raise ProtocolError(f"not msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("message is not a map")
+    version = body.pop("v", None)
+    mtype = body.pop("t", None)
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version!r} (want {VERSION})")
+    cls = _REGISTRY.get(mtype) if isinstance(mtype, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {mtype!r:.40}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing = required - body.keys()
+    if missing:
+        raise ProtocolError(f"{mtype}: missing fields {sorted(missing)}")
+    extra = body.keys() - names
+    if extra:
+        raise ProtocolError(f"{mtype}: unexpected fields {sorted(map(str, extra))[:5]}")
+    for name, value in body.items():
+        _check(value, hints[name], f"{mtype}.{name}")
+    return cls(**body)
+
+
+def message_types() -> dict[str, type[Message]]:
+    return dict(_REGISTRY)
+
+
+# --------------------------------------------------------------------------------------------
+# generic replies
+
+
+@message
+class Error(Message):
+    TYPE = "error"
+    req: int
+    code: str
+    message: str
+
+
+@message
+class Ok(Message):
+    TYPE = "ok"
+    req: int
+    data: Any = None
+
+
+# --------------------------------------------------------------------------------------------
+# membership (worker/client <-> coordinator ROUTER, coordinator PUB)
+
+
+@message
+class Join(Message):
+    """A node asks the coordinator (the introducer) to admit it; also sent on re-attach after failover."""
+
+    TYPE = "join"
+    node_id: str
+    role: str  # "worker" | "standby"
+    data_addr: str  # host:port of the node's SDFS data server ("" if none)
+    store: list[list[Any]] = field(default_factory=list)  # [[name, version, size, checksum], ...]
+    inflight: list[str] = field(default_factory=list)  # task ids the node is still working on
+
+
+@message
+class Welcome(Message):
+    TYPE = "welcome"
+    node_id: str
+    term: int
+    epoch: int
+
+
+@message
+class Rejoin(Message):
+    """Sent to a node the coordinator does not know (or declared failed): start a new incarnation."""
+
+    TYPE = "rejoin"
+    reason: str
+
+
+@message
+class Leave(Message):
+    TYPE = "leave"
+    node_id: str
+
+
+@message
+class Heartbeat(Message):
+    """Worker -> coordinator liveness beacon, from the worker's own loop."""
+
+    TYPE = "heartbeat"
+    node_id: str
+    busy: int = 0  # tasks in hand
+
+
+@message
+class CoordinatorHeartbeat(Message):
+    """Published by every coordinator on Topic.HEARTBEAT; workers follow the highest-term primary."""
+
+    TYPE = "coord_hb"
+    addr: str
+    role: str  # "primary" | "standby" | "probing"
+    term: int
+    epoch: int
+    view_seq: int
+    state_seq: int
+
+
+@message
+class ViewRequest(Message):
+    TYPE = "view_req"
+    req: int
+
+
+@message
+class ViewSnapshot(Message):
+    TYPE = "view_snapshot"
+    req: int
+    seq: int
+    epoch: int
+    members: list[dict[str, Any]]
+
+
+@message
+class ViewUpdate(Message):
+    """Published on Topic.VIEW; seq is contiguous so subscribers detect gaps and re-sync."""
+
+    TYPE = "view_update"
+    seq: int
+    epoch: int
+    event: str  # "join" | "leave" | "fail"
+    member: dict[str, Any]
+
+
+@message
+class LogRecord(Message):
+    TYPE = "log"
+    node: str
+    ts: float
+    level: str
+    logger: str
+    msg: str
+
+
+# --------------------------------------------------------------------------------------------
+# SDFS metadata (client -> coordinator)
+
+
+@message
+class PutBegin(Message):
+    """Ask the master for versions and replica placements for one or many files (batched for put -r)."""
+
+    TYPE = "put_begin"
+    req: int
+    files: list[dict[str, Any]]  # {"name": str, "size": int, "checksum": str}
+
+
+@message
+class PutPlan(Message):
+    TYPE = "put_plan"
+    req: int
+    plans: list[dict[str, Any]]  # {"put_id","name","version","replicas":[{"node_id","addr"}],"quorum"}
+
+
+@message
+class PutCommit(Message):
+    TYPE = "put_commit"
+    req: int
+    commits: list[dict[str, Any]]  # {"put_id": str, "stored": [node_id, ...]}
+
+
+@message
+class Locate(Message):
+    """Ask for the newest ``count`` versions of a file (count=1 for get)."""
+
+    TYPE = "locate"
+    req: int
+    name: str
+    count: int = 1
+
+
+@message
+class Located(Message):
+    TYPE = "located"
+    req: int
+    name: str
+    versions: list[dict[str, Any]]  # newest first: {"version","size","checksum","mtime","replicas"}
+
+
+@message
+class Delete(Message):
+    TYPE = "delete"
+    req: int
+    name: str
+
+
+@message
+class ListFiles(Message):
+    TYPE = "ls"
+    req: int
+    pattern: str
+
+
+@message
+class ReportBad(Message):
+    """A reader found a replica with a wrong checksum or that timed out."""
+
+    TYPE = "report_bad"
+    node_id: str
+    name: str
+    version: int
+
+
+# master -> worker (over the worker's control DEALER)
+
+
+@message
+class Replicate(Message):
+    TYPE = "replicate"
+    name: str
+    version: int
+    size: int
+    checksum: str
+    sources: list[str]  # data addrs to fetch from, in preference order
+
+
+@message
+class Drop(Message):
+    TYPE = "drop"
+    name: str
+    version: int  # 0 = every version
+
+
+@message
+class Stored(Message):
+    """Worker -> master: a replica is complete and verified (after Replicate)."""
+
+    TYPE = "stored"
+    node_id: str
+    name: str
+    version: int
+    size: int
+    checksum: str
+    ok: bool = True
+    error: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# SDFS data plane (client/peer -> worker data ROUTER)
+
+
+@message
+class WriteChunk(Message):
+    TYPE = "write"
+    req: int
+    name: str
+    version: int
+    offset: int
+    data: bytes
+    size: int  # total size
+    checksum: str
+    last: bool
+
+
+@message
+class WriteAck(Message):
+    TYPE = "write_ack"
+    req: int
+    offset: int
+    done: bool
+    ok: bool
+    error: str = ""
+
+
+@message
+class ReadChunk(Message):
+    TYPE = "read"
+    req: int
+    name: str
+    version: int
+    offset: int
+    length: int
+
+
+@message
+class ChunkData(Message):
+    TYPE = "chunk"
+    req: int
+    offset: int
+    data: bytes
+    eof: bool
+
+
+@message
+class StoreList(Message):
+    TYPE = "store_list"
+    req: int
+
+
+# --------------------------------------------------------------------------------------------
+# inference (worker <-> coordinator)
+
+
+@message
+class Ready(Message):
+    """Worker offers ``credit`` free task slots (Majordomo READY, with credit-based flow control)."""
+
+    TYPE = "ready"
+    node_id: str
+    credit: int
+    models: list[str] = field(default_factory=list)  # models already loaded
+
+
+@message
+class Task(Message):
+    TYPE = "task"
+    task_id: str
+    job_id: str
+    model: str
+    term: int
+    queries: list[dict[str, Any]]  # {"qid": str, "input": str, "version": int}
+
+
+@message
+class TaskResult(Message):
+    TYPE = "result"
+    task_id: str
+    job_id: str
+    node_id: str
+    elapsed: float  # seconds of compute for the whole batch
+    results: list[dict[str, Any]]  # {"qid","input","top5":[[label,prob]],"error":str|None}
+
+
+@message
+class ResultAck(Message):
+    TYPE = "result_ack"
+    task_id: str
+
+
+# --------------------------------------------------------------------------------------------
+# control commands (shell / idunno ctl -> coordinator)
+
+
+@message
+class Command(Message):
+    TYPE = "cmd"
+    req: int
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# coordinator state replication (primary -> standby, zguide Clone)
+
+
+@message
+class StateRequest(Message):
+    TYPE = "state_req"
+    req: int
+
+
+@message
+class StateSnapshot(Message):
+    TYPE = "state_snapshot"
+    req: int
+    seq: int
+    term: int
+    state: dict[str, Any]
+
+
+@message
+class StateUpdate(Message):
+    TYPE = "state_update"
+    seq: int
+    term: int
+    op: str
+    data: dict[str, Any]

@@ -1,0 +1,71 @@
+"""ZeroMQ socket helpers: every socket gets the same safety options in one place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import zmq
+
+from common.protocol import Message, ProtocolError, decode
+
+log = logging.getLogger("idunno.transport")
+
+
+def make_socket(ctx: zmq.Context, kind: int, max_frame: int, identity: bytes | None = None) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)  # shutdown never hangs on unsent messages
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame + 1024)  # libzmq drops peers that send larger frames
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer raises instead of vanishing
+    return sock
+
+
+def tcp(addr: str) -> str:
+    return addr if addr.startswith(("tcp://", "ipc://", "inproc://")) else f"tcp://{addr}"
+
+
+def bind(sock: zmq.Socket, host: str, port: int = 0) -> int:
+    """Bind to host:port (0 = a free port) and return the port actually bound."""
+    if port:
+        sock.bind(f"tcp://{host}:{port}")
+        return port
+    sock.bind(f"tcp://{host}:*")
+    return int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+
+
+def host_port(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.removeprefix("tcp://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address must be host:port, got {addr!r}")
+    return host, int(port)
+
+
+def offset_addr(addr: str, delta: int) -> str:
+    """Derived endpoints: a coordinator's PUB is control port + 1, its log PULL is + 2."""
+    host, port = host_port(addr)
+    return f"{host}:{port + delta}"
+
+
+def try_decode(frame: bytes, max_frame: int, source: str = "") -> Message | None:
+    """Decode or log-and-drop: the one place a daemon's loop turns garbage into None."""
+    try:
+        return decode(frame, max_frame)
+    except ProtocolError as exc:
+        log.warning("dropped malformed frame from %s: %s", source or "peer", exc)
+        return None
+
+
+def router_send(sock: zmq.Socket, identity: bytes, msg: Message) -> bool:
+    """Send to a ROUTER peer; False (and a log line) if the peer is gone or the queue is full."""
+    try:
+        sock.send_multipart([identity, msg.encode()], flags=zmq.NOBLOCK)
+        return True
+    except zmq.ZMQError as exc:
+        log.debug("send %s to %r failed: %s", msg.TYPE, identity, exc)
+        return False
+
+
+Handler = Callable[..., None]

@@ -1,0 +1,1 @@
+"""The worker: runs inference tasks and serves SDFS storage."""

@@ -1,0 +1,197 @@
+"""Inference off the worker's loop thread: a fetch stage and a compute stage.
+
+The fetcher takes tasks in arrival order, reads the inputs (from this node's own SDFS replicas
+when it holds one, else from a peer through SDFS, with a local cache) and decodes them; the
+compute stage runs the model. The queue between them holds one decoded batch, so the next batch
+is ready the moment the current one finishes: the CPU never waits on the network or SDFS.
+Finished tasks go back to the loop as encoded messages over an inproc PUSH socket, which wakes
+the loop's poll (ZeroMQ sockets are not shared between threads).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from common.config import Config
+from common.protocol import Message, Task, TaskResult
+from common.transport import make_socket
+from sdfs.client import SdfsClient
+from sdfs.store import LocalStore
+
+log = logging.getLogger("idunno.worker.executor")
+
+
+@dataclass
+class Prepared:
+    task: Task
+    generation: int
+    images: list[Any]  # PIL image or None for a failed input
+    errors: list[str | None]
+
+
+class Executor:
+    def __init__(
+        self,
+        cfg: Config,
+        node_id_fn,
+        store: LocalStore,
+        cache_dir: Path,
+        coordinators_fn,
+        results_endpoint: str,
+        ctx: zmq.Context,
+    ) -> None:
+        self.cfg = cfg
+        self.node_id_fn = node_id_fn
+        self.store = store
+        self.cache_dir = cache_dir
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.coordinators_fn = coordinators_fn
+        self.results_endpoint = results_endpoint
+        self.ctx = ctx
+        self.tasks: queue.Queue[tuple[Task, int] | None] = queue.Queue()
+        self.ready: queue.Queue[Prepared | None] = queue.Queue(maxsize=1)
+        self.models: dict[str, Any] = {}
+        self.model_errors: dict[str, str] = {}
+        self.loaded: list[str] = []
+        self.stop_event = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._fetch_loop, name="fetch", daemon=True),
+            threading.Thread(target=self._compute_loop, name="compute", daemon=True),
+        ]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.tasks.put(None)
+        try:
+            self.ready.put_nowait(None)
+        except queue.Full:
+            pass
+
+    def submit(self, task: Task, generation: int) -> None:
+        self.tasks.put((task, generation))
+
+    # -- fetch stage ---------------------------------------------------------------------------
+    def _fetch_loop(self) -> None:
+        client = SdfsClient(self.cfg, self.coordinators_fn(), self.ctx)
+        try:
+            while not self.stop_event.is_set():
+                item = self.tasks.get()
+                if item is None:
+                    break
+                task, gen = item
+                images, errors = [], []
+                for q in task.queries:
+                    try:
+                        images.append(self._load(client, str(q.get("input")), int(q.get("version", 0))))
+                        errors.append(None)
+                    except Exception as exc:
+                        images.append(None)
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                while not self.stop_event.is_set():
+                    try:
+                        self.ready.put(Prepared(task, gen, images, errors), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+        finally:
+            client.close()
+
+    def _load(self, client: SdfsClient, name: str, version: int) -> Any:
+        from models import decode_image  # noqa: PLC0415 - keep torch imports out of the loop thread's start-up
+
+        if version and self.store.has(name, version):
+            data = self.store.path(name, version).read_bytes()  # our own verified replica
+        else:
+            cached = self.cache_dir / f"{urllib.parse.quote(name, safe='')}@{version}"
+            if version and cached.exists():
+                data = cached.read_bytes()
+            else:
+                versions = client.locate(name, 1)
+                v = next((x for x in versions if not version or x["version"] == version), None)
+                if v is None:  # asked for a version that has been pruned: take the newest
+                    v = versions[0]
+                data = client.get_bytes(name, v)
+                tmp = cached.with_suffix(".part")
+                tmp.write_bytes(data)
+                tmp.replace(cached)
+        return decode_image(data)
+
+    # -- compute stage -------------------------------------------------------------------------
+    def _model(self, name: str) -> Any:
+        if name in self.models:
+            return self.models[name]
+        if name in self.model_errors:
+            raise RuntimeError(self.model_errors[name])
+        from models import get_classifier  # noqa: PLC0415
+
+        weights = self._weights_from_sdfs(name)
+        try:
+            clf = get_classifier(name, weights_path=weights, num_threads=self.cfg.torch_threads)
+        except Exception as exc:
+            self.model_errors[name] = f"cannot load model {name!r}: {exc}"
+            raise RuntimeError(self.model_errors[name]) from None
+        self.models[name] = clf
+        self.loaded.append(name)
+        return clf
+
+    def _weights_from_sdfs(self, name: str) -> str | None:
+        """Fetch ``models/<name>.pth`` from SDFS if someone stored it there."""
+        client = SdfsClient(self.cfg, self.coordinators_fn(), self.ctx)
+        try:
+            dest = self.cache_dir / f"weights-{name}.pth"
+            client.get(f"models/{name}.pth", dest)
+            log.info("loaded weights for %s from SDFS models/%s.pth", name, name)
+            return str(dest)
+        except Exception:
+            return None
+        finally:
+            client.close()
+
+    def _compute_loop(self) -> None:
+        out = make_socket(self.ctx, zmq.PUSH, self.cfg.max_frame_bytes)
+        out.connect(self.results_endpoint)
+        try:
+            while not self.stop_event.is_set():
+                prep = self.ready.get()
+                if prep is None:
+                    break
+                msg = self._run(prep)
+                out.send_multipart([str(prep.generation).encode(), msg.encode()])
+        finally:
+            out.close(0)
+
+    def _run(self, prep: Prepared) -> Message:
+        task = prep.task
+        t0 = time.perf_counter()
+        errors = list(prep.errors)
+        preds: list[Any] = [None] * len(errors)
+        try:
+            clf = self._model(task.model)
+            ok = [i for i, img in enumerate(prep.images) if img is not None]
+            if ok:
+                out = clf.predict_batch([prep.images[i] for i in ok])
+                for i, p in zip(ok, out, strict=True):
+                    preds[i] = [[label, float(prob)] for label, prob in p]
+        except Exception as exc:
+            log.warning("task %s failed: %s", task.task_id, exc)
+            errors = [e or str(exc) for e in errors]
+        elapsed = time.perf_counter() - t0
+        results = [
+            {"qid": q.get("qid"), "input": q.get("input"), "top5": preds[i] if errors[i] is None else None,
+             "error": errors[i]}
+            for i, q in enumerate(task.queries)
+        ]
+        return TaskResult(task.task_id, task.job_id, self.node_id_fn(), elapsed, results)

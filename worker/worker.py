@@ -1,0 +1,351 @@
+"""The worker daemon: membership, SDFS storage, and inference tasks from the primary coordinator.
+
+One loop (``step``) owns every socket: a DEALER per coordinator (identity = node id), a SUB to
+every coordinator's PUB, and an inproc PULL where the executor and the replication thread hand
+back finished work. Heavy work never runs here, so heartbeats flow while torch computes.
+
+Coordinator selection: the worker follows the primary with the highest term it hears on PUB. When
+the primary is silent for the failure timeout it asks every other coordinator for service (its
+Join is the standby's vote, Binary Star) and re-attaches to whichever answers as primary, handing
+over the results it could not deliver and the tasks it still holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from common.config import Config
+from common.identity import make_node_id, new_incarnation
+from common.logstream import PUB_PORT_OFFSET
+from common.membership import ViewTracker
+from common.protocol import (
+    CoordinatorHeartbeat,
+    Drop,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    Join,
+    Leave,
+    Message,
+    Ready,
+    Rejoin,
+    Replicate,
+    ResultAck,
+    Stored,
+    Task,
+    TaskResult,
+    Topic,
+    ViewRequest,
+    ViewSnapshot,
+    ViewUpdate,
+    Welcome,
+)
+from common.rpc import next_req
+from common.transport import make_socket, offset_addr, tcp, try_decode
+from sdfs.client import SdfsClient
+from sdfs.server import StorageServer
+from sdfs.store import LocalStore
+from worker.executor import Executor
+
+log = logging.getLogger("idunno.worker")
+
+
+@dataclass
+class CoordinatorInfo:
+    addr: str
+    role: str = ""
+    term: int = 0
+    last_seen: float = -1e9
+
+
+class Worker:
+    def __init__(self, cfg: Config, data_dir: str | Path, port: int = 0, ctx: zmq.Context | None = None) -> None:
+        self.cfg = cfg
+        self.ctx = ctx or zmq.Context.instance()
+        self.data_dir = Path(data_dir)
+        self.store = LocalStore(self.data_dir / "sdfs")
+        self.storage = StorageServer(cfg, self.store, self.ctx, port)
+        self.node_id = make_node_id(self.storage.addr)
+        self.coords = {a: CoordinatorInfo(a) for a in cfg.coordinators}
+        self.primary: str | None = None
+        self.term = 0
+        self.joined = False
+        self.generation = 0  # bumps on every new incarnation: older executor output is discarded
+        self.links: dict[str, zmq.Socket] = {}
+        self.sub = make_socket(self.ctx, zmq.SUB, cfg.max_frame_bytes)
+        for topic in (Topic.HEARTBEAT, Topic.VIEW):
+            self.sub.setsockopt(zmq.SUBSCRIBE, topic)
+        for a in self.coords:
+            self.sub.connect(tcp(offset_addr(a, PUB_PORT_OFFSET)))
+        self.inbox_endpoint = f"inproc://worker-{uuid.uuid4().hex}"
+        self.inbox = make_socket(self.ctx, zmq.PULL, cfg.max_frame_bytes)
+        self.inbox.bind(self.inbox_endpoint)
+        self.view = ViewTracker()
+        self.view_req: int | None = None
+        self.inflight: dict[str, Task] = {}
+        self.unacked: dict[str, TaskResult] = {}
+        self.free_credit = cfg.worker_credit
+        self.next_heartbeat = 0.0
+        self.next_join = 0.0
+        self.executor = Executor(
+            cfg, lambda: self.node_id, self.store, self.data_dir / "cache", lambda: list(self.coords),
+            self.inbox_endpoint, self.ctx,
+        )
+        self.replications: queue.Queue[Replicate | None] = queue.Queue()
+        self.repl_thread = threading.Thread(target=self._replication_loop, name="replicate", daemon=True)
+        self.handlers: dict[type[Message], callable] = {
+            Welcome: self.on_welcome,
+            Rejoin: self.on_rejoin,
+            Task: self.on_task,
+            ResultAck: self.on_result_ack,
+            Replicate: self.on_replicate,
+            Drop: self.on_drop,
+            Error: self.on_error,
+            ViewSnapshot: self.on_view_snapshot,
+        }
+        self.stop_event = threading.Event()
+        self._rebuild_poller()
+
+    # -- sockets ----------------------------------------------------------------------------------
+    def _link(self, addr: str) -> zmq.Socket:
+        sock = self.links.get(addr)
+        if sock is None:
+            sock = make_socket(self.ctx, zmq.DEALER, self.cfg.max_frame_bytes, identity=self.node_id.encode())
+            sock.setsockopt(zmq.SNDHWM, 10_000)
+            sock.connect(tcp(addr))
+            self.links[addr] = sock
+            self._rebuild_poller()
+        return sock
+
+    def _rebuild_poller(self) -> None:
+        self.poller = zmq.Poller()
+        for s in (self.sub, self.inbox, *self.links.values()):
+            self.poller.register(s, zmq.POLLIN)
+
+    def _send(self, addr: str | None, msg: Message) -> bool:
+        if addr is None:
+            return False
+        try:
+            self._link(addr).send(msg.encode(), flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            log.debug("send %s to %s failed: %s", msg.TYPE, addr, exc)
+            return False
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.storage.start()
+        self.executor.start()
+        self.repl_thread.start()
+        log.info("worker %s up (data %s), coordinators %s", self.node_id, self.storage.addr, ", ".join(self.coords))
+
+    def run(self) -> None:
+        self.start()
+        try:
+            while not self.stop_event.is_set():
+                self.step(time.monotonic())
+        finally:
+            self.shutdown()
+
+    def shutdown(self, leave: bool = True) -> None:
+        if leave and self.joined:
+            self._send(self.primary, Leave(self.node_id))
+            time.sleep(0.05)  # shutdown path only: let the Leave reach the wire before LINGER=0 closes
+        self.executor.stop()
+        self.replications.put(None)
+        self.storage.stop()
+        for s in (self.sub, self.inbox, *self.links.values()):
+            s.close(0)
+
+    # -- loop -------------------------------------------------------------------------------------
+    def step(self, now: float) -> None:
+        timeout = max(0.0, min(self.next_heartbeat, self.next_join if not self.joined else 1e18) - now)
+        for sock, _ in self.poller.poll(int(min(timeout, 0.1) * 1000)):
+            if sock is self.sub:
+                self._drain_sub()
+            elif sock is self.inbox:
+                self._drain_inbox()
+            else:
+                self._drain_link(sock)
+        self.tick(time.monotonic())
+
+    def tick(self, now: float) -> None:
+        self._choose_primary(now)
+        if not self.joined and now >= self.next_join:
+            self.next_join = now + self.cfg.heartbeat_interval
+            targets = [self.primary] if self.primary else list(self.coords)
+            for addr in targets:
+                self._send(addr, self._join_msg())
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.cfg.heartbeat_interval
+            if self.joined:
+                self._send(self.primary, Heartbeat(self.node_id, len(self.inflight)))
+        if self.joined and self.view_req is None and not self.view.synced:
+            self.view_req = next_req()
+            self._send(self.primary, ViewRequest(self.view_req))
+
+    def _join_msg(self) -> Join:
+        return Join(
+            self.node_id, "worker", self.storage.addr,
+            store=[i.as_list() for i in self.store.list()],
+            inflight=list(self.inflight),
+        )
+
+    def _choose_primary(self, now: float) -> None:
+        alive = [c for c in self.coords.values() if now - c.last_seen < self.cfg.failure_timeout]
+        primaries = [c for c in alive if c.role == "primary" and c.term >= self.term]
+        best = max(primaries, key=lambda c: c.term, default=None)
+        if best is not None and best.addr != self.primary:
+            log.info("following primary coordinator %s (term %d)", best.addr, best.term)
+            self.primary = best.addr
+            self.term = best.term
+            self.joined = False
+            self.next_join = now
+            self.view = ViewTracker()
+            self.view_req = None
+        elif best is None and self.primary is not None and self.joined:
+            c = self.coords.get(self.primary)
+            if c is None or now - c.last_seen >= self.cfg.failure_timeout:
+                log.warning("primary coordinator %s is silent; asking the others", self.primary)
+                self.primary = None
+                self.joined = False
+                self.next_join = now
+
+    def _drain_sub(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self.sub.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                continue
+            msg = try_decode(frames[1], self.cfg.max_frame_bytes, "coordinator PUB")
+            if isinstance(msg, CoordinatorHeartbeat):
+                c = self.coords.get(msg.addr)
+                if c is not None:
+                    c.role, c.term, c.last_seen = msg.role, msg.term, time.monotonic()
+            elif isinstance(msg, ViewUpdate):
+                if not self.view.update(msg.seq, msg.epoch, msg.event, msg.member):
+                    log.info("membership view gap detected; re-syncing")
+                    self.view_req = None
+
+    def _drain_link(self, sock: zmq.Socket) -> None:
+        for _ in range(256):
+            try:
+                frame = sock.recv(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            msg = try_decode(frame, self.cfg.max_frame_bytes, "coordinator")
+            if msg is None:
+                continue
+            handler = self.handlers.get(type(msg))
+            if handler is None:
+                log.warning("unexpected %s from coordinator ignored", msg.TYPE)
+                continue
+            try:
+                handler(msg)
+            except Exception:
+                log.exception("handler for %s failed", msg.TYPE)
+
+    def _drain_inbox(self) -> None:
+        for _ in range(256):
+            try:
+                gen, frame = self.inbox.recv_multipart(flags=zmq.NOBLOCK)
+            except (zmq.Again, ValueError):
+                return
+            msg = try_decode(frame, self.cfg.max_frame_bytes, "executor")
+            if isinstance(msg, TaskResult):
+                self.inflight.pop(msg.task_id, None)
+                self.free_credit += 1
+                if int(gen) != self.generation:
+                    continue  # computed for an earlier incarnation: that member is dead
+                self.unacked[msg.task_id] = msg
+                if self.joined:
+                    self._send(self.primary, msg)
+            elif isinstance(msg, Stored):
+                msg.node_id = self.node_id
+                self._send(self.primary, msg)
+
+    # -- handlers ---------------------------------------------------------------------------------
+    def on_welcome(self, m: Welcome) -> None:
+        if m.node_id != self.node_id or m.term < self.term:
+            return
+        if not self.joined:
+            log.info("joined coordinator %s (term %d)", self.primary, m.term)
+        self.joined = True
+        self.term = m.term
+        # Results no coordinator acknowledged yet (a takeover happened) go first, then the credit:
+        # the coordinator de-duplicates by query, and Ready sets the credit absolutely afterwards.
+        for r in self.unacked.values():
+            self._send(self.primary, r)
+        self._send(self.primary, Ready(self.node_id, self.free_credit, list(self.executor.loaded)))
+
+    def on_rejoin(self, m: Rejoin) -> None:
+        log.warning("coordinator asks for a rejoin (%s): starting a new incarnation", m.reason)
+        for s in self.links.values():
+            s.close(0)
+        self.links = {}
+        self._rebuild_poller()
+        self.node_id = make_node_id(self.storage.addr, new_incarnation())
+        self.generation += 1
+        self.inflight.clear()
+        self.unacked.clear()
+        self.joined = False
+        self.next_join = 0.0
+
+    def on_task(self, m: Task) -> None:
+        if m.term < self.term or not self.joined:
+            log.warning("task %s from an old term (%d < %d) ignored", m.task_id, m.term, self.term)
+            return
+        if m.task_id in self.inflight or m.task_id in self.unacked:
+            return  # duplicate delivery
+        self.inflight[m.task_id] = m
+        self.free_credit -= 1
+        self.executor.submit(m, self.generation)
+
+    def on_result_ack(self, m: ResultAck) -> None:
+        self.unacked.pop(m.task_id, None)
+
+    def on_replicate(self, m: Replicate) -> None:
+        self.replications.put(m)
+
+    def on_drop(self, m: Drop) -> None:
+        n = self.store.drop(m.name, m.version)
+        log.info("dropped %d replica(s) of %s%s", n, m.name, f" v{m.version}" if m.version else "")
+
+    def on_error(self, m: Error) -> None:
+        if m.code == ErrorCode.NOT_PRIMARY:
+            return  # the standby refused: the Join still counted as a vote; keep trying
+        log.warning("coordinator error: %s", m.message)
+
+    def on_view_snapshot(self, m: ViewSnapshot) -> None:
+        if m.req == self.view_req:
+            self.view.load_snapshot(m.seq, m.epoch, m.members)
+
+    # -- re-replication (own thread, own sockets) -----------------------------------------------
+    def _replication_loop(self) -> None:
+        client = SdfsClient(self.cfg, list(self.coords), self.ctx)
+        out = make_socket(self.ctx, zmq.PUSH, self.cfg.max_frame_bytes)
+        out.connect(self.inbox_endpoint)
+        try:
+            while (m := self.replications.get()) is not None:
+                try:
+                    if not self.store.has(m.name, m.version):
+                        client.pull_replica(m.sources, m.name, m.version, m.size, m.checksum, self.store)
+                    reply = Stored(self.node_id, m.name, m.version, m.size, m.checksum)
+                except Exception as exc:
+                    log.warning("re-replication of %s v%d failed: %s", m.name, m.version, exc)
+                    reply = Stored(self.node_id, m.name, m.version, m.size, m.checksum, ok=False, error=str(exc))
+                out.send_multipart([str(self.generation).encode(), reply.encode()])
+        finally:
+            client.close()
+            out.close(0)
+
