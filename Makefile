@@ -1,0 +1,31 @@
+# The two commands a new user runs: `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.idunno-stamp
+
+.PHONY: setup demo test test-fast lint bench clean
+
+# Re-run setup.sh when the venv is missing or older than the dependency list.
+$(STAMP): pyproject.toml setup.sh
+	./setup.sh
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/idunno demo
+
+# pytest exit code 5 ("no tests collected") must not pass silently: it is turned into a failure.
+test: $(STAMP)
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not chaos" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf var .pytest_cache .ruff_cache
