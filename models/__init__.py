@@ -1,0 +1,33 @@
+"""IDunno model layer: torchvision ImageNet classifiers and image decoding.
+
+Works fully offline: pretrained weights are used only if a checkpoint is given
+or already in the torch hub cache; otherwise models get seeded random weights.
+"""
+
+from .predict import (
+    IMAGE_FORMATS,
+    Classifier,
+    ImageDecodeError,
+    Prediction,
+    alexnet_predict,
+    clear_cache,
+    decode_image,
+    get_classifier,
+    resnet_predict,
+)
+from .registry import ALIASES, list_models, resolve_name
+
+__all__ = [
+    "ALIASES",
+    "IMAGE_FORMATS",
+    "Classifier",
+    "ImageDecodeError",
+    "Prediction",
+    "alexnet_predict",
+    "clear_cache",
+    "decode_image",
+    "get_classifier",
+    "list_models",
+    "resnet_predict",
+    "resolve_name",
+]
