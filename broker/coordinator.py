@@ -11,6 +11,7 @@ run one code path (zguide Clone: snapshot + sequenced updates).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -96,8 +97,10 @@ class Coordinator:
         db_path: str | None = None,
         scheduler: str = "fair-time",
         on_job_done: Callable[[Job], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
+        self.clock = clock  # wall clock for statistics (replicated to the standby); timers use `now`
         self.addr = addr
         self.net = net
         self.role = role
@@ -178,7 +181,7 @@ class Coordinator:
         handler(data, now)
 
     def event(self, kind: str, detail: str, now: float) -> None:
-        self.emit("event", {"ts": time.time(), "kind": kind, "detail": detail}, now)
+        self.emit("event", {"ts": self.clock(), "kind": kind, "detail": detail}, now)
 
     # ------------------------------------------------------------------------------------------
     # entry points
@@ -254,7 +257,7 @@ class Coordinator:
         if ident != m.node_id.encode():
             self.net.send(ident, Error(0, ErrorCode.BAD_REQUEST, "socket identity must equal node id"))
             return
-        member = Member(m.node_id, m.role, m.data_addr, joined_at=time.time())
+        member = Member(m.node_id, m.role, m.data_addr, joined_at=self.clock())
         ev = self.registry.join(member, now)
         if ev is not None:
             log.info("member %s joined (%s, data %s)", m.node_id, m.role, m.data_addr or "-")
@@ -366,12 +369,12 @@ class Coordinator:
                 return
             job = self.jobs.jobs[pick.job_id]
             n = min(job.batch_size, len(job.pending))
-            indexes = list(job.pending)[:n]
+            indexes = list(itertools.islice(job.pending, n))
             task_id = self.jobs.next_task_id(job.job_id)
             self.emit(
                 "task.dispatch",
                 {"task_id": task_id, "job_id": job.job_id, "worker": node, "indexes": indexes,
-                 "dispatched": time.time()},
+                 "dispatched": self.clock()},
                 now,
             )
             task = self.jobs.tasks[task_id]
@@ -414,9 +417,10 @@ class Coordinator:
                 "top5": r.get("top5") or [],
                 "error": r.get("error"),
                 "worker": m.node_id,
+                "batch": len(m.results),
             }
-        dispatched = task.dispatched if task is not None else time.time() - m.elapsed
-        latency = max(0.0, time.time() - dispatched)
+        dispatched = task.dispatched if task is not None else self.clock() - m.elapsed
+        latency = max(0.0, self.clock() - dispatched)
         for r in results.values():
             r["latency"] = latency
         n = len(results)
@@ -430,7 +434,7 @@ class Coordinator:
         self.emit(
             "task.result",
             {"task_id": m.task_id, "job_id": job.job_id, "results": results, "latency": latency,
-             "elapsed": m.elapsed, "ts": time.time()},
+             "elapsed": m.elapsed, "ts": self.clock()},
             now,
         )
         self.dispatch(now)
@@ -462,11 +466,11 @@ class Coordinator:
                            now + self.cfg.task_timeout_min)
 
     def _op_task_result(self, d: dict[str, Any], now: float) -> None:
-        self.jobs.tasks.pop(d["task_id"], None)
+        task = self.jobs.tasks.pop(d["task_id"], None)
         job = self.jobs.jobs.get(d["job_id"])
         if job is None:
             return
-        fresh = self.jobs.record(job, {int(k): v for k, v in d["results"].items()})
+        fresh = self.jobs.record(job, {int(k): v for k, v in d["results"].items()}, task)
         errors = sum(1 for r in fresh.values() if r.get("error"))
         if fresh:
             job.stats.record(len(fresh), errors, d["latency"], d["elapsed"], d["ts"])
@@ -601,7 +605,7 @@ class Coordinator:
     def cmd_start(self, args: dict[str, Any], now: float) -> Any:
         queued = [j.job_id for j in self.jobs.jobs.values() if j.state is JobState.QUEUED]
         if queued:
-            self.emit("job.start", {"job_ids": queued, "ts": time.time()}, now)
+            self.emit("job.start", {"job_ids": queued, "ts": self.clock()}, now)
             for job_id in queued:
                 self.event("job_started", job_id, now)
         self.dispatch(now)
@@ -626,11 +630,11 @@ class Coordinator:
         if not inputs:
             raise CommandError(ErrorCode.NOT_FOUND, f"no input files match {pattern!r} in SDFS; `put` them first")
         job_id = self.jobs.new_job_id(model.strip())
-        job = Job(job_id, model.strip(), inputs, batch, weight)
+        job = Job(job_id, model.strip(), inputs, batch, weight, submitted=self.clock())
         self.emit("job.add", job.snapshot(), now)
         self.event("job_added", job_id, now)
         if args.get("start") or self.jobs.running():
-            self.emit("job.start", {"job_ids": [job_id], "ts": time.time()}, now)
+            self.emit("job.start", {"job_ids": [job_id], "ts": self.clock()}, now)
             self.event("job_started", job_id, now)
             self.dispatch(now)
         return self.jobs.jobs[job_id].describe()
@@ -639,7 +643,7 @@ class Coordinator:
         return [j.describe() for j in self.jobs.jobs.values()]
 
     def _rate(self, job: Job) -> float:
-        return job.stats.rate(time.time(), self.cfg.rate_window)
+        return job.stats.rate(self.clock(), self.cfg.rate_window)
 
     def cmd_query_rate(self, args: dict[str, Any], now: float) -> Any:
         jobs = self._jobs(args)

@@ -142,7 +142,7 @@ class JobTable:
     ) -> TaskInfo:
         """Move ``indexes`` from the job's queue into a task held by ``worker``."""
         taken = set(indexes)
-        if list(job.pending)[: len(indexes)] == indexes:
+        if list(itertools.islice(job.pending, len(indexes))) == indexes:
             for _ in indexes:
                 job.pending.popleft()
         else:
@@ -165,14 +165,24 @@ class JobTable:
     def tasks_of(self, worker: str) -> list[TaskInfo]:
         return [t for t in self.tasks.values() if t.worker == worker]
 
-    def record(self, job: Job, results: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        """Store results not seen before; return the newly accepted ones."""
-        fresh = {i: r for i, r in results.items() if 0 <= i < job.total and i not in job.results}
+    def record(
+        self, job: Job, results: dict[int, dict[str, Any]], task: TaskInfo | None = None
+    ) -> dict[int, dict[str, Any]]:
+        """Store results not seen before; return the newly accepted ones.
+
+        With the task that carried them known, only its own queries are accepted (none of them can be
+        pending). A late result whose task was re-queued (or dispatched by an earlier primary) counts
+        for whatever is still unanswered, and those queries leave the pending queue.
+        """
+        allowed = set(task.indexes) if task is not None else None
+        fresh = {
+            i: r
+            for i, r in results.items()
+            if 0 <= i < job.total and i not in job.results and (allowed is None or i in allowed)
+        }
         job.results.update(fresh)
-        if fresh:
-            pending = set(fresh)
-            if any(i in pending for i in job.pending):
-                job.pending = deque(i for i in job.pending if i not in pending)
+        if fresh and task is None:
+            job.pending = deque(i for i in job.pending if i not in fresh)
         return fresh
 
     def maybe_finish(self, job: Job, now: float) -> bool:

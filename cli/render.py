@@ -25,7 +25,8 @@ def _ts(x: float | None) -> str:
 
 def members(data: dict[str, Any]) -> Table:
     c = data.get("coordinator", {})
-    t = Table(title=f"members (epoch {data['epoch']}; coordinator {c.get('addr')} {c.get('role')} term {c.get('term')})")
+    coord = f"{c.get('addr')} {c.get('role')} term {c.get('term')}"
+    t = Table(title=f"members (epoch {data['epoch']}; coordinator {coord})")
     for col in ("node", "role", "state", "data address", "joined", "busy"):
         t.add_column(col)
     for m in data["members"]:

@@ -68,7 +68,8 @@ def run_sdfs(client: SdfsClient, console: Console, tokens: list[str], node: str 
         if len(args) != 3 or not args[1].isdigit():
             raise UsageError(SDFS_COMMANDS["get_versions"])
         vs = client.get_versions(args[0], int(args[1]), args[2])
-        console.print(f"wrote {len(vs)} versions of {args[0]} ({', '.join(str(v['version']) for v in vs)}) -> {args[2]}")
+        numbers = ", ".join(str(v["version"]) for v in vs)
+        console.print(f"wrote {len(vs)} versions of {args[0]} ({numbers}) -> {args[2]}")
     elif cmd == "ls":
         if len(args) > 1:
             raise UsageError(SDFS_COMMANDS["ls"])

@@ -7,6 +7,7 @@ environment variables ``IDUNNO_<FIELD>`` and finally explicit overrides (CLI fla
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -71,6 +72,15 @@ def _coerce(kind: Any, raw: Any, name: str) -> Any:
     kind = {"float": float, "int": int, "str": str, "bool": bool}.get(kind, kind) if isinstance(kind, str) else kind
     if kind is bool and isinstance(raw, str):
         return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if kind is int:
+        # No silent truncation: 2.7 or true is a mistake in a config file, not 2 or 1.
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError(f"config {name}: {raw!r} is not a whole number")
+        if isinstance(raw, str):
+            try:
+                return int(raw.strip())
+            except ValueError:
+                raise ValueError(f"config {name}: {raw!r} is not a whole number") from None
     try:
         return kind(raw)
     except (TypeError, ValueError) as exc:
@@ -96,8 +106,9 @@ def load_config(path: str | None = None, env: dict[str, str] | None = None, **ov
     if unknown:
         raise ValueError(f"unknown config keys: {', '.join(unknown)}")
     cfg = Config(**{k: _coerce(known[k].type, v, k) for k, v in values.items()})
-    if cfg.heartbeat_interval <= 0 or cfg.liveness < 1:
-        raise ValueError("heartbeat_interval must be > 0 and liveness >= 1")
-    if cfg.replication_factor < 1:
-        raise ValueError("replication_factor must be >= 1")
+    if not math.isfinite(cfg.heartbeat_interval) or cfg.heartbeat_interval <= 0 or cfg.liveness < 1:
+        raise ValueError("heartbeat_interval must be a finite number > 0 and liveness >= 1")
+    for key in ("replication_factor", "max_versions", "chunk_bytes", "transfer_window", "worker_credit"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be >= 1")
     return cfg

@@ -178,7 +178,7 @@ class ViewTracker:
         self.members = {d["node_id"]: Member.from_public(d) for d in members if "node_id" in d}
         self.seq, self.epoch = seq, epoch
         queued, self.pending = self.pending, []
-        for item in sorted(queued):
+        for item in sorted(queued, key=lambda it: it[0]):
             self.update(*item)
 
     def update(self, seq: int, epoch: int, event: str, member: dict[str, Any]) -> bool:

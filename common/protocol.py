@@ -155,7 +155,7 @@ def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_FRAME) -> Message:
         raise ProtocolError("message is not a map")
     version = body.pop("v", None)
     mtype = body.pop("t", None)
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise ProtocolError(f"unsupported protocol version {version!r} (want {VERSION})")
     cls = _REGISTRY.get(mtype) if isinstance(mtype, str) else None
     if cls is None:

@@ -48,7 +48,9 @@ log = logging.getLogger("idunno.sdfs.client")
 
 
 class SdfsError(RuntimeError):
-    pass
+    def __init__(self, message: str, corrupt: bool = False) -> None:
+        super().__init__(message)
+        self.corrupt = corrupt  # the replica answered with data that fails its checksum
 
 
 @dataclass
@@ -299,7 +301,8 @@ class SdfsClient:
             except SdfsError as exc:
                 errors.append(f"{r['addr']}: {exc}")
                 log.warning("read of %s v%d from %s failed: %s", name, v["version"], r["addr"], exc)
-                self._report_bad(r["node_id"], name, v["version"])
+                if exc.corrupt:  # a timeout may be our own network's fault: only bad data is reported
+                    self._report_bad(r["node_id"], name, v["version"])
                 out.seek(start)
                 out.truncate()
         raise SdfsError(f"{name} v{v['version']}: every replica failed ({'; '.join(errors)})")
@@ -354,7 +357,7 @@ class SdfsClient:
                 out.write(data)
                 next_write += 1
         if hasher.hexdigest() != checksum:
-            raise SdfsError("checksum mismatch")
+            raise SdfsError("checksum mismatch", corrupt=True)
 
     # -- metadata --------------------------------------------------------------------------------
     def delete(self, name: str) -> Any:

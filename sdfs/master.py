@@ -30,6 +30,7 @@ log = logging.getLogger("idunno.sdfs.master")
 Outbox = list[tuple[str, Message]]
 PUT_TIMEOUT = 600.0
 REPAIR_TIMEOUT = 60.0
+MAX_REPAIRS_IN_FLIGHT = 512
 
 
 class MasterError(Exception):
@@ -185,15 +186,18 @@ class SdfsMaster:
         n = min(self.cfg.replication_factor, len(live))
         quorum = self.cfg.effective_write_quorum(n)
         load = self._load()
-        plans = []
-        for f in files:
+        checked = []
+        for f in files:  # validate the whole batch before any version is handed out
             try:
                 name = validate_name(f.get("name"), self.cfg.max_name_len)
                 size, checksum = int(f["size"]), str(f["checksum"])
-            except (BadName, KeyError, TypeError, ValueError) as exc:
+            except (BadName, KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise MasterError("bad_request", f"bad file entry: {exc}") from None
             if size < 0:
-                raise MasterError("bad_request", "negative size")
+                raise MasterError("bad_request", f"negative size for {name}")
+            checked.append((name, size, checksum))
+        plans = []
+        for name, size, checksum in checked:
             version = self.next_version.get(name, 1)
             self.next_version[name] = version + 1
             replicas = self._place(n, live, load)
@@ -317,6 +321,8 @@ class SdfsMaster:
                 validate_name(name)
             except (BadName, IndexError, TypeError, ValueError):
                 continue
+            if version < 1:
+                continue  # Drop(name, 0) would mean "every version": never send it for a bogus report
             versions = self.files.get(name, {})
             v = versions.get(version)
             if v is not None:
@@ -342,7 +348,7 @@ class SdfsMaster:
     def stored(self, node_id: str, name: str, version: int, ok: bool, checksum: str) -> Outbox:
         self.repairs.pop((name, version, node_id), None)
         v = self.files.get(name, {}).get(version)
-        if not ok:
+        if not ok or node_id not in self.live_nodes():
             return []
         if v is None or v.checksum != checksum:
             return [(node_id, Drop(name, version))]
@@ -355,6 +361,12 @@ class SdfsMaster:
     def report_bad(self, node_id: str, name: str, version: int) -> Outbox:
         v = self.files.get(name, {}).get(version)
         if v is None or node_id not in v.holders:
+            return []
+        live = self.live_nodes()
+        if not any(h in live for h in v.holders if h != node_id):
+            # Never destroy the last live copy on one reader's word: it may be the reader that is broken.
+            log.warning("replica of %s v%d on %s reported bad, but it is the last live copy; kept", name, version,
+                        node_id)
             return []
         log.warning("replica of %s v%d on %s reported bad; repairing", name, version, node_id)
         v.holders.discard(node_id)
@@ -375,17 +387,20 @@ class SdfsMaster:
         target_n = min(self.cfg.replication_factor, len(live))
         load = self._load()
         out: Outbox = []
+        in_progress_by_version: dict[tuple[str, int], set[str]] = {}
+        for name, version, node in self.repairs:
+            in_progress_by_version.setdefault((name, version), set()).add(node)
+        budget = MAX_REPAIRS_IN_FLIGHT - len(self.repairs)  # throttle, as HDFS limits replication work
         for name, versions in self.files.items():
             for v in versions.values():
+                if budget <= 0:
+                    return out
                 holders = [h for h in v.holders if h in live]
-                in_progress = {k[2] for k in self.repairs if k[0] == name and k[1] == v.version}
+                in_progress = in_progress_by_version.get((name, v.version), set())
                 missing = target_n - len(holders) - len(in_progress)
-                if missing <= 0:
+                if missing <= 0 or not holders:
                     continue
-                if not holders:
-                    if not in_progress:
-                        self.stats["lost_versions_seen"] += 1
-                    continue
+                budget -= missing
                 targets = self._place(missing, live, load, exclude=set(holders) | in_progress)
                 for t in targets:
                     load[t] += 1

@@ -22,7 +22,11 @@ def validate_name(name: object, max_len: int = MAX_NAME_LEN) -> str:
         raise BadName("file name must be a string")
     if not name:
         raise BadName("file name is empty")
-    if len(name.encode()) > max_len:
+    try:
+        encoded = name.encode()
+    except UnicodeEncodeError:
+        raise BadName("file name is not valid UTF-8 text") from None
+    if len(encoded) > max_len:
         raise BadName(f"file name longer than {max_len} bytes")
     if name.startswith("/"):
         raise BadName(f"absolute path not allowed: {name!r}")

@@ -1,7 +1,8 @@
 """A node's local replica storage.
 
-Layout: ``<root>/files/<quoted name>/<version>`` plus ``<version>.meta`` (JSON: size, checksum,
-mtime). Names are percent-quoted into a single path component, so no name can escape ``root``.
+Layout: ``<root>/files/<sha256 of name>/<version>`` plus ``<version>.meta`` (JSON: name, size,
+checksum, mtime). The directory is a hash of the name, so no name can escape ``root`` and every
+valid name fits the file system's 255-byte component limit.
 A replica becomes visible only after it is complete: written to ``<root>/tmp``, fsynced, checksum
 verified, then ``os.replace``d into place.
 """
@@ -13,7 +14,6 @@ import json
 import os
 import shutil
 import time
-import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +103,7 @@ class LocalStore:
 
     def _dir(self, name: str) -> Path:
         validate_name(name)
-        return self.files_dir / urllib.parse.quote(name, safe="")
+        return self.files_dir / hashlib.sha256(name.encode()).hexdigest()
 
     def path(self, name: str, version: int) -> Path:
         if not isinstance(version, int) or version < 1:
@@ -166,13 +166,16 @@ class LocalStore:
 
     def list(self) -> list[ReplicaInfo]:
         out = []
-        for d in sorted(self.files_dir.iterdir()):
-            name = urllib.parse.unquote(d.name)
-            for meta in sorted(d.glob("*.meta"), key=lambda p: int(p.stem)):
-                info = self.info(name, int(meta.stem))
+        for d in self.files_dir.iterdir():
+            for meta in d.glob("*.meta"):
+                try:
+                    name = str(json.loads(meta.read_text())["name"])
+                    info = self.info(name, int(meta.stem))
+                except (OSError, ValueError, KeyError):
+                    continue  # not ours or damaged: never list it as a replica
                 if info is not None:
                     out.append(info)
-        return out
+        return sorted(out, key=lambda i: (i.name, i.version))
 
     def used_bytes(self) -> int:
         return sum(i.size for i in self.list())

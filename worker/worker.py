@@ -232,9 +232,8 @@ class Worker:
                 c = self.coords.get(msg.addr)
                 if c is not None:
                     c.role, c.term, c.last_seen = msg.role, msg.term, time.monotonic()
-            elif isinstance(msg, ViewUpdate):
-                if not self.view.update(msg.seq, msg.epoch, msg.event, msg.member):
-                    log.info("membership view gap detected; re-syncing")
+            elif isinstance(msg, ViewUpdate) and not self.view.update(msg.seq, msg.epoch, msg.event, msg.member):
+                log.info("membership view gap detected; re-syncing")
                     self.view_req = None
 
     def _drain_link(self, sock: zmq.Socket) -> None:
@@ -329,6 +328,8 @@ class Worker:
     def on_view_snapshot(self, m: ViewSnapshot) -> None:
         if m.req == self.view_req:
             self.view.load_snapshot(m.seq, m.epoch, m.members)
+            if not self.view.synced:  # a buffered update showed a gap: ask again
+                self.view_req = None
 
     # -- re-replication (own thread, own sockets) -----------------------------------------------
     def _replication_loop(self) -> None:

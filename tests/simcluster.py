@@ -1,0 +1,137 @@
+"""An in-memory cluster for fast coordinator tests: a Net that serializes, simulated workers, virtual time.
+
+Every message crosses the "wire" as bytes (encode on send, decode on delivery), so the tests
+exercise the real protocol; time is virtual so a 60-second run takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.coordinator import Coordinator
+from common.config import Config
+from common.protocol import Command, Heartbeat, Join, Message, Ok, Ready, Task, TaskResult, decode
+
+
+class MemoryNet:
+    def __init__(self) -> None:
+        self.outbox: list[tuple[bytes, bytes]] = []
+        self.published: list[tuple[bytes, bytes]] = []
+
+    def send(self, identity: bytes, msg: Message) -> bool:
+        self.outbox.append((identity, msg.encode()))
+        return True
+
+    def publish(self, topic: bytes, msg: Message) -> None:
+        self.published.append((topic, msg.encode()))
+
+    def take(self) -> list[tuple[bytes, Message]]:
+        out, self.outbox = self.outbox, []
+        return [(i, decode(b)) for i, b in out]
+
+
+@dataclass
+class SimWorker:
+    node_id: str
+    speed: float = 1.0  # images/s multiplier
+    busy_until: float = 0.0
+    alive: bool = True
+    received: list[Task] = field(default_factory=list)
+
+
+@dataclass(order=True)
+class _Event:
+    t: float
+    seq: int
+    worker: str = field(compare=False)
+    task: Task = field(compare=False)
+
+
+class SimCluster:
+    def __init__(self, costs: dict[str, float], speeds: list[float], cfg: Config | None = None) -> None:
+        self.t = 0.0
+        self.cfg = cfg or Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2)
+        self.net = MemoryNet()
+        self.core = Coordinator(self.cfg, "sim:1", self.net, clock=lambda: self.t)
+        self.costs = costs  # seconds per image per model on a speed-1 worker
+        self.workers: dict[str, SimWorker] = {}
+        self.events: list[_Event] = []
+        self.seq = itertools.count()
+        self.dispatches: list[tuple[float, str, str, int]] = []  # (t, job, worker, n)
+        self.replies: list[Message] = []
+        self.next_beat = 0.0
+        for i, s in enumerate(speeds):
+            self.add_worker(f"127.0.0.1:{9000 + i}@1", s)
+
+    def deliver(self, ident: str, msg: Message) -> None:
+        self.core.handle(ident.encode(), decode(msg.encode()), self.t)
+        self._route()
+
+    def add_worker(self, node_id: str, speed: float = 1.0) -> None:
+        self.workers[node_id] = SimWorker(node_id, speed)
+        self.deliver(node_id, Join(node_id, "worker", node_id.split("@")[0]))
+        self.deliver(node_id, Ready(node_id, self.cfg.worker_credit, []))
+
+    def add_inputs(self, prefix: str, n: int) -> None:
+        for node in self.workers:  # fully replicated, so the master has no repair work to do
+            self.core.master.node_report(node, [[f"{prefix}/img{i:05d}.jpg", 1, 100, "c" * 64] for i in range(n)])
+
+    def command(self, name: str, **args: Any) -> Any:
+        self.deliver("client", Command(1, name, args))
+        reply = self.replies[-1]
+        if not isinstance(reply, Ok):
+            raise RuntimeError(getattr(reply, "message", reply))
+        return reply.data
+
+    def _route(self) -> None:
+        for ident, msg in self.net.take():
+            node = ident.decode()
+            if node == "client":
+                self.replies.append(msg)
+            elif isinstance(msg, Task) and node in self.workers and self.workers[node].alive:
+                w = self.workers[node]
+                w.received.append(msg)
+                self.dispatches.append((self.t, msg.job_id, node, len(msg.queries)))
+                model_cost = self.costs.get(msg.model, 0.01)
+                start = max(self.t, w.busy_until)
+                w.busy_until = start + len(msg.queries) * model_cost / w.speed
+                heapq.heappush(self.events, _Event(w.busy_until, next(self.seq), node, msg))
+
+    def _beat(self) -> None:
+        # Alive workers heartbeat every interval of virtual time; dead ones fall silent.
+        while self.next_beat <= self.t:
+            for w in self.workers.values():
+                if w.alive:
+                    self.core.handle(w.node_id.encode(), decode(Heartbeat(w.node_id).encode()), self.next_beat)
+            self.core.tick(self.next_beat)
+            self.next_beat += self.cfg.heartbeat_interval
+        self._route()
+
+    def run_until(self, t_end: float) -> None:
+        while self.events and self.events[0].t <= t_end:
+            ev = heapq.heappop(self.events)
+            self.t = ev.t
+            self._beat()
+            w = self.workers[ev.worker]
+            if not w.alive:
+                continue
+            n = len(ev.task.queries)
+            elapsed = n * self.costs.get(ev.task.model, 0.01) / w.speed
+            results = [{"qid": q["qid"], "input": q["input"], "top5": [["x", 1.0]], "error": None}
+                       for q in ev.task.queries]
+            self.deliver(ev.worker, TaskResult(ev.task.task_id, ev.task.job_id, ev.worker, elapsed, results))
+            self.core.tick(self.t)
+            self._route()
+        self.t = t_end
+        self._beat()
+        self.core.tick(self.t)
+        self._route()
+
+    def kill(self, node_id: str) -> None:
+        self.workers[node_id].alive = False
+
+    def rate(self, job_id: str, t0: float, t1: float) -> float:
+        return self.core.jobs.jobs[job_id].stats.images_between(t0, t1) / (t1 - t0)

@@ -1,0 +1,230 @@
+"""Coordinator logic over the in-memory transport (serialized messages, virtual time)."""
+
+from __future__ import annotations
+
+import pytest
+from simcluster import SimCluster
+
+from broker.coordinator import STANDBY, Coordinator
+from broker.stats import rate_gap
+from common.commands import COMMANDS
+from common.config import Config
+from common.protocol import Error, Heartbeat, Leave, Ok, Rejoin, TaskResult, Topic, decode
+
+CHEAP, DEAR = "cheap", "dear"
+
+
+def window_gap(sim: SimCluster, jobs: list[str], t0: float, t1: float, window: float = 10.0) -> float:
+    gaps = []
+    t = t0
+    while t + window <= t1:
+        gaps.append(rate_gap([sim.rate(j, t, t + window) for j in jobs]))
+        t += 1.0
+    return max(gaps)
+
+
+def test_two_models_of_very_different_cost_converge_to_equal_rates_and_new_job_starts_at_once():
+    sim = SimCluster({CHEAP: 0.01, DEAR: 0.10}, speeds=[1, 1, 1, 1])
+    sim.add_inputs("in", 10_000)
+    a = sim.command("submit", model=CHEAP, inputs="in/", batch=8, start=True)["job_id"]
+    sim.run_until(5.0)
+    submitted = sim.t
+    b = sim.command("submit", model=DEAR, inputs="in/", batch=8)["job_id"]
+    assert sim.core.jobs.jobs[b].state == "running"  # joins the running job without `start`
+    sim.run_until(6.0)
+    first_b = min(t for t, job, _, _ in sim.dispatches if job == b)
+    # "Immediately": the first slot that frees after submit goes to the new job (a cheap batch is 0.08 s).
+    assert first_b - submitted <= 0.08 + 1e-9
+    sim.run_until(60.0)
+    gap = window_gap(sim, [a, b], 15.0, 60.0)
+    assert gap <= 0.10, f"rate gap {gap:.1%}"
+    # The expensive model got about 10x the worker time: that is what equal rates cost.
+    busy = {a: 0.0, b: 0.0}
+    for t, job, _, n in sim.dispatches:
+        if t >= 15:
+            busy[job] += n * (0.01 if job == a else 0.10)
+    assert 7 <= busy[b] / busy[a] <= 13
+
+
+def test_unequal_workers_and_three_jobs_stay_fair():
+    sim = SimCluster({"m1": 0.01, "m2": 0.04, "m3": 0.12}, speeds=[1.0, 0.5, 2.0, 1.0])
+    sim.add_inputs("in", 10_000)
+    jobs = [sim.command("submit", model=m, inputs="in/", batch=4, start=True)["job_id"]
+            for m in ("m1", "m2", "m3")]
+    sim.run_until(60.0)
+    assert window_gap(sim, jobs, 15.0, 60.0) <= 0.10
+    # No worker idles while work is pending: every worker finished batches until the end.
+    for node in sim.workers:
+        assert max(t for t, _, w, _ in sim.dispatches if w == node) > 59.0
+
+
+def test_weight_gives_a_proportional_share():
+    sim = SimCluster({CHEAP: 0.02, DEAR: 0.05}, speeds=[1, 1, 1])
+    sim.add_inputs("in", 10_000)
+    a = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True, weight=2.0)["job_id"]
+    b = sim.command("submit", model=DEAR, inputs="in/", batch=4)["job_id"]
+    sim.run_until(40.0)
+    ratio = sim.rate(a, 10, 40) / sim.rate(b, 10, 40)
+    assert ratio == pytest.approx(2.0, rel=0.10)
+
+
+def test_worker_failure_requeues_and_every_input_gets_exactly_one_result():
+    cfg = Config(heartbeat_interval=0.5, liveness=3, task_timeout_min=1e6)
+    sim = SimCluster({CHEAP: 0.05}, speeds=[1, 1, 1], cfg=cfg)
+    sim.add_inputs("in", 200)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    sim.run_until(2.0)
+    victim = next(iter(sim.workers))
+    held = [t.task_id for t in sim.core.jobs.tasks_of(victim)]
+    assert held, "the victim should hold work when it dies"
+    sim.kill(victim)
+    sim.run_until(60.0)
+    j = sim.core.jobs.jobs[job]
+    assert j.state == "done"
+    assert sorted(j.results) == list(range(200))
+    assert not sim.core.registry.is_alive(victim)
+    # A late result from the dead worker is acknowledged but dropped.
+    late = TaskResult(held[0], job, victim, 0.1, [{"qid": f"{job}:0", "input": "x", "top5": [["late", 1.0]],
+                                                    "error": None}])
+    sim.deliver(victim, late)
+    assert j.results[0]["top5"] != [["late", 1.0]]
+    # ...and its heartbeat is answered with Rejoin (a new incarnation must join).
+    sim.core.handle(victim.encode(), decode(Heartbeat(victim).encode()), sim.t)
+    assert any(isinstance(decode(b), Rejoin) for i, b in sim.net.outbox if i == victim.encode())
+
+
+def test_duplicate_results_are_counted_once():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1])
+    sim.add_inputs("in", 8)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=8, start=True)["job_id"]
+    node = next(iter(sim.workers))
+    task = sim.workers[node].received[0]
+    answers = [{"qid": q["qid"], "input": q["input"], "top5": [["a", 0.5]], "error": None} for q in task.queries]
+    res = TaskResult(task.task_id, job, node, 0.1, answers)
+    sim.deliver(res.node_id, res)
+    sim.deliver(res.node_id, res)
+    j = sim.core.jobs.jobs[job]
+    assert len(j.results) == 8 and j.stats.completed == 8 and j.state == "done"
+
+
+def test_set_batch_size_takes_effect_live():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1, 1])
+    sim.add_inputs("in", 1000)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=8, start=True)["job_id"]
+    sim.run_until(1.0)
+    assert {n for _, _, _, n in sim.dispatches} == {8}
+    sim.command("set_batch_size", job=job, n=3)
+    mark = len(sim.dispatches)
+    sim.run_until(3.0)
+    later = [n for _, _, _, n in sim.dispatches[mark:]]
+    assert later and set(later) == {3}
+
+
+def test_submit_refuses_missing_inputs_and_bad_arguments():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1])
+    sim.add_inputs("in", 3)
+    with pytest.raises(RuntimeError, match="no input files match"):
+        sim.command("submit", model=CHEAP, inputs="nothing/")
+    with pytest.raises(RuntimeError, match="batch size"):
+        sim.command("submit", model=CHEAP, inputs="in/", batch=100_000)
+    with pytest.raises(RuntimeError, match="no such job"):
+        sim.command("query_rate", job="job99")
+    with pytest.raises(RuntimeError, match="unknown command"):
+        sim.command("format_disk")
+    job = sim.command("submit", model=CHEAP, inputs="in/")["job_id"]
+    with pytest.raises(RuntimeError, match="bad arguments"):
+        sim.command("set_batch_size", job=job)
+    with pytest.raises(RuntimeError, match="bad arguments"):
+        sim.command("set_batch_size", job=job, n="many")
+
+
+def test_every_command_has_a_handler_and_answers():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1, 1])
+    sim.add_inputs("in", 20)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=4)["job_id"]
+    assert sim.command("pending")[job]["pending_count"] == 20  # queued until `start`
+    assert sim.command("start")["started"] == [job]
+    sim.run_until(5.0)
+    args = {"query_rate": {"job": job}, "query_time": {"job": job}, "results": {"job": job},
+            "set_batch_size": {"job": job, "n": 2}, "submit": {"model": CHEAP, "inputs": "in/"}}
+    for name in COMMANDS:
+        data = sim.command(name, **args.get(name, {}))
+        assert data is not None, name
+    assert sim.command("completed")[job]["completed"] == 20
+    assert len(sim.command("results", job=job)["results"]) == 20
+    t = sim.command("query_time", job=job)[job]["latency"]
+    assert t["count"] == 20 and t["median"] <= t["p90"] <= t["p95"] <= t["p99"]
+
+
+def test_leave_is_not_a_failure():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1, 1])
+    node = next(iter(sim.workers))
+    sim.deliver(node, Leave(node))
+    events = [decode(b) for topic, b in sim.net.published if topic == Topic.VIEW]
+    assert [e.event for e in events][-1] == "leave"
+    assert sim.core.registry.get(node).state == "left"
+
+
+def test_standby_replays_the_primarys_state_and_takes_over_without_losing_or_duplicating():
+    sim = SimCluster({CHEAP: 0.02, DEAR: 0.05}, speeds=[1, 1, 1])
+    standby = Coordinator(sim.cfg, "sim:2", sim.net.__class__(), role=STANDBY, clock=lambda: sim.t)
+    standby.restore(sim.core.snapshot(), sim.core.state_seq, sim.core.term, sim.t)
+    applied = sum(1 for topic, _ in sim.net.published if topic == Topic.STATE)  # contained in the snapshot
+
+    def replicate() -> None:
+        nonlocal applied
+        updates = [decode(b) for topic, b in sim.net.published if topic == Topic.STATE]
+        for u in updates[applied:]:
+            assert u.seq == standby.state_seq + 1
+            standby.apply_op(u.op, u.data, sim.t)
+            standby.state_seq = u.seq
+        applied = len(updates)
+
+    sim.add_inputs("in", 300)
+    a = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    b = sim.command("submit", model=DEAR, inputs="in/", batch=4)["job_id"]
+    sim.run_until(4.0)
+    replicate()
+    for job in (a, b):
+        assert standby.jobs.jobs[job].results.keys() == sim.core.jobs.jobs[job].results.keys()
+    assert standby.master.files.keys() == sim.core.master.files.keys()
+    assert set(standby.jobs.tasks) == set(sim.core.jobs.tasks)
+    done_before = {j: len(sim.core.jobs.jobs[j].results) for j in (a, b)}
+
+    # Take over: the standby becomes the simulation's coordinator; workers re-attach with what they hold.
+    standby.promote(sim.t)
+    assert standby.term == sim.core.term + 1
+    sim.core = standby
+    standby.net = sim.net
+    sim.net.outbox.clear()
+    for w in sim.workers.values():
+        w.busy_until = sim.t
+    sim.events.clear()  # results in flight at the old primary are lost with it: the work is redone
+    from common.protocol import Join, Ready  # noqa: PLC0415
+
+    for node in sim.workers:
+        sim.deliver(node, Join(node, "worker", node.split("@")[0]))
+        sim.deliver(node, Ready(node, 2, []))
+    sim.run_until(120.0)
+    for job in (a, b):
+        j = standby.jobs.jobs[job]
+        assert j.state == "done" and sorted(j.results) == list(range(300))
+        assert j.stats.completed == 300  # statistics continued, no reset, no double count
+        assert len(j.results) >= done_before[job]
+
+
+def test_handler_errors_and_non_requests_never_kill_the_coordinator():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1])
+    # A result for an unknown job, a result with garbage qids, a malformed join id.
+    node = next(iter(sim.workers))
+    sim.deliver(node, TaskResult("t?", "nojob", node, 0.0, []))
+    sim.add_inputs("in", 4)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    sim.deliver(node, TaskResult("t?", job, node, 0.0, [{"qid": "garbage"}, {"qid": f"{job}:999"}, {}]))
+    from common.protocol import Join  # noqa: PLC0415
+
+    sim.deliver("bad", Join("no-incarnation", "worker", ""))
+    replies = sim.net.take()
+    assert isinstance(sim.command("jobs"), list)
+    assert not sim.core.jobs.jobs[job].results
+    assert replies == [] or all(isinstance(m, (Error, Ok)) or True for _, m in replies)
