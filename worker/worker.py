@@ -234,7 +234,7 @@ class Worker:
                     c.role, c.term, c.last_seen = msg.role, msg.term, time.monotonic()
             elif isinstance(msg, ViewUpdate) and not self.view.update(msg.seq, msg.epoch, msg.event, msg.member):
                 log.info("membership view gap detected; re-syncing")
-                    self.view_req = None
+                self.view_req = None
 
     def _drain_link(self, sock: zmq.Socket) -> None:
         for _ in range(256):
