@@ -257,6 +257,12 @@ class Coordinator:
         if ident != m.node_id.encode():
             self.net.send(ident, Error(0, ErrorCode.BAD_REQUEST, "socket identity must equal node id"))
             return
+        known = self.registry.get(m.node_id)
+        if known is not None and known.state != "alive":
+            # A member declared failed (or that left) never comes back under the same id: the
+            # node must start a new incarnation, so nobody trusts state from before its absence.
+            self.net.send(ident, Rejoin(f"{m.node_id} was declared {known.state}"))
+            return
         member = Member(m.node_id, m.role, m.data_addr, joined_at=self.clock())
         ev = self.registry.join(member, now)
         if ev is not None:

@@ -194,7 +194,12 @@ class CoordinatorServer:
     def run(self) -> None:
         try:
             while not self.stop_event.is_set():
-                self.step(time.monotonic())
+                try:
+                    self.step(time.monotonic())
+                except zmq.ContextTerminated:
+                    break
+                except Exception:  # the loop must survive its own bugs; the next step starts afresh
+                    log.exception("coordinator loop step failed")
         finally:
             self.close()
 

@@ -144,9 +144,9 @@ class LocalCluster:
         proc.addr = me
         return proc
 
-    def add_worker(self) -> Proc:
+    def add_worker(self, port: int | None = None) -> Proc:
         n = sum(1 for p in self.procs if p.role == "worker")
-        port = free_port_block(self.host, 1)
+        port = port or free_port_block(self.host, 1)
         addr = f"{self.host}:{port}"
         args = ["worker", "--port", str(port), "--data-dir", str(Path(self.data_dir) / f"worker-{n}-{port}")]
         proc = self._spawn("worker", args, f"worker-{n}-{port}")

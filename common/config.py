@@ -40,6 +40,7 @@ class Config:
     repair_interval: float = 1.0  # how often the master checks under-replication
     # --- inference -----------------------------------------------------------------------
     torch_threads: int = 1
+    preload_models: str = ""  # comma list loaded at worker start, so a job's first batch does not wait
     worker_credit: int = 2  # batches a worker holds: one computing, one prefetched
     default_batch_size: int = 8
     task_timeout_min: float = 30.0  # floor for the per-task timeout (scaled from measured cost)

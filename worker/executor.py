@@ -149,7 +149,9 @@ class Executor:
 
     def _weights_from_sdfs(self, name: str) -> str | None:
         """Fetch ``models/<name>.pth`` from SDFS if someone stored it there."""
-        client = SdfsClient(self.cfg, self.coordinators_fn(), self.ctx)
+        # Short timeouts: a missing weights file must not delay the model by the full retry budget.
+        quick = self.cfg.replace(request_timeout=2.0, request_retries=1)
+        client = SdfsClient(quick, self.coordinators_fn(), self.ctx)
         try:
             dest = self.cache_dir / f"weights-{name}.pth"
             client.get(f"models/{name}.pth", dest)
@@ -160,10 +162,21 @@ class Executor:
         finally:
             client.close()
 
+    def _warm_up(self) -> None:
+        """Import torch and load the preloaded models now, off the loop thread, not at the first task."""
+        import models  # noqa: F401, PLC0415
+
+        for name in filter(None, (m.strip() for m in self.cfg.preload_models.split(","))):
+            try:
+                self._model(name)
+            except RuntimeError as exc:
+                log.warning("preloading %s failed: %s", name, exc)
+
     def _compute_loop(self) -> None:
         out = make_socket(self.ctx, zmq.PUSH, self.cfg.max_frame_bytes)
         out.connect(self.results_endpoint)
         try:
+            self._warm_up()
             while not self.stop_event.is_set():
                 prep = self.ready.get()
                 if prep is None:

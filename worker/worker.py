@@ -151,7 +151,12 @@ class Worker:
         self.start()
         try:
             while not self.stop_event.is_set():
-                self.step(time.monotonic())
+                try:
+                    self.step(time.monotonic())
+                except zmq.ContextTerminated:
+                    break
+                except Exception:  # the loop must survive its own bugs; the next step starts afresh
+                    log.exception("worker loop step failed")
         finally:
             self.shutdown()
 
@@ -173,7 +178,7 @@ class Worker:
                 self._drain_sub()
             elif sock is self.inbox:
                 self._drain_inbox()
-            else:
+            elif not sock.closed:  # a Rejoin handled just now may have replaced the links
                 self._drain_link(sock)
         self.tick(time.monotonic())
 
@@ -253,6 +258,8 @@ class Worker:
                 handler(msg)
             except Exception:
                 log.exception("handler for %s failed", msg.TYPE)
+            if sock.closed:
+                return
 
     def _drain_inbox(self) -> None:
         for _ in range(256):

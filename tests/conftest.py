@@ -1,0 +1,44 @@
+"""Shared fixtures: real local clusters on loopback that are always torn down."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cli.cluster import LocalCluster
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)  # polling another process's state: there is no event to wait on
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
+    clusters: list[LocalCluster] = []
+
+    def make(workers: int = 4, standby: bool = False, **kw: Any) -> LocalCluster:
+        c = LocalCluster(workers=workers, standby=standby, data_dir=str(tmp_path / f"c{len(clusters)}"),
+                         torch_threads=1, **kw)
+        clusters.append(c)
+        c.start(timeout=60)
+        return c
+
+    yield make
+    for c in clusters:
+        c.stop()
+        leftovers = [p for p in c.procs if p.popen.poll() is None]
+        assert not leftovers, f"processes left running: {leftovers}"
