@@ -282,6 +282,10 @@ class Coordinator:
     def on_heartbeat(self, ident: bytes, m: Heartbeat, now: float) -> None:
         if not self.registry.heartbeat(m.node_id, now, m.busy):
             self.net.send(ident, Rejoin(f"{m.node_id} is not a live member here"))
+            return
+        slot = self.slots.get(m.node_id)
+        if slot is not None:
+            slot.models = tuple(m.models)
 
     def on_leave(self, ident: bytes, m: Leave, now: float) -> None:
         ev = self.registry.leave(m.node_id)
@@ -440,7 +444,7 @@ class Coordinator:
         self.emit(
             "task.result",
             {"task_id": m.task_id, "job_id": job.job_id, "results": results, "latency": latency,
-             "elapsed": m.elapsed, "ts": self.clock()},
+             "elapsed": m.elapsed, "ts": self.clock(), "worker": m.node_id},
             now,
         )
         self.dispatch(now)
@@ -470,6 +474,8 @@ class Coordinator:
             return
         self.jobs.dispatch(job, d["task_id"], d["worker"], list(d["indexes"]), d["dispatched"],
                            now + self.cfg.task_timeout_min)
+        if job.stats.started is None:
+            job.stats.started = d["dispatched"]
 
     def _op_task_result(self, d: dict[str, Any], now: float) -> None:
         task = self.jobs.tasks.pop(d["task_id"], None)
@@ -479,7 +485,7 @@ class Coordinator:
         fresh = self.jobs.record(job, {int(k): v for k, v in d["results"].items()}, task)
         errors = sum(1 for r in fresh.values() if r.get("error"))
         if fresh:
-            job.stats.record(len(fresh), errors, d["latency"], d["elapsed"], d["ts"])
+            job.stats.record(len(fresh), errors, d["latency"], d["elapsed"], d["ts"], d.get("worker", ""))
         if self.jobs.maybe_finish(job, d["ts"]):
             log.info("job %s finished: %d results", job.job_id, len(job.results))
             self.scheduler.forget(job.job_id)
@@ -654,7 +660,8 @@ class Coordinator:
     def cmd_query_rate(self, args: dict[str, Any], now: float) -> Any:
         jobs = self._jobs(args)
         rates = {j.job_id: {"rate": self._rate(j), "count": len(j.results), "window": self.cfg.rate_window,
-                            "model": j.model} for j in jobs}
+                            "model": j.model, "overall": j.stats.overall_rate(), "state": str(j.state)}
+                 for j in jobs}
         running = [r["rate"] for j, r in zip(jobs, rates.values(), strict=True) if j.state is JobState.RUNNING]
         return {"jobs": rates, "gap": rate_gap(running)}
 
@@ -698,6 +705,21 @@ class Coordinator:
     def cmd_members(self, args: dict[str, Any], now: float) -> Any:
         return {"epoch": self.registry.epoch, "seq": self.registry.seq, "members": self.registry.view(),
                 "coordinator": {"addr": self.addr, "role": self.role, "term": self.term}}
+
+    def cmd_timeline(self, args: dict[str, Any], now: float) -> Any:
+        return {
+            "jobs": {
+                j.job_id: {
+                    "model": j.model,
+                    "rates": j.stats.series(self.cfg.rate_window),
+                    "latencies": j.stats.latencies[-20_000:],
+                    "spans": [[sp.worker, sp.start, sp.end, sp.n] for sp in j.stats.spans],
+                }
+                for j in self._jobs(args)
+            },
+            "events": self.events[-1000:],
+            "window": self.cfg.rate_window,
+        }
 
     def cmd_status(self, args: dict[str, Any], now: float) -> Any:
         return {

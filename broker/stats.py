@@ -24,6 +24,16 @@ class Completion:
 
 
 @dataclass
+class Span:
+    """One batch on one worker: for the worker-assignment timeline."""
+
+    worker: str
+    start: float
+    end: float
+    n: int
+
+
+@dataclass
 class JobStats:
     job_id: str
     completed: int = 0
@@ -32,10 +42,13 @@ class JobStats:
     latencies: list[float] = field(default_factory=list)  # seconds, dispatch -> result, per query
     compute: list[float] = field(default_factory=list)  # seconds of compute per image
     history: deque[Completion] = field(default_factory=lambda: deque(maxlen=100_000))
+    spans: deque[Span] = field(default_factory=lambda: deque(maxlen=20_000))
+    started: float | None = None  # first dispatch
 
-    def record(self, n: int, errors: int, latency: float, elapsed: float, now: float) -> None:
+    def record(self, n: int, errors: int, latency: float, elapsed: float, now: float, worker: str = "") -> None:
         if n <= 0:
             return
+        self.spans.append(Span(worker, now - latency, now, n))
         self.completed += n
         self.errors += errors
         if self.first_result is None:
@@ -60,6 +73,24 @@ class JobStats:
             return 0.0
         return self.images_between(now - window, now) / window
 
+    def overall_rate(self) -> float:
+        """Images per second from the first dispatch to the last result."""
+        if not self.history or self.started is None:
+            return 0.0
+        span = self.history[-1].end - self.started
+        return self.completed / span if span > 0 else 0.0
+
+    def series(self, window: float, step: float = 1.0) -> list[list[float]]:
+        """[t, rate over the window ending at t] from the first result to the last (for reports)."""
+        if not self.history:
+            return []
+        t, end = self.history[0].start, self.history[-1].end
+        out = []
+        while t <= end + step:
+            out.append([t, self.images_between(t - window, t) / window])
+            t += step
+        return out
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id,
@@ -69,6 +100,8 @@ class JobStats:
             "latencies": self.latencies[-20_000:],
             "compute": self.compute[-20_000:],
             "history": [[c.start, c.end, c.n] for c in list(self.history)[-5_000:]],
+            "spans": [[sp.worker, sp.start, sp.end, sp.n] for sp in list(self.spans)[-5_000:]],
+            "started": self.started,
         }
 
     @classmethod
@@ -77,6 +110,8 @@ class JobStats:
         s.latencies = list(d.get("latencies", []))
         s.compute = list(d.get("compute", []))
         s.history.extend(Completion(float(a), float(b), int(n)) for a, b, n in d.get("history", []))
+        s.spans.extend(Span(str(w), float(a), float(b), int(n)) for w, a, b, n in d.get("spans", []))
+        s.started = d.get("started")
         return s
 
 

@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grep", help="only messages matching this regular expression")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
 
+    p = sub.add_parser("top", help="live view: members, per-job progress and rates, who runs what")
+    _common(p)
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+
+    p = sub.add_parser("report", help="write a PNG report of jobs (rates, latency, worker timeline)")
+    _common(p)
+    p.add_argument("jobs", nargs="*", help="job ids (default: every job)")
+    p.add_argument("--out", default="report.png")
+
     p = sub.add_parser("demo", help="start a cluster, load data/, run AlexNet and ResNet jobs, print stats")
     _common(p)
     p.add_argument("--workers", type=int, default=4)
@@ -157,6 +166,24 @@ def dispatch(ns: argparse.Namespace) -> int:
         from cli.logs import stream_logs  # noqa: PLC0415
 
         stream_logs(resolve_config(ns), ns.node, ns.level, ns.grep, duration=ns.duration)
+        return 0
+    if cmd == "top":
+        from cli.top import live_view  # noqa: PLC0415
+
+        live_view(resolve_config(ns), console, duration=ns.duration)
+        return 0
+    if cmd == "report":
+        from cli.cluster import ctl  # noqa: PLC0415
+        from cli.report import write_report  # noqa: PLC0415
+
+        cfg = resolve_config(ns)
+        timeline = ctl(cfg, "timeline")
+        if ns.jobs:
+            missing = [j for j in ns.jobs if j not in timeline["jobs"]]
+            if missing:
+                raise ValueError(f"no such job: {', '.join(missing)}")
+            timeline["jobs"] = {j: timeline["jobs"][j] for j in ns.jobs}
+        console.print(f"report written to {write_report(timeline, ns.out)}")
         return 0
     if cmd == "demo":
         from cli.demo import run_demo  # noqa: PLC0415

@@ -48,10 +48,11 @@ def jobs(data: list[dict[str, Any]]) -> Table:
 
 def query_rate(data: dict[str, Any]) -> Table:
     t = Table(title=f"query rate (images/s over the last window); rate gap between running jobs {data['gap']:.1%}")
-    for col in ("job", "model", "rate (img/s)", "window (s)", "completed"):
+    for col in ("job", "model", "state", "rate (img/s)", "window (s)", "avg since start", "completed"):
         t.add_column(col)
     for job, r in data["jobs"].items():
-        t.add_row(job, r["model"], _f(r["rate"], 2), _f(r["window"], 0), str(r["count"]))
+        t.add_row(job, r["model"], r.get("state", ""), _f(r["rate"], 2), _f(r["window"], 0),
+                  _f(r.get("overall"), 2), str(r["count"]))
     return t
 
 

@@ -59,6 +59,7 @@ COMMANDS: dict[str, CommandSpec] = {
         CommandSpec("results", "results of a job", (JOB, Arg("limit", int, False, "at most this many", 0))),
         CommandSpec("vm_info", "which worker runs which queries of which job now"),
         CommandSpec("members", "membership table"),
+        CommandSpec("timeline", "per-job rate series, latencies and worker spans (used by report)", (OPT_JOB,)),
         CommandSpec("status", "everything at once (used by top, metrics and report)"),
     ]
 }

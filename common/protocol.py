@@ -246,6 +246,7 @@ class Heartbeat(Message):
     TYPE = "heartbeat"
     node_id: str
     busy: int = 0  # tasks in hand
+    models: list[str] = field(default_factory=list)  # models loaded (the pools this worker serves)
 
 
 @message

@@ -192,7 +192,7 @@ class Worker:
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.cfg.heartbeat_interval
             if self.joined:
-                self._send(self.primary, Heartbeat(self.node_id, len(self.inflight)))
+                self._send(self.primary, Heartbeat(self.node_id, len(self.inflight), list(self.executor.loaded)))
         if self.joined and self.view_req is None and not self.view.synced:
             self.view_req = next_req()
             self._send(self.primary, ViewRequest(self.view_req))
