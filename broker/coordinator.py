@@ -115,6 +115,8 @@ class Coordinator:
         self.cost: dict[str, float] = {}  # EWMA seconds per image, per model
         self.next_repair = 0.0
         self.next_heartbeat = 0.0
+        self.busy_seconds: dict[str, float] = {}  # compute time per worker (metrics)
+        self.failures_detected = 0
         self.last_vote = -1e9  # last time a worker asked this (non-primary) coordinator for service
         self.events: list[dict[str, Any]] = []  # timeline for reports: job added, worker failed, ...
         self.handlers: dict[type[Message], Callable[[bytes, Any, float], None]] = {
@@ -223,6 +225,7 @@ class Coordinator:
         if self.role != PRIMARY:
             return
         for ev in self.registry.expire(now):
+            self.failures_detected += 1
             log.warning("member %s failed (no heartbeat for %.1fs)", ev.member.node_id, self.registry.timeout)
             self.member_gone(ev, now)
         for task in [t for t in self.jobs.tasks.values() if t.deadline < now]:
@@ -434,6 +437,7 @@ class Coordinator:
         for r in results.values():
             r["latency"] = latency
         n = len(results)
+        self.busy_seconds[m.node_id] = self.busy_seconds.get(m.node_id, 0.0) + max(0.0, m.elapsed)
         if n and m.elapsed > 0:
             per_image = m.elapsed / max(1, len(m.results))
             old = self.cost.get(job.model)
@@ -719,6 +723,30 @@ class Coordinator:
             },
             "events": self.events[-1000:],
             "window": self.cfg.rate_window,
+        }
+
+    def metrics_snapshot(self, now: float) -> dict[str, Any]:
+        """Plain data for the Prometheus collector, built on the loop thread (no shared mutable state)."""
+        return {
+            "rates": self.cmd_query_rate({}, now)["jobs"],
+            "jobs": {
+                j.job_id: {
+                    "model": j.model,
+                    "completed": len(j.results),
+                    "errors": j.stats.errors,
+                    "pending": len(j.pending),
+                    "in_flight": sum(len(t.indexes) for t in self.jobs.tasks.values() if t.job_id == j.job_id),
+                    "batch_size": j.batch_size,
+                    "latencies": list(j.stats.latencies),
+                }
+                for j in self.jobs.jobs.values()
+            },
+            "members": [m.public() for m in self.registry.members.values()],
+            "busy_seconds": dict(self.busy_seconds),
+            "failures_detected": self.failures_detected,
+            "sdfs": self.master.info(),
+            "role": self.role,
+            "term": self.term,
         }
 
     def cmd_status(self, args: dict[str, Any], now: float) -> Any:

@@ -163,6 +163,8 @@ class CoordinatorServer:
             if s is not None:
                 self.poller.register(s, zmq.POLLIN)
         self.stop_event = threading.Event()
+        self.metrics: dict | None = None  # refreshed by the loop for the Prometheus thread
+        self.next_metrics = 0.0
         log.info("coordinator %s up as %s (term %d, peer %s)", addr, role, self.core.term, self.peer or "none")
 
     # -- term persistence ---------------------------------------------------------------------
@@ -190,6 +192,9 @@ class CoordinatorServer:
         now = time.monotonic()
         self._failover_rules(now)
         self.core.tick(now)
+        if self.cfg.metrics_port and now >= self.next_metrics:
+            self.next_metrics = now + 1.0
+            self.metrics = self.core.metrics_snapshot(now)
 
     def run(self) -> None:
         try:

@@ -77,6 +77,7 @@ class LocalCluster:
     torch_threads: int = 0  # 0: pick from cpu_count and worker count
     env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
+    metrics_port: int = 0  # Prometheus endpoint of the primary coordinator (0 = none)
     procs: list[Proc] = field(default_factory=list)
     coordinator: str = ""
     standby_addr: str = ""
@@ -140,6 +141,8 @@ class LocalCluster:
             args += ["--peer", peer]
         if standby_mode if standby_mode is not None else not primary:
             args.append("--standby")
+        if primary and self.metrics_port:
+            args += ["--metrics-port", str(self.metrics_port)]
         proc = self._spawn("coordinator" if primary else "standby", args, f"coord-{me.replace(':', '-')}")
         proc.addr = me
         return proc

@@ -1,0 +1,77 @@
+"""Prometheus metrics of the coordinator (``--metrics-port``), read from the stats module's snapshot.
+
+The loop thread refreshes a plain-data snapshot about once a second; the HTTP thread only reads
+that snapshot, so it never touches the loop's mutable state.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from typing import Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class CoordinatorCollector(Collector):
+    def __init__(self, snapshot_fn) -> None:
+        self.snapshot_fn = snapshot_fn
+
+    def collect(self):
+        snap: dict[str, Any] | None = self.snapshot_fn()
+        if not snap:
+            return
+        completed = CounterMetricFamily("idunno_queries_completed", "Queries completed per job",
+                                        labels=["job", "model"])
+        errors = CounterMetricFamily("idunno_query_errors", "Queries answered with an error", labels=["job", "model"])
+        rate = GaugeMetricFamily("idunno_query_rate", "Images per second over the rate window", labels=["job", "model"])
+        pending = GaugeMetricFamily("idunno_pending_queries", "Queries waiting for a worker", labels=["job"])
+        inflight = GaugeMetricFamily("idunno_inflight_queries", "Queries at workers now", labels=["job"])
+        batch = GaugeMetricFamily("idunno_batch_size", "Current batch size", labels=["job"])
+        latency = HistogramMetricFamily("idunno_query_latency_seconds", "Dispatch-to-result latency",
+                                        labels=["job", "model"])
+        for job, j in snap["jobs"].items():
+            completed.add_metric([job, j["model"]], j["completed"])
+            errors.add_metric([job, j["model"]], j["errors"])
+            rate.add_metric([job, j["model"]], snap["rates"][job]["rate"])
+            pending.add_metric([job], j["pending"])
+            inflight.add_metric([job], j["in_flight"])
+            batch.add_metric([job], j["batch_size"])
+            values = sorted(j["latencies"])
+            buckets = [(str(b), bisect.bisect_right(values, b)) for b in LATENCY_BUCKETS]
+            buckets.append(("+Inf", len(values)))
+            latency.add_metric([job, j["model"]], buckets, sum(values))
+        yield from (completed, errors, rate, pending, inflight, batch, latency)
+
+        members = GaugeMetricFamily("idunno_members", "Members by role and state", labels=["role", "state"])
+        for (role, state), n in Counter((m["role"], m["state"]) for m in snap["members"]).items():
+            members.add_metric([role, state], n)
+        yield members
+        busy = CounterMetricFamily("idunno_worker_busy_seconds", "Compute seconds per worker", labels=["worker"])
+        for worker, secs in snap["busy_seconds"].items():
+            busy.add_metric([worker], secs)
+        yield busy
+        yield CounterMetricFamily("idunno_failures_detected", "Members declared failed",
+                                  value=snap["failures_detected"])
+        sdfs = snap["sdfs"]
+        yield GaugeMetricFamily("idunno_sdfs_files", "Files in SDFS", value=sdfs["files"])
+        yield GaugeMetricFamily("idunno_sdfs_under_replicated", "Versions below the replication target",
+                                value=sdfs["under_replicated"])
+        yield CounterMetricFamily("idunno_sdfs_bytes_stored", "Bytes written by puts (all replicas)",
+                                  value=sdfs.get("bytes_stored", 0))
+        yield CounterMetricFamily("idunno_sdfs_bytes_replicated", "Bytes copied by re-replication",
+                                  value=sdfs.get("bytes_replicated", 0))
+        yield CounterMetricFamily("idunno_sdfs_re_replications", "Replicas re-created after a loss",
+                                  value=sdfs.get("re_replications", 0))
+        term = GaugeMetricFamily("idunno_coordinator_term", "Failover term of this coordinator", labels=["role"])
+        term.add_metric([snap["role"]], snap["term"])
+        yield term
+
+
+def serve_metrics(server, port: int, host: str = "127.0.0.1") -> None:
+    REGISTRY.register(CoordinatorCollector(lambda: server.metrics))
+    start_http_server(port, addr=host)
