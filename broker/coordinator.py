@@ -118,6 +118,7 @@ class Coordinator:
         self.busy_seconds: dict[str, float] = {}  # compute time per worker (metrics)
         self.failures_detected = 0
         self.last_vote = -1e9  # last time a worker asked this (non-primary) coordinator for service
+        self.last_tick = float("inf")  # no stall before the first tick
         self.events: list[dict[str, Any]] = []  # timeline for reports: job added, worker failed, ...
         self.handlers: dict[type[Message], Callable[[bytes, Any, float], None]] = {
             Join: self.on_join,
@@ -194,7 +195,12 @@ class Coordinator:
             req = getattr(msg, "req", 0)
             self.reply_error(ident, req, ErrorCode.BAD_REQUEST, f"{msg.TYPE} is not a coordinator request")
             return
-        if self.role != PRIMARY and not isinstance(msg, (StateRequest, ViewRequest)):
+        # A standby answers only questions about itself (`members` shows its role and term);
+        # everything else goes to the primary, so a client never acts on a stale copy.
+        standby_ok = isinstance(msg, (StateRequest, ViewRequest)) or (
+            isinstance(msg, Command) and msg.name == "members"
+        )
+        if self.role != PRIMARY and not standby_ok:
             self.on_not_primary(ident, msg, now)
             return
         try:
@@ -222,8 +228,15 @@ class Coordinator:
                     self.addr, self.role, self.term, self.registry.epoch, self.registry.seq, self.state_seq
                 ),
             )
+        stalled = now - self.last_tick
+        self.last_tick = now
         if self.role != PRIMARY:
             return
+        if stalled > self.cfg.failure_timeout:
+            # This process was frozen (SIGSTOP, swap, long pause): the silence is ours, not the
+            # members'. Grant everyone a fresh timeout instead of declaring the whole cluster dead.
+            log.warning("coordinator loop stalled for %.1fs; not blaming members for it", stalled)
+            self.registry.touch_all(now)
         for ev in self.registry.expire(now):
             self.failures_detected += 1
             log.warning("member %s failed (no heartbeat for %.1fs)", ev.member.node_id, self.registry.timeout)
@@ -342,6 +355,7 @@ class Coordinator:
 
     def on_report_bad(self, ident: bytes, m: ReportBad, now: float) -> None:
         self.send_outbox(self.master.report_bad(m.node_id, m.name, m.version))
+        self.net.send(ident, Ok(m.req))
         self.next_repair = now
 
     def on_stored(self, ident: bytes, m: Stored, now: float) -> None:
@@ -383,7 +397,7 @@ class Coordinator:
             job = self.jobs.jobs[pick.job_id]
             n = min(job.batch_size, len(job.pending))
             indexes = list(itertools.islice(job.pending, n))
-            task_id = self.jobs.next_task_id(job.job_id)
+            task_id = self.jobs.next_task_id(job.job_id, self.term)
             self.emit(
                 "task.dispatch",
                 {"task_id": task_id, "job_id": job.job_id, "worker": node, "indexes": indexes,
@@ -487,6 +501,11 @@ class Coordinator:
         if job is None:
             return
         fresh = self.jobs.record(job, {int(k): v for k, v in d["results"].items()}, task)
+        if task is not None:
+            # A result that does not answer every query of its task must not lose the rest.
+            missing = [i for i in task.indexes if i not in job.results]
+            if missing:
+                job.pending.extendleft(reversed(missing))
         errors = sum(1 for r in fresh.values() if r.get("error"))
         if fresh:
             job.stats.record(len(fresh), errors, d["latency"], d["elapsed"], d["ts"], d.get("worker", ""))
@@ -559,6 +578,7 @@ class Coordinator:
             task.deadline = now + self.cfg.task_timeout_min
         self.slots = {}  # until each worker re-attaches and announces its credit
         self.next_repair = now + self.cfg.failure_timeout
+        self.next_heartbeat = now  # announce the new term at once: workers switch on hearing it
         log.warning("promoted to primary with term %d", self.term)
         self.event("failover", f"{self.addr} primary (term {self.term})", now)
 

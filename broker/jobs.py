@@ -134,8 +134,10 @@ class JobTable:
                 started.append(j)
         return started
 
-    def next_task_id(self, job_id: str) -> str:
-        return f"t{next(self._task_ids)}-{job_id}"
+    def next_task_id(self, job_id: str, term: int) -> str:
+        # The term makes ids unique across coordinators: after a takeover the new primary's counter
+        # starts again, and a late result for the old primary's "t5" must not answer the new "t5".
+        return f"t{term}.{next(self._task_ids)}-{job_id}"
 
     def dispatch(
         self, job: Job, task_id: str, worker: str, indexes: list[int], dispatched: float, deadline: float

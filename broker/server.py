@@ -318,6 +318,7 @@ class CoordinatorServer:
             ):
                 core.demote()
                 core.term = self.peer_term
+                self.synced = False  # our state is stale: take the new primary's snapshot
             return
         # standby
         if peer_alive and self.peer_role == PRIMARY:

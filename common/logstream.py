@@ -1,8 +1,9 @@
 """Log stream: every daemon's ``logging`` records also go to the coordinators over ZeroMQ.
 
 A handler queues records (logging may be called from any thread; ZeroMQ sockets are not thread
-safe) and one background thread PUSHes them to every coordinator's log PULL port. The coordinator
-republishes them on its PUB socket under Topic.LOG, where ``idunno logs`` subscribes.
+safe) and one background thread PUSHes them to the coordinators' log PULL ports. PUSH hands each
+record to one connected coordinator (round robin), which republishes it on its PUB socket under
+Topic.LOG; ``idunno logs`` therefore subscribes to every coordinator.
 """
 
 from __future__ import annotations

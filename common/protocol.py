@@ -359,12 +359,13 @@ class ListFiles(Message):
 
 @message
 class ReportBad(Message):
-    """A reader found a replica with a wrong checksum or that timed out."""
+    """A reader found a replica whose data fails its checksum (answered with Ok)."""
 
     TYPE = "report_bad"
     node_id: str
     name: str
     version: int
+    req: int = 0
 
 
 # master -> worker (over the worker's control DEALER)

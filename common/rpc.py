@@ -21,6 +21,9 @@ from common.transport import make_socket, tcp
 log = logging.getLogger("idunno.rpc")
 
 _req_ids = itertools.count(int(time.time() * 1000) % 1_000_000_000)
+# Which endpoint of a group last answered as primary, so the next client in this process starts there.
+_last_good: dict[tuple[str, ...], int] = {}
+PROBE_TIMEOUT = 1.0  # a healthy coordinator answers in milliseconds; don't wait long on a dead one
 
 
 class RpcError(RuntimeError):
@@ -49,7 +52,7 @@ class RpcClient:
         self.endpoints = list(endpoints)
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
-        self.current = 0
+        self.current = _last_good.get(tuple(self.endpoints), 0)
         self.sock: zmq.Socket | None = None
 
     def _socket(self) -> zmq.Socket:
@@ -74,7 +77,9 @@ class RpcClient:
         timeout = self.cfg.request_timeout if timeout is None else timeout
         attempts = (self.cfg.request_retries if retries is None else retries) * len(self.endpoints)
         last = "no attempt"
-        for _ in range(max(1, attempts)):
+        for attempt in range(max(1, attempts)):
+            # With a standby configured, the first round probes each endpoint briefly.
+            wait = min(timeout, PROBE_TIMEOUT) if len(self.endpoints) > 1 and attempt < len(self.endpoints) else timeout
             req = next_req()
             msg.req = req  # type: ignore[attr-defined]
             sock = self._socket()
@@ -84,9 +89,9 @@ class RpcClient:
                 last = str(exc)
                 self._switch()
                 continue
-            reply = self._wait(sock, req, timeout)
+            reply = self._wait(sock, req, wait)
             if reply is None:
-                last = f"no reply from {self.endpoints[self.current]} within {timeout:.1f}s"
+                last = f"no reply from {self.endpoints[self.current]} within {wait:.1f}s"
                 self._switch()
                 continue
             if isinstance(reply, Error):
@@ -95,7 +100,9 @@ class RpcClient:
                     self._switch()
                     time.sleep(0.05)  # client side only: give a takeover a moment
                     continue
+                _last_good[tuple(self.endpoints)] = self.current
                 raise RpcError(reply.code, reply.message)
+            _last_good[tuple(self.endpoints)] = self.current
             return reply
         raise Unavailable(f"request {msg.TYPE} failed: {last}")
 

@@ -310,10 +310,8 @@ class SdfsClient:
     def _report_bad(self, node_id: str, name: str, version: int) -> None:
         try:
             self.rpc.call(ReportBad(node_id, name, version), timeout=1.0, retries=1)
-        except RpcError:
-            pass
-        except Exception:  # reporting is best effort
-            pass
+        except RpcError as exc:  # reporting is best effort: the read itself already succeeded elsewhere
+            log.warning("could not report bad replica of %s v%d on %s: %s", name, version, node_id, exc)
 
     def _download_from(self, addr: str, name: str, version: int, size: int, checksum: str, out: IO[bytes]) -> None:
         sock = self._data(addr)
@@ -349,6 +347,9 @@ class SdfsClient:
             if not isinstance(reply, ChunkData) or reply.offset != off:
                 self._reset_data(addr)
                 raise SdfsError("unexpected reply")
+            if len(reply.data) != min(chunk, size - off):
+                self._reset_data(addr)
+                raise SdfsError(f"short chunk at {off}: {len(reply.data)} bytes")
             deadline = time.monotonic() + self.cfg.request_timeout
             received[off] = reply.data
             while next_write < len(offsets) and offsets[next_write] in received:

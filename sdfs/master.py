@@ -84,6 +84,7 @@ class SdfsMaster:
         self.next_version: dict[str, int] = {}
         self.pending: dict[str, PendingPut] = {}
         self.repairs: dict[tuple[str, int, str], float] = {}
+        self.committed: dict[str, str] = {}  # recent put ids -> name: a retried commit is not an error
         self.stats = Counter[str]()
         self.db: sqlite3.Connection | None = None
         if db_path:
@@ -226,7 +227,8 @@ class SdfsMaster:
         for c in commits:
             put = self.pending.pop(str(c.get("put_id")), None)
             if put is None:
-                failed[str(c.get("put_id"))] = "unknown or expired put"
+                if str(c.get("put_id")) not in self.committed:
+                    failed[str(c.get("put_id"))] = "unknown or expired put"
                 continue
             stored = {s for s in c.get("stored", []) if s in put.replicas}
             alive_stored = {s for s in stored if s in live}
@@ -234,6 +236,9 @@ class SdfsMaster:
                 failed[put.name] = f"write quorum not reached ({len(alive_stored)}/{put.quorum} replicas)"
                 out += [(s, Drop(put.name, put.version)) for s in stored]
                 continue
+            self.committed[put.put_id] = put.name
+            while len(self.committed) > 10_000:
+                del self.committed[next(iter(self.committed))]
             versions = self.files.setdefault(put.name, {})
             versions[put.version] = VersionMeta(put.version, put.size, put.checksum, time.time(), alive_stored)
             changed.add(put.name)

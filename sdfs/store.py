@@ -92,6 +92,14 @@ class PartialWrite:
         self.tmp.unlink(missing_ok=True)
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -121,9 +129,13 @@ class LocalStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         info = ReplicaInfo(name, version, size, checksum, time.time())
         meta_tmp = self.tmp_dir / f"{uuid.uuid4().hex}.meta"
-        meta_tmp.write_text(json.dumps({"size": size, "checksum": checksum, "mtime": info.mtime, "name": name}))
+        with open(meta_tmp, "w") as fh:
+            json.dump({"size": size, "checksum": checksum, "mtime": info.mtime, "name": name}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, final)
         os.replace(meta_tmp, final.with_suffix(".meta"))
+        _fsync_dir(final.parent)  # the renames themselves survive a crash
         return info
 
     def has(self, name: str, version: int) -> bool:

@@ -228,3 +228,21 @@ def test_handler_errors_and_non_requests_never_kill_the_coordinator():
     assert isinstance(sim.command("jobs"), list)
     assert not sim.core.jobs.jobs[job].results
     assert replies == [] or all(isinstance(m, (Error, Ok)) or True for _, m in replies)
+
+
+def test_a_partial_result_requeues_the_unanswered_queries_and_task_ids_carry_the_term():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1])
+    sim.add_inputs("in", 4)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    node = next(iter(sim.workers))
+    task = sim.workers[node].received[0]
+    assert task.task_id.startswith("t1.")  # term 1: ids cannot collide with a later primary's
+    sim.events.clear()
+    q = task.queries[0]
+    sim.deliver(node, TaskResult(task.task_id, job, node, 0.01,
+                                 [{"qid": q["qid"], "input": q["input"], "top5": [["a", 1.0]], "error": None}]))
+    j = sim.core.jobs.jobs[job]
+    out_again = sorted([*j.pending, *(i for t in sim.core.jobs.tasks.values() for i in t.indexes)])
+    assert len(j.results) == 1 and out_again == [1, 2, 3]  # queued again (or already re-dispatched)
+    sim.run_until(5.0)
+    assert j.state == "done" and sorted(j.results) == [0, 1, 2, 3]

@@ -241,6 +241,9 @@ class Worker:
                 log.info("membership view gap detected; re-syncing")
                 self.view_req = None
 
+    def _addr_of(self, sock: zmq.Socket) -> str | None:
+        return next((a for a, s in self.links.items() if s is sock), None)
+
     def _drain_link(self, sock: zmq.Socket) -> None:
         for _ in range(256):
             try:
@@ -253,6 +256,17 @@ class Worker:
             handler = self.handlers.get(type(msg))
             if handler is None:
                 log.warning("unexpected %s from coordinator ignored", msg.TYPE)
+                continue
+            sender = self._addr_of(sock)
+            if isinstance(msg, Welcome):
+                if sender is not None and self.primary != sender and msg.term >= self.term:
+                    # The coordinator we asked while ours was silent now serves: follow it right away
+                    # instead of waiting for its next heartbeat.
+                    self.primary = sender
+            elif sender != self.primary and not isinstance(msg, Error):
+                # Only the primary we follow may command us: a resumed old primary (SIGSTOP, long GC
+                # pause) must not make us rejoin, run its tasks or drop replicas.
+                log.info("ignored %s from %s, which is not our primary", msg.TYPE, sender)
                 continue
             try:
                 handler(msg)
@@ -272,7 +286,11 @@ class Worker:
                 self.inflight.pop(msg.task_id, None)
                 self.free_credit += 1
                 if int(gen) != self.generation:
-                    continue  # computed for an earlier incarnation: that member is dead
+                    # Computed for an earlier incarnation (that member is dead): drop it, but tell the
+                    # coordinator about the slot it freed, or this worker would starve.
+                    if self.joined:
+                        self._send(self.primary, Ready(self.node_id, self.free_credit, list(self.executor.loaded)))
+                    continue
                 self.unacked[msg.task_id] = msg
                 if self.joined:
                     self._send(self.primary, msg)
@@ -282,7 +300,7 @@ class Worker:
 
     # -- handlers ---------------------------------------------------------------------------------
     def on_welcome(self, m: Welcome) -> None:
-        if m.node_id != self.node_id or m.term < self.term:
+        if m.node_id != self.node_id or m.term < self.term or self.primary is None:
             return
         if not self.joined:
             log.info("joined coordinator %s (term %d)", self.primary, m.term)
