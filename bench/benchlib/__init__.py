@@ -159,6 +159,35 @@ def vm_hwm_kib(pid: int) -> int | None:
     return None
 
 
+def vm_rss_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def wait_memory_settled(pids: list[int], hold: float = 3.0, tolerance_kib: int = 5 * 1024,
+                        timeout: float = 90.0) -> float:
+    """Wait until no process's RSS moved by more than ``tolerance_kib`` for ``hold`` seconds
+    (workers import torch in the background after joining). Returns the seconds waited."""
+    t0 = time.monotonic()
+    last = {p: vm_rss_kib(p) or 0 for p in pids}
+    stable_since = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        time.sleep(0.5)
+        now = {p: vm_rss_kib(p) or 0 for p in pids}
+        if any(abs(now[p] - last[p]) > tolerance_kib for p in pids):
+            stable_since = time.monotonic()
+            last = now
+        elif time.monotonic() - stable_since >= hold:
+            break
+    return time.monotonic() - t0
+
+
 # ---------------------------------------------------------------------------------------------
 # rate series from `timeline`
 

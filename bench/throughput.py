@@ -1,0 +1,212 @@
+"""Throughput benchmark: (a) cluster images/s against plain PyTorch, (b) coordinator RPC round trips.
+
+(a) Two workers with one torch thread each (2 threads in total) run one AlexNet job over N images
+    (the 100 test images repeated) with batch 8, measured from the first dispatch to the last
+    result (``timeline`` spans), after an untimed warm-up job. Baseline (same run, before the
+    cluster starts): one process with ``torch.set_num_threads(2)`` that reads, decodes
+    (``models.decode_image``) and classifies (``get_classifier("alexnet").predict_batch``) the same
+    images in batches of 8, after one untimed warm-up batch. Goal: cluster >= 0.95x native.
+
+(b) NOT a dispatch-rate test (there is no no-op model): it measures the per-request overhead of
+    the control path. Baseline: a bare pyzmq DEALER->ROUTER echo (msgpack decode + encode of a reply
+    of the same size, server in its own process). Measured: ``Command(name="members")`` round trips
+    through ``common.rpc.RpcClient`` against the running primary coordinator (validated protocol,
+    coordinator loop, handler, reply).
+
+    .venv/bin/python bench/throughput.py [--quick] [--images 300] [--round-trips 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import time
+
+import msgpack
+import zmq
+from benchlib import console, headline, images, put_copies, running, table, temp_dir, wait_models, wait_until
+
+from cli.cluster import LocalCluster
+from common.protocol import Command
+from common.rpc import RpcClient
+
+MODEL = "alexnet"
+
+
+# -- (a) ------------------------------------------------------------------------------------------
+def native(paths: list, batch: int, threads: int) -> tuple[float, int]:
+    import torch  # noqa: PLC0415 - the cluster part must not pay for it
+
+    from models import decode_image, get_classifier  # noqa: PLC0415
+
+    torch.set_num_threads(threads)
+    clf = get_classifier(MODEL, num_threads=threads)
+    clf.predict_batch([decode_image(p.read_bytes()) for p in paths[:batch]])  # warm-up, untimed
+    t0 = time.perf_counter()
+    n = 0
+    for i in range(0, len(paths), batch):
+        imgs = [decode_image(p.read_bytes()) for p in paths[i : i + batch]]
+        n += len(clf.predict_batch(imgs))
+    return time.perf_counter() - t0, n
+
+
+def run_job(cluster: LocalCluster, inputs: str, batch: int, timeout: float = 600) -> dict:
+    job = cluster.ctl("submit", model=MODEL, inputs=inputs, batch=batch, start=True)["job_id"]
+
+    def done() -> bool:
+        c = cluster.ctl("completed", job=job, timeout=5.0)[job]
+        return c["completed"] >= c["total"]
+
+    wait_until(done, timeout, 0.25, f"job {job} to finish")
+    tl = cluster.ctl("timeline", job=job, timeout=10.0)["jobs"][job]
+    spans = tl["spans"]
+    first = min(s[1] for s in spans)
+    last = max(s[2] for s in spans)
+    n = sum(s[3] for s in spans)
+    per_worker: dict[str, int] = {}
+    for s in spans:
+        per_worker[s[0]] = per_worker.get(s[0], 0) + s[3]
+    return {"job": job, "n": n, "seconds": last - first, "per_worker": per_worker}
+
+
+# -- (b) ------------------------------------------------------------------------------------------
+def echo_server(conn, reply_data) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    conn.send(port)
+    try:
+        while True:
+            ident, frame = sock.recv_multipart()
+            body = msgpack.unpackb(frame, raw=False)
+            if body.get("t") == "stop":
+                break
+            reply = msgpack.packb({"v": 1, "t": "ok", "req": body["req"], "data": reply_data}, use_bin_type=True)
+            sock.send_multipart([ident, reply])
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def echo_round_trips(n: int, reply_data) -> tuple[float, int]:
+    parent, child = mp.get_context("spawn").Pipe()
+    proc = mp.get_context("spawn").Process(target=echo_server, args=(child, reply_data), daemon=True)
+    proc.start()
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        if not parent.poll(30):
+            raise RuntimeError("echo server did not start")
+        sock.connect(f"tcp://127.0.0.1:{parent.recv()}")
+        size = 0
+
+        def one(i: int) -> int:
+            sock.send(msgpack.packb({"v": 1, "t": "cmd", "req": i, "name": "members", "args": {}}, use_bin_type=True))
+            if not sock.poll(5000):
+                raise RuntimeError("echo server does not answer")
+            frame = sock.recv()
+            if msgpack.unpackb(frame, raw=False)["req"] != i:
+                raise RuntimeError("echo reply out of order")
+            return len(frame)
+
+        for i in range(min(200, n)):  # warm-up
+            one(i)
+        t0 = time.perf_counter()
+        for i in range(n):
+            size = one(i)
+        elapsed = time.perf_counter() - t0
+        sock.send(msgpack.packb({"t": "stop"}))
+        return elapsed, size
+    finally:
+        sock.close(0)
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+
+
+def rpc_round_trips(cluster: LocalCluster, n: int) -> tuple[float, int]:
+    cfg = cluster.config()
+    client = RpcClient([cluster.coordinator], cfg)
+    try:
+        for _ in range(min(200, n)):  # warm-up
+            client.call(Command(0, "members", {}), timeout=5.0)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            reply = client.call(Command(0, "members", {}), timeout=5.0)
+        elapsed = time.perf_counter() - t0
+        return elapsed, len(reply.encode())
+    finally:
+        client.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 100 images, 2000 round trips")
+    ap.add_argument("--images", type=int, default=None, help="images in the job, a multiple of 100 (default 300)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--round-trips", type=int, default=None, help="(b) round trips (default 10000, quick 2000)")
+    ap.add_argument("--standby", action="store_true", help="run the cluster with a hot standby (default: none)")
+    args = ap.parse_args()
+    n_images = args.images or (100 if args.quick else 300)
+    copies = max(1, math.ceil(n_images / 100))
+    round_trips = args.round_trips or (2000 if args.quick else 10_000)
+    workers, threads = 2, 1
+
+    files = images()
+    paths = [p for _ in range(copies) for p in files]
+    console.print(f"(a) native baseline: {len(paths)} images, batch {args.batch}, torch.set_num_threads(2)")
+    nat_s, nat_n = native(paths, args.batch, workers * threads)
+    nat_rate = nat_n / nat_s
+    console.print(f"    native: {nat_rate:.1f} images/s")
+
+    with temp_dir("idunno-bench-throughput-") as tmp:
+        cluster = LocalCluster(workers=workers, standby=args.standby, data_dir=str(tmp), torch_threads=threads,
+                               env={"IDUNNO_PRELOAD_MODELS": MODEL})
+        with running(cluster, timeout=120):
+            wait_models(cluster, [MODEL], workers)
+            n_put, put_s = put_copies(cluster, copies, "tp")
+            console.print(f"    cluster: {workers} workers x {threads} torch thread, {n_put} inputs put in {put_s:.1f}s")
+            warm = run_job(cluster, "tp/0/img_00*", args.batch)
+            console.print(f"    warm-up job {warm['job']}: {warm['n']} images")
+            res = run_job(cluster, "tp/", args.batch)
+            clu_rate = res["n"] / res["seconds"]
+            console.print(f"    cluster: {clu_rate:.1f} images/s ({res['n']} images in {res['seconds']:.1f}s)")
+            time.sleep(1.0)  # let the coordinator write the job's results to SDFS before (b)
+            members_data = cluster.ctl("members")
+            console.print(f"(b) {round_trips} round trips: pyzmq+msgpack echo, then RpcClient 'members'")
+            echo_s, echo_size = echo_round_trips(round_trips, members_data)
+            rpc_s, rpc_size = rpc_round_trips(cluster, round_trips)
+
+    table(
+        f"(a) {MODEL} images/s with 2 CPU threads in total (batch {args.batch})",
+        ["setup", "images", "seconds", "images/s", "x native"],
+        [
+            ["native: 1 process, torch.set_num_threads(2), read+decode+predict", nat_n, nat_s, nat_rate, 1.0],
+            [f"cluster: {workers} workers x torch_threads={threads}, first dispatch -> last result",
+             res["n"], res["seconds"], clu_rate, clu_rate / nat_rate],
+        ],
+        caption="cluster per-worker images: " + ", ".join(f"{w}: {n}" for w, n in sorted(res["per_worker"].items())),
+    )
+    echo_rate, rpc_rate = round_trips / echo_s, round_trips / rpc_s
+    table(
+        "(b) request/reply overhead of the control path (NOT inference dispatch rate)",
+        ["path", "round trips", "seconds", "round trips/s", "us per round trip", "reply bytes", "x echo"],
+        [
+            ["baseline: pyzmq DEALER->ROUTER echo, msgpack, same reply size", round_trips, echo_s, echo_rate,
+             echo_s / round_trips * 1e6, echo_size, 1.0],
+            ["RpcClient -> primary coordinator, Command('members')", round_trips, rpc_s, rpc_rate,
+             rpc_s / round_trips * 1e6, rpc_size, rpc_rate / echo_rate],
+        ],
+    )
+    headline(f"cluster {MODEL} {clu_rate:.1f} images/s = {clu_rate / nat_rate:.2f}x native single process "
+             f"({nat_rate:.1f} images/s, 2 threads; goal >= 0.95x); coordinator 'members' RPC "
+             f"{rpc_rate:,.0f} round trips/s = {rpc_rate / echo_rate:.2f}x raw pyzmq+msgpack echo ({echo_rate:,.0f}/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

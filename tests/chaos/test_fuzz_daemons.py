@@ -1,0 +1,126 @@
+"""Every listening socket of every daemon gets >= 10k hostile frames; nobody dies or bloats."""
+
+from __future__ import annotations
+
+import io
+import random
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+from conftest import wait_for
+
+from cli.logs import stream_logs
+from common import protocol as P
+from common.transport import make_socket, offset_addr, tcp
+from sdfs.client import SdfsClient
+
+pytestmark = [pytest.mark.slow, pytest.mark.chaos]
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def hostile_frames(rnd: random.Random, n: int) -> list[bytes]:
+    valid = [
+        P.Join("127.0.0.1:1@1", "worker", "127.0.0.1:1").encode(),
+        P.Heartbeat("127.0.0.1:9@9").encode(),
+        P.TaskResult("t9.9-nojob", "nojob", "127.0.0.1:9@9", 0.1, [{"qid": "nojob:1"}]).encode(),
+        P.Stored("127.0.0.1:9@9", "nofile", 3, 10, "00").encode(),
+        P.WriteChunk(1, "x/y", 1, 5, b"abc", 10, "00", False).encode(),
+        P.ReadChunk(2, "no/such", 1, 0, 1 << 20).encode(),
+        P.Command(3, "set_batch_size", {"job": "nope", "n": -1}).encode(),
+        P.PutCommit(4, [{"put_id": "forged", "stored": ["a"]}]).encode(),
+        P.LogRecord("fuzzer", 0.0, "INFO", "fuzz", "x" * 100).encode(),
+    ]
+    frames = []
+    for _ in range(n):
+        kind = rnd.randrange(6)
+        if kind == 0:
+            frames.append(rnd.randbytes(rnd.randint(0, 200)))
+        elif kind == 1:
+            v = rnd.choice(valid)
+            frames.append(v[: rnd.randint(0, len(v) - 1)])  # truncated msgpack
+        elif kind == 2:
+            frames.append(b"\xc6\xff\xff\xff\xf0" + rnd.randbytes(8))  # bin32 claiming ~4 GB
+        elif kind == 3:
+            body = msgpack.unpackb(rnd.choice(valid), raw=False)
+            key = rnd.choice([k for k in body if k not in ("v", "t")] or ["v"])
+            body[key] = rnd.choice([None, -1, 2**63 - 1, "s", b"b", [1], {"k": 1}, 1.5, True])
+            frames.append(msgpack.packb(body))  # wrong field types
+        elif kind == 4:
+            frames.append(msgpack.packb({"v": 1, "t": rnd.choice(["nope", "task", "welcome"]), "x": 1}))
+        else:
+            frames.append(rnd.choice(valid))  # well-formed but wrong ids / unknown things
+    return frames
+
+
+def blast(addr: str, kind: int, frames: list[bytes], probe: P.Message, timeout: float = 60.0) -> P.Message:
+    """Send every frame, then a well-formed probe on the same pipe; its reply proves all were processed."""
+    s = make_socket(zmq.Context.instance(), kind, 8 << 20)
+    s.setsockopt(zmq.SNDHWM, 0)
+    s.connect(tcp(addr))
+    try:
+        for f in frames:
+            s.send(f)
+        s.send(probe.encode())
+        while s.poll(int(timeout * 1000)):
+            reply = P.decode(s.recv())
+            if getattr(reply, "req", None) == probe.req:
+                return reply
+        raise AssertionError(f"{addr} stopped answering after the fuzz frames")
+    finally:
+        s.close(0)
+
+
+def test_ten_thousand_hostile_frames_per_socket(make_cluster, tmp_path):
+    c = make_cluster(workers=3)
+    rnd = random.Random(2026)
+    # Workers import torch in the background at start: take the baseline once memory has settled.
+    def settled():
+        first = {p.popen.pid: rss_kb(p.popen.pid) for p in c.procs}
+        time.sleep(1.0)  # two samples a second apart
+        second = {p.popen.pid: rss_kb(p.popen.pid) for p in c.procs}
+        return second if all(abs(second[k] - first[k]) < 5_000 for k in first) else None
+
+    before = wait_for(settled, timeout=60, interval=0, what="daemon memory to settle")
+    workers = c.worker_procs()
+    assert isinstance(blast(c.coordinator, zmq.DEALER, hostile_frames(rnd, 10_000), P.Command(777, "jobs")), P.Ok)
+    for w in workers:
+        assert isinstance(blast(w.addr, zmq.DEALER, hostile_frames(rnd, 10_000), P.StoreList(778)), P.Ok)
+    # The log PULL socket has no replies: push the garbage, then prove the stream still flows.
+    push = make_socket(zmq.Context.instance(), zmq.PUSH, 8 << 20)
+    push.connect(tcp(offset_addr(c.coordinator, 2)))
+    for f in hostile_frames(rnd, 10_000):
+        push.send(f)
+    push.close(linger=5000)
+    out = io.StringIO()
+    t = threading.Thread(target=stream_logs, args=(c.config(),),
+                         kwargs={"out": out, "duration": 30, "count": 1, "grep": "after-fuzz-marker"})
+    t.start()
+    time.sleep(0.5)  # subscription handshake before the marker is pushed
+    marker = make_socket(zmq.Context.instance(), zmq.PUSH, 8 << 20)
+    marker.connect(tcp(offset_addr(c.coordinator, 2)))
+    marker.send(P.LogRecord("fuzzer", time.time(), "INFO", "fuzz", "after-fuzz-marker").encode())
+    marker.close(linger=2000)
+    t.join()
+    assert "after-fuzz-marker" in out.getvalue()
+    # Every daemon is alive, memory stayed bounded, and well-formed traffic still works.
+    assert all(p.popen.poll() is None for p in c.procs)
+    assert len(c.alive_workers()) == 3
+    after = {p.popen.pid: rss_kb(p.popen.pid) for p in c.procs}
+    for pid, kb in after.items():
+        assert kb - before[pid] < 50_000, f"pid {pid} grew by {kb - before[pid]} kB"
+    src = tmp_path / "ok.bin"
+    src.write_bytes(rnd.randbytes(300_000))
+    with SdfsClient(c.config()) as client:
+        client.put(src, "after/fuzz.bin")
+        client.get("after/fuzz.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
