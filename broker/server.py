@@ -122,13 +122,13 @@ class CoordinatorServer:
         self.peer = peer or None
         self.data_dir = Path(data_dir or Path(cfg.data_dir) / f"coordinator-{port}")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.router = make_socket(self.ctx, zmq.ROUTER, cfg.max_frame_bytes)
+        self.router = make_socket(self.ctx, zmq.ROUTER, cfg.max_frame_bytes, server=True)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker with the same id takes over
         self.router.bind(tcp(addr))
-        self.pub = make_socket(self.ctx, zmq.PUB, cfg.max_frame_bytes)
+        self.pub = make_socket(self.ctx, zmq.PUB, cfg.max_frame_bytes, server=True)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         self.pub.bind(tcp(offset_addr(addr, PUB_PORT_OFFSET)))
-        self.pull = make_socket(self.ctx, zmq.PULL, cfg.max_frame_bytes)
+        self.pull = make_socket(self.ctx, zmq.PULL, cfg.max_frame_bytes, server=True)
         self.pull.bind(tcp(offset_addr(addr, LOG_PORT_OFFSET)))
         self.net = ZmqNet(self.router, self.pub)
         self.writer = ResultWriter(cfg, addr)

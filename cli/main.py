@@ -37,8 +37,13 @@ def resolve_config(ns: argparse.Namespace, **overrides: Any) -> Config:
         state = load_state(data_dir)  # the cluster `idunno up` started here
         if state:
             coord, standby = state["coordinator"], state.get("standby", "")
-    return load_config(ns.config, coordinator=coord, standby=standby, data_dir=data_dir, host=ns.host,
-                       log_level=ns.log_level, **overrides)
+    cfg = load_config(ns.config, coordinator=coord, standby=standby, data_dir=data_dir, host=ns.host,
+                      log_level=ns.log_level, **overrides)
+    if cfg.curve_dir:
+        from common import security  # noqa: PLC0415
+
+        security.enable(cfg.curve_dir)
+    return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("jobs", nargs="*", help="job ids (default: every job)")
     p.add_argument("--out", default="report.png")
+
+    p = sub.add_parser("keys", help="`keys init`: create CURVE keys for an authenticated, encrypted cluster")
+    p.add_argument("action", choices=["init"])
+    p.add_argument("--dir", default="keys", help="where to write the keys (then set IDUNNO_CURVE_DIR)")
+    p.add_argument("--force", action="store_true")
 
     p = sub.add_parser("demo", help="start a cluster, load data/, run AlexNet and ResNet jobs, print stats")
     _common(p)
@@ -171,6 +181,13 @@ def dispatch(ns: argparse.Namespace) -> int:
         from cli.top import live_view  # noqa: PLC0415
 
         live_view(resolve_config(ns), console, duration=ns.duration)
+        return 0
+    if cmd == "keys":
+        from common.security import init_keys  # noqa: PLC0415
+
+        d = init_keys(ns.dir, overwrite=ns.force)
+        console.print(f"keys written to {d}; start every node and client with IDUNNO_CURVE_DIR={d.resolve()} "
+                      f"(or curve_dir in the config). Add a client's public key to {d / 'authorized'} to admit it.")
         return 0
     if cmd == "report":
         from cli.cluster import ctl  # noqa: PLC0415

@@ -48,6 +48,7 @@ class Config:
     # --- storage -------------------------------------------------------------------------
     data_dir: str = "var"
     metrics_port: int = 0  # 0 = no Prometheus endpoint
+    curve_dir: str = ""  # key directory from `idunno keys init`: enables CURVE on every TCP socket
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict)
 

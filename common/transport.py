@@ -7,13 +7,21 @@ from collections.abc import Callable
 
 import zmq
 
+from common import security
 from common.protocol import Message, ProtocolError, decode
 
 log = logging.getLogger("idunno.transport")
 
 
-def make_socket(ctx: zmq.Context, kind: int, max_frame: int, identity: bytes | None = None) -> zmq.Socket:
+def make_socket(
+    ctx: zmq.Context, kind: int, max_frame: int, identity: bytes | None = None, server: bool = False,
+    secure: bool = True,
+) -> zmq.Socket:
+    """A socket with the project's safety options; ``server`` for bound TCP sockets, ``secure=False``
+    for inproc pipes inside one process (CURVE, when enabled, applies to every TCP socket)."""
     sock = ctx.socket(kind)
+    if secure:
+        security.apply(sock, server)
     sock.setsockopt(zmq.LINGER, 0)  # shutdown never hangs on unsent messages
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame + 1024)  # libzmq drops peers that send larger frames
     if identity is not None:

@@ -28,7 +28,7 @@ class StorageServer:
         self.cfg = cfg
         self.store = store
         self.ctx = ctx or zmq.Context.instance()
-        self.sock = make_socket(self.ctx, zmq.ROUTER, cfg.max_frame_bytes)
+        self.sock = make_socket(self.ctx, zmq.ROUTER, cfg.max_frame_bytes, server=True)
         self.port = bind(self.sock, cfg.host, port)
         self.addr = f"{cfg.host}:{self.port}"
         self.partials: dict[tuple[bytes, str, int], PartialWrite] = {}

@@ -173,7 +173,7 @@ class Executor:
                 log.warning("preloading %s failed: %s", name, exc)
 
     def _compute_loop(self) -> None:
-        out = make_socket(self.ctx, zmq.PUSH, self.cfg.max_frame_bytes)
+        out = make_socket(self.ctx, zmq.PUSH, self.cfg.max_frame_bytes, secure=False)
         out.connect(self.results_endpoint)
         try:
             self._warm_up()

@@ -86,7 +86,7 @@ class Worker:
         for a in self.coords:
             self.sub.connect(tcp(offset_addr(a, PUB_PORT_OFFSET)))
         self.inbox_endpoint = f"inproc://worker-{uuid.uuid4().hex}"
-        self.inbox = make_socket(self.ctx, zmq.PULL, cfg.max_frame_bytes)
+        self.inbox = make_socket(self.ctx, zmq.PULL, cfg.max_frame_bytes, secure=False)
         self.inbox.bind(self.inbox_endpoint)
         self.view = ViewTracker()
         self.view_req: int | None = None
@@ -359,7 +359,7 @@ class Worker:
     # -- re-replication (own thread, own sockets) -----------------------------------------------
     def _replication_loop(self) -> None:
         client = SdfsClient(self.cfg, list(self.coords), self.ctx)
-        out = make_socket(self.ctx, zmq.PUSH, self.cfg.max_frame_bytes)
+        out = make_socket(self.ctx, zmq.PUSH, self.cfg.max_frame_bytes, secure=False)
         out.connect(self.inbox_endpoint)
         try:
             while (m := self.replications.get()) is not None:
