@@ -317,7 +317,9 @@ class Coordinator:
         for task in self.jobs.tasks_of(node):
             self.emit("task.requeue", {"task_id": task.task_id}, now)
         self.master.node_down(node)
-        self.next_repair = now  # re-replicate right away
+        # Re-replicate soon, but let simultaneous failures surface first so that no copy is planned
+        # from (or onto) a node that is already dead but not yet declared.
+        self.next_repair = min(self.next_repair, now + self.cfg.heartbeat_interval)
 
     def on_view_request(self, ident: bytes, m: ViewRequest, now: float) -> None:
         self.net.send(ident, ViewSnapshot(m.req, self.registry.seq, self.registry.epoch, self.registry.view()))

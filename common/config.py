@@ -31,6 +31,7 @@ class Config:
     transfer_window: int = 4  # chunks in flight per transfer
     request_timeout: float = 5.0  # client request/reply timeout before retry/failover
     request_retries: int = 3
+    transfer_timeout: float = 15.0  # an SDFS transfer with no progress this long fails (peers may be busy)
     max_name_len: int = 255
     max_batch_size: int = 256
     # --- SDFS ----------------------------------------------------------------------------

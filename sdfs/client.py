@@ -168,7 +168,7 @@ class SdfsClient:
                     self._pump(s, by_req)
                 now = time.monotonic()
                 for s in active:
-                    if not s.done and now - s.last_progress > self.cfg.request_timeout:
+                    if not s.done and now - s.last_progress > self.cfg.transfer_timeout:
                         self._finish(s, False, f"no answer from {s.addr}")
                         self._reset_data(s.addr)
                         polled.discard(s.addr)
@@ -322,7 +322,8 @@ class SdfsClient:
         received: dict[int, bytes] = {}
         next_send = 0
         next_write = 0
-        deadline = time.monotonic() + self.cfg.request_timeout
+        # A dead or unreachable source never answers at all: give up on it sooner than on a slow one.
+        deadline = time.monotonic() + min(self.cfg.request_timeout, self.cfg.transfer_timeout)
         while next_write < len(offsets):
             while next_send < len(offsets) and len(inflight) + len(received) < self.cfg.transfer_window:
                 req = next_req()
@@ -350,7 +351,7 @@ class SdfsClient:
             if len(reply.data) != min(chunk, size - off):
                 self._reset_data(addr)
                 raise SdfsError(f"short chunk at {off}: {len(reply.data)} bytes")
-            deadline = time.monotonic() + self.cfg.request_timeout
+            deadline = time.monotonic() + self.cfg.transfer_timeout
             received[off] = reply.data
             while next_write < len(offsets) and offsets[next_write] in received:
                 data = received.pop(offsets[next_write])

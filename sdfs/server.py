@@ -124,7 +124,7 @@ class StorageServer:
     def on_read(self, ident: bytes, m: ReadChunk) -> None:
         # Capped by the frame limit, not our chunk size: a client with a larger chunk setting still
         # gets exactly what it asked for.
-        length = max(0, min(m.length, self.cfg.max_frame_bytes - 65536))
+        length = max(0, min(m.length, max(self.cfg.chunk_bytes, self.cfg.max_frame_bytes - 65536)))
         try:
             data, eof = self.store.read(m.name, m.version, m.offset, length)
         except (StoreError, BadName, OSError) as exc:

@@ -202,7 +202,7 @@ def test_metrics_match_commands_and_report_has_every_series(make_cluster, tmp_pa
     timeline = c.ctl("timeline")
     fig = build_figure(timeline)
     ax_rate, ax_lat, ax_work = fig.axes
-    assert len(ax_rate.get_lines()) == 2
+    assert sorted(ln.get_label().split()[0] for ln in ax_rate.get_lines() if ln.get_label().startswith("job")) == [a, b]
     assert len(ax_lat.containers) == 2
     assert len(ax_work.get_yticks()) == 2
     path = write_report(timeline, str(tmp_path / "report.png"))

@@ -200,10 +200,12 @@ def test_write_quorum_below_n_commits_and_is_repaired() -> None:
     assert cmd[0] not in ids[:3]
 
 
-def test_commit_unknown_or_repeated_put_fails(c: Cluster) -> None:
+def test_repeated_commit_is_idempotent_and_unknown_put_fails(c: Cluster) -> None:
     plan = c.put("f")
+    # A client retrying a commit whose reply was lost must not be told its committed put failed.
     failed, out = c.master.commit_put([{"put_id": plan["put_id"], "stored": replica_ids(plan)}], NOW)
-    assert plan["put_id"] in failed and out == []
+    assert failed == {} and out == []
+    assert [v["version"] for v in c.master.locate("f", 5)] == [1]
     failed, _ = c.master.commit_put([{"put_id": "nope", "stored": []}, {"stored": []}], NOW)
     assert set(failed) == {"nope", "None"}
 

@@ -163,9 +163,7 @@ class Executor:
             client.close()
 
     def _warm_up(self) -> None:
-        """Import torch and load the preloaded models now, off the loop thread, not at the first task."""
-        import models  # noqa: F401, PLC0415
-
+        """Load the preloaded models now, off the loop thread, so a job's first batch does not wait."""
         for name in filter(None, (m.strip() for m in self.cfg.preload_models.split(","))):
             try:
                 self._model(name)

@@ -57,6 +57,8 @@ from worker.executor import Executor
 
 log = logging.getLogger("idunno.worker")
 
+REPLICATION_THREADS = 4
+
 
 @dataclass
 class CoordinatorInfo:
@@ -92,6 +94,7 @@ class Worker:
         self.view_req: int | None = None
         self.inflight: dict[str, Task] = {}
         self.unacked: dict[str, TaskResult] = {}
+        self.held_reports: list[Stored] = []  # re-replication reports made while detached
         self.free_credit = cfg.worker_credit
         self.next_heartbeat = 0.0
         self.next_join = 0.0
@@ -100,7 +103,11 @@ class Worker:
             self.inbox_endpoint, self.ctx,
         )
         self.replications: queue.Queue[Replicate | None] = queue.Queue()
-        self.repl_thread = threading.Thread(target=self._replication_loop, name="replicate", daemon=True)
+        # A few pullers, so one slow or dead source does not hold up every other repair.
+        self.repl_threads = [
+            threading.Thread(target=self._replication_loop, name=f"replicate-{i}", daemon=True)
+            for i in range(REPLICATION_THREADS)
+        ]
         self.handlers: dict[type[Message], callable] = {
             Welcome: self.on_welcome,
             Rejoin: self.on_rejoin,
@@ -144,7 +151,8 @@ class Worker:
     def start(self) -> None:
         self.storage.start()
         self.executor.start()
-        self.repl_thread.start()
+        for t in self.repl_threads:
+            t.start()
         log.info("worker %s up (data %s), coordinators %s", self.node_id, self.storage.addr, ", ".join(self.coords))
 
     def run(self) -> None:
@@ -165,7 +173,8 @@ class Worker:
             self._send(self.primary, Leave(self.node_id))
             time.sleep(0.05)  # shutdown path only: let the Leave reach the wire before LINGER=0 closes
         self.executor.stop()
-        self.replications.put(None)
+        for _ in self.repl_threads:
+            self.replications.put(None)
         self.storage.stop()
         for s in (self.sub, self.inbox, *self.links.values()):
             s.close(0)
@@ -259,9 +268,12 @@ class Worker:
                 continue
             sender = self._addr_of(sock)
             if isinstance(msg, Welcome):
-                if sender is not None and self.primary != sender and msg.term >= self.term:
-                    # The coordinator we asked while ours was silent now serves: follow it right away
-                    # instead of waiting for its next heartbeat.
+                if sender is not None and msg.term >= self.term:
+                    # A Welcome is proof of life of a primary: follow it right away (after a takeover,
+                    # or before its first heartbeat reached our SUB) instead of waiting for a heartbeat.
+                    info = self.coords.get(sender)
+                    if info is not None:
+                        info.role, info.term, info.last_seen = "primary", msg.term, time.monotonic()
                     self.primary = sender
             elif sender != self.primary and not isinstance(msg, Error):
                 # Only the primary we follow may command us: a resumed old primary (SIGSTOP, long GC
@@ -296,7 +308,10 @@ class Worker:
                     self._send(self.primary, msg)
             elif isinstance(msg, Stored):
                 msg.node_id = self.node_id
-                self._send(self.primary, msg)
+                if self.joined:
+                    self._send(self.primary, msg)
+                else:
+                    self.held_reports.append(msg)  # delivered once we are attached again
 
     # -- handlers ---------------------------------------------------------------------------------
     def on_welcome(self, m: Welcome) -> None:
@@ -310,6 +325,9 @@ class Worker:
         # the coordinator de-duplicates by query, and Ready sets the credit absolutely afterwards.
         for r in self.unacked.values():
             self._send(self.primary, r)
+        for report in self.held_reports:
+            self._send(self.primary, report)
+        self.held_reports.clear()
         self._send(self.primary, Ready(self.node_id, self.free_credit, list(self.executor.loaded)))
 
     def on_rejoin(self, m: Rejoin) -> None:
