@@ -29,6 +29,7 @@ from broker.coordinator import PRIMARY, PROBING, STANDBY, Coordinator
 from broker.jobs import Job
 from common.config import Config
 from common.logstream import LOG_PORT_OFFSET, PUB_PORT_OFFSET
+from common.loop import run_until_stopped
 from common.protocol import (
     CoordinatorHeartbeat,
     LogRecord,
@@ -198,13 +199,7 @@ class CoordinatorServer:
 
     def run(self) -> None:
         try:
-            while not self.stop_event.is_set():
-                try:
-                    self.step(time.monotonic())
-                except zmq.ContextTerminated:
-                    break
-                except Exception:  # the loop must survive its own bugs; the next step starts afresh
-                    log.exception("coordinator loop step failed")
+            run_until_stopped(self.step, self.stop_event, log)
         finally:
             self.close()
 

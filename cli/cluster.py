@@ -147,11 +147,12 @@ class LocalCluster:
         proc.addr = me
         return proc
 
-    def add_worker(self, port: int | None = None) -> Proc:
+    def add_worker(self, port: int | None = None, data_dir: str | None = None) -> Proc:
         n = sum(1 for p in self.procs if p.role == "worker")
         port = port or free_port_block(self.host, 1)
         addr = f"{self.host}:{port}"
-        args = ["worker", "--port", str(port), "--data-dir", str(Path(self.data_dir) / f"worker-{n}-{port}")]
+        data_dir = data_dir or str(Path(self.data_dir) / f"worker-{n}-{port}")
+        args = ["worker", "--port", str(port), "--data-dir", data_dir]
         proc = self._spawn("worker", args, f"worker-{n}-{port}")
         proc.addr = addr
         self.save()

@@ -124,26 +124,24 @@ class SdfsMaster:
         if not names:
             return
         entries = {n: self.entry(n) for n in names}
-        if self.db is not None:
-            with self.db:
-                self.db.execute("BEGIN")
-                self.db.executemany(
-                    "INSERT OR REPLACE INTO files (name, entry) VALUES (?, ?)",
-                    [(n, json.dumps(e)) for n, e in entries.items()],
-                )
+        self._persist(entries)
         self.journal("sdfs.files", {"entries": entries})
+
+    def _persist(self, entries: dict[str, dict[str, Any]]) -> None:
+        if self.db is None:
+            return
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT OR REPLACE INTO files (name, entry) VALUES (?, ?)",
+                [(n, json.dumps(e)) for n, e in entries.items()],
+            )
 
     # replication from the primary (standby side) and snapshots
     def apply_entries(self, entries: dict[str, dict[str, Any]]) -> None:
         for name, e in entries.items():
             self._load_entry(name, e)
-        if self.db is not None:
-            with self.db:
-                self.db.execute("BEGIN")
-                self.db.executemany(
-                    "INSERT OR REPLACE INTO files (name, entry) VALUES (?, ?)",
-                    [(n, json.dumps(e)) for n, e in entries.items()],
-                )
+        self._persist(entries)
 
     def snapshot(self) -> dict[str, Any]:
         names = set(self.files) | set(self.next_version)

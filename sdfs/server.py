@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import zmq
 
 from common.config import Config
+from common.loop import run_until_stopped
 from common.protocol import ChunkData, Error, ErrorCode, Message, Ok, ReadChunk, StoreList, WriteAck, WriteChunk
 from common.transport import bind, make_socket, router_send, try_decode
 from sdfs.names import BadName
@@ -65,8 +65,7 @@ class StorageServer:
 
     def run(self) -> None:
         try:
-            while not self.stop_event.is_set():
-                self.step(time.monotonic())
+            run_until_stopped(self.step, self.stop_event, log)
         finally:
             for p in self.partials.values():
                 p.abort()

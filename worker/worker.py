@@ -25,6 +25,7 @@ import zmq
 from common.config import Config
 from common.identity import make_node_id, new_incarnation
 from common.logstream import PUB_PORT_OFFSET
+from common.loop import run_until_stopped
 from common.membership import ViewTracker
 from common.protocol import (
     CoordinatorHeartbeat,
@@ -158,13 +159,7 @@ class Worker:
     def run(self) -> None:
         self.start()
         try:
-            while not self.stop_event.is_set():
-                try:
-                    self.step(time.monotonic())
-                except zmq.ContextTerminated:
-                    break
-                except Exception:  # the loop must survive its own bugs; the next step starts afresh
-                    log.exception("worker loop step failed")
+            run_until_stopped(self.step, self.stop_event, log)
         finally:
             self.shutdown()
 
