@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ def run_demo(ns: argparse.Namespace, console: Console) -> int:
     if not files:
         raise ValueError(f"no images found in {images}")
     models = [m.strip() for m in ns.models.split(",") if m.strip()]
+    own_dir = not ns.data_dir
     data_dir = ns.data_dir or tempfile.mkdtemp(prefix="idunno-demo-")
     t0 = time.monotonic()
     console.rule("[bold]IDunno demo")
@@ -70,5 +72,7 @@ def run_demo(ns: argparse.Namespace, console: Console) -> int:
                 console.print(f"[yellow]no report: {exc}[/]")
     finally:
         cluster.stop()
+        if own_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)  # the demo's cluster data is scratch
     console.print(f"cluster stopped; demo took {time.monotonic() - t0:.1f}s")
     return 0
