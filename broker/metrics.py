@@ -72,6 +72,6 @@ class CoordinatorCollector(Collector):
         yield term
 
 
-def serve_metrics(server, port: int, host: str = "127.0.0.1") -> None:
+def serve_metrics(server, port: int, host: str) -> None:
     REGISTRY.register(CoordinatorCollector(lambda: server.metrics))
     start_http_server(port, addr=host)

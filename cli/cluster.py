@@ -25,7 +25,7 @@ from common.rpc import RpcClient, RpcError
 STATE_FILE = "cluster.json"
 
 
-def free_port_block(host: str = "127.0.0.1", size: int = 3) -> int:
+def free_port_block(host: str = Config.host, size: int = 3) -> int:
     """A port P such that P..P+size-1 are free right now (coordinators use three)."""
     for _ in range(200):
         with socket.socket() as s:
@@ -73,7 +73,7 @@ class LocalCluster:
     workers: int = 4
     standby: bool = True
     data_dir: str = "var"
-    host: str = "127.0.0.1"
+    host: str = Config.host  # loopback by default; a multi-host harness passes its own addresses
     torch_threads: int = 0  # 0: pick from cpu_count and worker count
     env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
