@@ -31,6 +31,12 @@ def hosts(tmp_path):
         net.destroy()
 
 
+def report(scenario: str, **seconds: float) -> None:
+    """One line per scenario for the README table (shown with `pytest -s`); the asserts are the test."""
+    detail = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in seconds.items())
+    print(f"\nCHAOS | {scenario} | 0 lost, 0 duplicated | {detail}")
+
+
 def load_and_submit(c: NetnsCluster, h: History, tmp: Path) -> str:
     r = c.client("sdfs", "put", "-r", str(DATA), "in/")
     assert r.returncode == 0, r.stderr
@@ -72,10 +78,13 @@ def test_partitioned_worker_for_10s_then_healed(hosts):
     time.sleep(max(0.0, 10 - detected))  # the nemesis holds the partition for 10 s
     c.net.heal(victim.host)
     h.record("heal", node=victim.addr)
+    t_heal = time.monotonic()
     wait_for(lambda: victim.addr in {m["data_addr"] for m in c.alive_workers()}, timeout=20, interval=0.5,
              what="healed node rejoins (as a new incarnation)")
+    rejoined = time.monotonic() - t_heal
     wait_done(c, job)
     assert check_history(h, c) == []
+    report("partition one worker 10 s", detected=detected, rejoined_after_heal=rejoined)
     incarnations = [m for m in c.ctl("members")["members"] if m["data_addr"] == victim.addr]
     assert {m["state"] for m in incarnations} >= {"failed", "alive"}
 
@@ -87,11 +96,15 @@ def test_three_workers_killed_at_once(hosts):
     for v in victims:
         v.popen.send_signal(signal.SIGKILL)
     h.record("kill", nodes=[v.addr for v in victims])
+    t0 = time.monotonic()
     wait_for(lambda: len(c.alive_workers()) == 5, timeout=10, interval=0.5, what="3 failures detected")
-    wait_done(c, job)
-    wait_for(lambda: c.ctl("info")["sdfs"]["under_replicated"] == 0, timeout=30, interval=1.0,
+    detected = time.monotonic() - t0
+    wait_for(lambda: c.ctl("info")["sdfs"]["under_replicated"] == 0, timeout=30, interval=0.5,
              what="re-replication to RF")
+    at_rf = time.monotonic() - t0
+    wait_done(c, job)
     assert check_history(h, c) == []
+    report("SIGKILL 3 of 8 workers at once", detected=detected, back_at_rf=at_rf)
 
 
 def test_primary_killed_while_a_worker_dies(hosts):
@@ -102,11 +115,14 @@ def test_primary_killed_while_a_worker_dies(hosts):
     primary.popen.send_signal(signal.SIGKILL)
     worker.popen.send_signal(signal.SIGKILL)
     h.record("kill", nodes=[primary.addr, worker.addr])
+    t0 = time.monotonic()
     wait_for(lambda: c.ctl("members")["coordinator"]["role"] == "primary"
              and c.ctl("members")["coordinator"]["addr"] == c.standby, timeout=20, interval=0.5,
              what="standby promoted")
+    promoted = time.monotonic() - t0
     wait_done(c, job)
     assert check_history(h, c) == []
+    report("SIGKILL primary coordinator + a worker", standby_serving=promoted)
 
 
 def test_gray_failure_sigstop_10s(hosts):
@@ -118,7 +134,10 @@ def test_gray_failure_sigstop_10s(hosts):
     time.sleep(10)  # the nemesis holds the process stopped for 10 s
     victim.popen.send_signal(signal.SIGCONT)
     h.record("sigcont", node=victim.addr)
-    wait_done(c, job)
+    t0 = time.monotonic()
     wait_for(lambda: victim.addr in {m["data_addr"] for m in c.alive_workers()}, timeout=20, interval=0.5,
              what="stopped node back as a new incarnation")
+    back = time.monotonic() - t0
+    wait_done(c, job)
     assert check_history(h, c) == []
+    report("SIGSTOP a worker 10 s, then SIGCONT", rejoined_after_sigcont=back)
