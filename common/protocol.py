@@ -214,7 +214,7 @@ class Join(Message):
     role: str  # "worker" | "standby"
     data_addr: str  # host:port of the node's SDFS data server ("" if none)
     store: list[list[Any]] = field(default_factory=list)  # [[name, version, size, checksum], ...]
-    inflight: list[str] = field(default_factory=list)  # task ids the node is still working on
+    inflight: list[str] = field(default_factory=list)  # task ids the node holds (computing, or done and unacknowledged)
 
 
 @message

@@ -205,7 +205,9 @@ class Worker:
         return Join(
             self.node_id, "worker", self.storage.addr,
             store=[i.as_list() for i in self.store.list()],
-            inflight=list(self.inflight),
+            # Tasks still computing and tasks finished but not yet acknowledged: the coordinator keeps
+            # them out of the queue (their results follow the Welcome) instead of running them twice.
+            inflight=[*self.inflight, *self.unacked],
         )
 
     def _choose_primary(self, now: float) -> None:
