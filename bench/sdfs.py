@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchlib import console, headline, running, table, temp_dir, vm_hwm_kib, wait_memory_settled
+from benchlib import console, headline, ratio, running, table, temp_dir, vm_hwm_kib, wait_memory_settled
 
 from cli.cluster import LocalCluster
 from sdfs.client import SdfsClient
@@ -67,14 +67,14 @@ def main() -> int:
                     size = size_mib * MiB
                     src, cp_dst, get_dst = tmp / f"src-{size_mib}.bin", tmp / f"cp-{size_mib}.bin", tmp / "get.bin"
                     make_file(src, size)
-                    repeat = max(1, min(5, 64 // size_mib))
+                    repeat = max(3, min(5, 64 // size_mib))
                     name = f"bench/file-{size_mib}MiB"
                     t_cp, t_put, t_get = [], [], []
                     for _ in range(repeat):
                         t_cp.append(timed(lambda src=src, cp_dst=cp_dst: shutil.copyfile(src, cp_dst)))
                         cp_dst.unlink()
                         t_put.append(timed(lambda src=src, name=name: client.put(src, name)))
-                        t_get.append(timed(lambda name=name: client.get(name, get_dst)))
+                        t_get.append(timed(lambda name=name, dst=get_dst: client.get(name, dst)))
                         if get_dst.stat().st_size != size:
                             raise RuntimeError(f"get returned {get_dst.stat().st_size} bytes, expected {size}")
                         get_dst.unlink()
@@ -111,8 +111,8 @@ def main() -> int:
                  for p in procs for c in mem_cols)
     big = sizes[-1]
     cp, put, get = results[big]
-    headline(f"sdfs {big} MiB put = {cp / put:.2f}x local cp throughput ({big / put:.0f} vs {big / cp:.0f} MiB/s, "
-             f"RF {cfg.replication_factor}), get = {cp / get:.2f}x ({big / get:.0f} MiB/s); "
+    headline(f"sdfs {big} MiB put = {ratio(cp / put)} local cp throughput ({big / put:.0f} vs {big / cp:.0f} MiB/s, "
+             f"RF {cfg.replication_factor}), get = {ratio(cp / get)} ({big / get:.0f} MiB/s); "
              f"max node peak-RSS growth {growth:.0f} MiB")
     return 0
 

@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (sys.path must be fixed before the project's packages are imported; see below)
 """Helpers shared by the benchmarks (a package, so ``make bench``'s ``bench/*.py`` loop skips it).
 
 Everything here is read-only with respect to the system under test: clusters are started through
@@ -12,12 +13,19 @@ import contextlib
 import math
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+# ``python bench/sdfs.py`` puts bench/ first on sys.path, where bench/sdfs.py would shadow the
+# project's ``sdfs`` package. Every script imports benchlib before any project module, so taking
+# bench/ off the path here lets the project packages resolve normally.
+_BENCH = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
 import zmq
 from rich.console import Console
@@ -33,7 +41,7 @@ from common.transport import offset_addr, tcp
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data"
 
-console = Console(width=160) if not os.isatty(1) else Console()
+console = Console(width=200) if not os.isatty(1) else Console()
 
 
 def images() -> list[Path]:
@@ -55,6 +63,13 @@ def table(title: str, columns: list[str], rows: list[list[Any]], caption: str | 
         t.add_row(*[fmt(v) for v in r])
     console.print(t)
     return t
+
+
+def ratio(x: float) -> str:
+    """A ratio for a headline: two decimals, three significant digits when small."""
+    if math.isnan(x) or math.isinf(x):
+        return str(x)
+    return f"{x:.2f}x" if abs(x) >= 0.1 else f"{x:.3g}x"
 
 
 def fmt(v: Any) -> str:
@@ -101,6 +116,9 @@ def running(cluster: LocalCluster, timeout: float = 90.0) -> Iterator[LocalClust
     try:
         cluster.start(timeout=timeout)
         yield cluster
+    except BaseException:
+        show_logs(cluster)
+        raise
     finally:
         cluster.stop()
         left = [p for p in cluster.procs if p.popen.poll() is None]
@@ -109,6 +127,19 @@ def running(cluster: LocalCluster, timeout: float = 90.0) -> Iterator[LocalClust
                 p.popen.kill()
                 p.popen.wait(timeout=5)
             console.print(f"[red]warning: {len(left)} cluster processes had to be killed[/]")
+
+
+def show_logs(cluster: LocalCluster, lines: int = 25) -> None:
+    """On a failure: the end of every coordinator's log (the temp directory is removed afterwards)."""
+    for p in cluster.procs:
+        if p.role in ("coordinator", "standby") and p.log_path:
+            try:
+                tail = Path(p.log_path).read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                continue
+            console.print(f"[yellow]--- last lines of {p.log_path}[/]")
+            for line in tail:
+                console.print(line, markup=False, highlight=False)
 
 
 def coord_info(cluster: LocalCluster, addr: str, timeout: float = 1.0) -> dict[str, Any] | None:
