@@ -81,6 +81,9 @@ class WorkerSlot:
     """Per-worker scheduling state, kept beside (keyed like) the membership registry."""
 
     credit: int = 0
+    # No dispatch before the worker's Ready: results it re-sends after a (re)join would otherwise
+    # trigger dispatches that its absolute Ready credit, computed before them, does not count.
+    ready: bool = False
     outstanding: set[str] = field(default_factory=set)  # task ids sent and not yet answered
     models: tuple[str, ...] = ()
     cost: float = 0.0  # EWMA seconds per image (any model) on this worker
@@ -373,6 +376,7 @@ class Coordinator:
             self.net.send(ident, Rejoin("ready from a non-member"))
             return
         slot = self.slots.setdefault(m.node_id, WorkerSlot())
+        slot.ready = True
         slot.credit = max(0, min(m.credit, 64))  # absolute: the tasks it holds are already discounted
         slot.models = tuple(m.models)
         self.dispatch(now)
@@ -389,7 +393,9 @@ class Coordinator:
             backlog = self.jobs.backlogged()
             if not backlog:
                 return
-            free = [(node, s) for node, s in self.slots.items() if s.credit > 0 and self.registry.is_alive(node)]
+            free = [
+                (node, s) for node, s in self.slots.items() if s.ready and s.credit > 0 and self.registry.is_alive(node)
+            ]
             if not free:
                 return
             node, slot = max(free, key=lambda ns: ns[1].credit)

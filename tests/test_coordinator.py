@@ -246,3 +246,24 @@ def test_a_partial_result_requeues_the_unanswered_queries_and_task_ids_carry_the
     assert len(j.results) == 1 and out_again == [1, 2, 3]  # queued again (or already re-dispatched)
     sim.run_until(5.0)
     assert j.state == "done" and sorted(j.results) == [0, 1, 2, 3]
+
+
+def test_reattach_with_resent_results_never_overcommits_the_worker():
+    sim = SimCluster({CHEAP: 1.0}, speeds=[1, 1])
+    sim.add_inputs("in", 100)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=2, start=True)["job_id"]
+    node = next(iter(sim.workers))
+    held = [t for t in sim.workers[node].received]
+    assert len(held) == 2  # credit 2
+    from common.protocol import Join, Ready  # noqa: PLC0415
+
+    # The worker re-attaches (as after a takeover) holding one finished-unacknowledged task and one
+    # still computing; it re-sends the finished result, then announces its free credit (1).
+    sim.events.clear()
+    sim.deliver(node, Join(node, "worker", node.split("@")[0], inflight=[t.task_id for t in held]))
+    done = held[0]
+    sim.deliver(node, TaskResult(done.task_id, job, node, 1.0,
+                                 [{"qid": q["qid"], "input": q["input"], "top5": [["a", 1.0]], "error": None}
+                                  for q in done.queries]))
+    sim.deliver(node, Ready(node, 1, []))
+    assert len(sim.core.jobs.tasks_of(node)) <= sim.cfg.worker_credit
