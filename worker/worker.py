@@ -150,6 +150,11 @@ class Worker:
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        # Load torch before the first Join, on this thread: dlopen of libtorch holds the GIL for
+        # seconds on a cold page cache, and done lazily in the compute thread it starved the loop,
+        # so a freshly joined worker missed its heartbeats and was declared failed.
+        import models  # noqa: F401, PLC0415
+
         self.storage.start()
         self.executor.start()
         for t in self.repl_threads:
