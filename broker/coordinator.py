@@ -80,13 +80,18 @@ class CommandError(Exception):
 class WorkerSlot:
     """Per-worker scheduling state, kept beside (keyed like) the membership registry."""
 
-    credit: int = 0
-    # No dispatch before the worker's Ready: results it re-sends after a (re)join would otherwise
-    # trigger dispatches that its absolute Ready credit, computed before them, does not count.
-    ready: bool = False
+    # Credit is derived, never counted up and down: the slots of the worker's latest Ready minus
+    # the tasks we know it holds. A Ready repeated (two Welcomes after a retried Join) or crossing
+    # tasks on the wire therefore cannot hand the worker more than its slots.
+    slots: int = 0
+    ready: bool = False  # no dispatch before the worker's first Ready after a (re)join
     outstanding: set[str] = field(default_factory=set)  # task ids sent and not yet answered
     models: tuple[str, ...] = ()
     cost: float = 0.0  # EWMA seconds per image (any model) on this worker
+
+    @property
+    def credit(self) -> int:
+        return max(0, self.slots - len(self.outstanding)) if self.ready else 0
 
 
 class Coordinator:
@@ -246,6 +251,9 @@ class Coordinator:
             self.member_gone(ev, now)
         for task in [t for t in self.jobs.tasks.values() if t.deadline < now]:
             log.warning("task %s on %s timed out; re-queued", task.task_id, task.worker)
+            slot = self.slots.get(task.worker)
+            if slot is not None:
+                slot.outstanding.discard(task.task_id)  # or a lost Task would hold its slot forever
             self.emit("task.requeue", {"task_id": task.task_id}, now)
         if now >= self.next_repair:
             self.next_repair = now + self.cfg.repair_interval
@@ -377,7 +385,7 @@ class Coordinator:
             return
         slot = self.slots.setdefault(m.node_id, WorkerSlot())
         slot.ready = True
-        slot.credit = max(0, min(m.credit, 64))  # absolute: the tasks it holds are already discounted
+        slot.slots = max(0, min(m.slots, 64))
         slot.models = tuple(m.models)
         self.dispatch(now)
 
@@ -394,7 +402,7 @@ class Coordinator:
             if not backlog:
                 return
             free = [
-                (node, s) for node, s in self.slots.items() if s.ready and s.credit > 0 and self.registry.is_alive(node)
+                (node, s) for node, s in self.slots.items() if s.credit > 0 and self.registry.is_alive(node)
             ]
             if not free:
                 return
@@ -415,12 +423,11 @@ class Coordinator:
             task = self.jobs.tasks[task_id]
             task.deadline = now + self.task_timeout(job, node)
             queries = [{"qid": job.qid(i), "input": job.inputs[i][0], "version": job.inputs[i][1]} for i in indexes]
-            slot.credit -= 1
             slot.outstanding.add(task_id)
             self.scheduler.charge(job.job_id, n, job.weight)
             if not self.net.send(node.encode(), Task(task_id, job.job_id, job.model, self.term, queries)):
                 log.warning("worker %s unreachable; task %s re-queued", node, task_id)
-                slot.credit = 0
+                slot.ready = False  # until it announces itself again
                 slot.outstanding.discard(task_id)
                 self.emit("task.requeue", {"task_id": task_id}, now)
 
@@ -431,9 +438,8 @@ class Coordinator:
             return
         task = self.jobs.tasks.get(m.task_id)
         slot = self.slots.get(m.node_id)
-        if slot is not None and m.task_id in slot.outstanding:
+        if slot is not None:
             slot.outstanding.discard(m.task_id)
-            slot.credit += 1
         job = self.jobs.jobs.get(m.job_id)
         if job is None:
             return

@@ -460,11 +460,15 @@ class StoreList(Message):
 
 @message
 class Ready(Message):
-    """Worker offers ``credit`` free task slots (Majordomo READY, with credit-based flow control)."""
+    """Worker offers ``slots`` task slots in total (Majordomo READY, with credit-based flow control).
+
+    Absolute, not free slots: the coordinator subtracts the tasks it knows the worker holds, so a
+    repeated or delayed Ready can never overcommit the worker.
+    """
 
     TYPE = "ready"
     node_id: str
-    credit: int
+    slots: int
     models: list[str] = field(default_factory=list)  # models already loaded
 
 

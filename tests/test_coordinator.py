@@ -248,6 +248,10 @@ def test_a_partial_result_requeues_the_unanswered_queries_and_task_ids_carry_the
     assert j.state == "done" and sorted(j.results) == [0, 1, 2, 3]
 
 
+def _held(sim: SimCluster, node: str) -> int:
+    return len(sim.core.jobs.tasks_of(node))
+
+
 def test_reattach_with_resent_results_never_overcommits_the_worker():
     sim = SimCluster({CHEAP: 1.0}, speeds=[1, 1])
     sim.add_inputs("in", 100)
@@ -258,12 +262,27 @@ def test_reattach_with_resent_results_never_overcommits_the_worker():
     from common.protocol import Join, Ready  # noqa: PLC0415
 
     # The worker re-attaches (as after a takeover) holding one finished-unacknowledged task and one
-    # still computing; it re-sends the finished result, then announces its free credit (1).
+    # still computing; it re-sends the finished result, then announces its slots.
     sim.events.clear()
     sim.deliver(node, Join(node, "worker", node.split("@")[0], inflight=[t.task_id for t in held]))
     done = held[0]
     sim.deliver(node, TaskResult(done.task_id, job, node, 1.0,
                                  [{"qid": q["qid"], "input": q["input"], "top5": [["a", 1.0]], "error": None}
                                   for q in done.queries]))
-    sim.deliver(node, Ready(node, 1, []))
-    assert len(sim.core.jobs.tasks_of(node)) <= sim.cfg.worker_credit
+    assert _held(sim, node) == 1  # nothing dispatched before its Ready
+    sim.deliver(node, Ready(node, 2, []))
+    assert _held(sim, node) == 2
+
+
+def test_a_repeated_ready_does_not_overcommit_the_worker():
+    """A retried Join gets two Welcomes, so the worker sends Ready twice; tasks cross the second one."""
+    sim = SimCluster({CHEAP: 1.0}, speeds=[1])
+    sim.add_inputs("in", 100)
+    sim.command("submit", model=CHEAP, inputs="in/", batch=2, start=True)
+    node = next(iter(sim.workers))
+    from common.protocol import Ready  # noqa: PLC0415
+
+    assert _held(sim, node) == 2
+    for _ in range(3):
+        sim.deliver(node, Ready(node, 2, []))
+        assert _held(sim, node) == 2

@@ -96,7 +96,7 @@ class Worker:
         self.inflight: dict[str, Task] = {}
         self.unacked: dict[str, TaskResult] = {}
         self.held_reports: list[Stored] = []  # re-replication reports made while detached
-        self.free_credit = cfg.worker_credit
+        self.stale = 0  # tasks of an earlier incarnation the executor is still finishing
         self.next_heartbeat = 0.0
         self.next_join = 0.0
         self.executor = Executor(
@@ -298,12 +298,12 @@ class Worker:
             msg = try_decode(frame, self.cfg.max_frame_bytes, "executor")
             if isinstance(msg, TaskResult):
                 self.inflight.pop(msg.task_id, None)
-                self.free_credit += 1
                 if int(gen) != self.generation:
                     # Computed for an earlier incarnation (that member is dead): drop it, but tell the
-                    # coordinator about the slot it freed, or this worker would starve.
+                    # coordinator about the slot it freed, or this worker would stay below capacity.
+                    self.stale = max(0, self.stale - 1)
                     if self.joined:
-                        self._send(self.primary, Ready(self.node_id, self.free_credit, list(self.executor.loaded)))
+                        self._send(self.primary, self._ready())
                     continue
                 self.unacked[msg.task_id] = msg
                 if self.joined:
@@ -330,7 +330,10 @@ class Worker:
         for report in self.held_reports:
             self._send(self.primary, report)
         self.held_reports.clear()
-        self._send(self.primary, Ready(self.node_id, self.free_credit, list(self.executor.loaded)))
+        self._send(self.primary, self._ready())
+
+    def _ready(self) -> Ready:
+        return Ready(self.node_id, max(0, self.cfg.worker_credit - self.stale), list(self.executor.loaded))
 
     def on_rejoin(self, m: Rejoin) -> None:
         log.warning("coordinator asks for a rejoin (%s): starting a new incarnation", m.reason)
@@ -340,6 +343,7 @@ class Worker:
         self._rebuild_poller()
         self.node_id = make_node_id(self.storage.addr, new_incarnation())
         self.generation += 1
+        self.stale += len(self.inflight)  # still in the executor: they take slots until they finish
         self.inflight.clear()
         self.unacked.clear()
         self.joined = False
@@ -351,8 +355,10 @@ class Worker:
             return
         if m.task_id in self.inflight or m.task_id in self.unacked:
             return  # duplicate delivery
+        if len(self.inflight) + self.stale >= self.cfg.worker_credit:
+            # Still run it (the query must not be lost), but this is a flow-control bug worth seeing.
+            log.warning("task %s arrived beyond the %d slots this worker offers", m.task_id, self.cfg.worker_credit)
         self.inflight[m.task_id] = m
-        self.free_credit -= 1
         self.executor.submit(m, self.generation)
 
     def on_result_ack(self, m: ResultAck) -> None:
