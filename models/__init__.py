@@ -6,8 +6,10 @@ or already in the torch hub cache; otherwise models get seeded random weights.
 
 from .predict import (
     IMAGE_FORMATS,
+    NOOP_MODEL,
     Classifier,
     ImageDecodeError,
+    NoopClassifier,
     Prediction,
     alexnet_predict,
     clear_cache,
@@ -20,8 +22,10 @@ from .registry import ALIASES, list_models, resolve_name
 __all__ = [
     "ALIASES",
     "IMAGE_FORMATS",
+    "NOOP_MODEL",
     "Classifier",
     "ImageDecodeError",
+    "NoopClassifier",
     "Prediction",
     "alexnet_predict",
     "clear_cache",

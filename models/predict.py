@@ -62,6 +62,9 @@ def _read_state_dict(name: str, path: str) -> dict[str, Any]:
         raise ValueError(f"{name}: cannot load weights from {path}: {exc}") from exc
 
 
+NOOP_MODEL = "noop"
+
+
 class Classifier:
     """One torchvision ImageNet classifier with its matching preprocessing.
 
@@ -73,6 +76,8 @@ class Classifier:
     ``num_threads`` calls ``torch.set_num_threads``, which is process-wide: it
     affects every model in the process, not only this one.
     """
+
+    decodes_input = True  # the worker hands it decoded PIL images
 
     def __init__(
         self,
@@ -151,6 +156,27 @@ class Classifier:
         return self.predict_batch([image], topk)[0]
 
 
+class NoopClassifier:
+    """A model that computes nothing: every input gets the one label ``noop``.
+
+    For measuring the cluster's own cost per query (dispatch, input fetch, results, statistics)
+    without torch, as ``bench/throughput.py`` does. Inputs are not even decoded, so any bytes do.
+    """
+
+    name = NOOP_MODEL
+    pretrained = False
+    weights_source = "none"
+    decodes_input = False
+    categories = [NOOP_MODEL]
+
+    def predict_batch(self, images: list[Any], topk: int = 5) -> list[Prediction]:
+        return [[(NOOP_MODEL, 1.0)] for _ in images]
+
+    def predict(self, image: Any, topk: int = 5) -> Prediction:
+        return self.predict_batch([image], topk)[0]
+
+
+_NOOP = NoopClassifier()
 _cache: dict[tuple[str, str | None, int], Classifier] = {}
 _cache_lock = threading.Lock()
 
@@ -159,8 +185,10 @@ def get_classifier(name: str, weights_path: str | None = None, **kwargs: Any) ->
     """Return a shared Classifier, building it on first use.
 
     One instance per (model name, weights_path, seed); ``num_threads`` only
-    applies when the instance is first built.
+    applies when the instance is first built. ``noop`` gives the :class:`NoopClassifier`.
     """
+    if name.strip().lower() == NOOP_MODEL:
+        return _NOOP  # type: ignore[return-value] - same predict/predict_batch interface
     resolved = registry.resolve_name(name)
     path = os.path.abspath(weights_path) if weights_path is not None else None
     key = (resolved, path, int(kwargs.get("seed", 0)))

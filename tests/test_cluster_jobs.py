@@ -207,3 +207,18 @@ def test_metrics_match_commands_and_report_has_every_series(make_cluster, tmp_pa
     assert len(ax_work.get_yticks()) == 2
     path = write_report(timeline, str(tmp_path / "report.png"))
     assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(path).stat().st_size > 10_000
+
+
+def test_noop_model_answers_every_query_without_torch_or_decoding(make_cluster, tmp_path):
+    c = make_cluster(workers=2)
+    n = 20
+    load(c, n)
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not an image: the no-op model never decodes its inputs")
+    with SdfsClient(c.config()) as client:
+        client.put(junk, "in/zz_junk.jpg")
+    job = c.ctl("submit", model="noop", inputs="in/", batch=1, start=True)["job_id"]
+    wait_done(c, [job], timeout=60)
+    res = c.ctl("results", job=job)["results"]
+    assert sorted(int(r["qid"].split(":")[1]) for r in res) == list(range(n + 1))
+    assert all(r["top5"] == [["noop", 1.0]] and r["error"] is None for r in res)

@@ -259,3 +259,11 @@ def test_data_images_are_shippable() -> None:
         assert min(img.size) >= 200 and max(img.size) <= 400, (f.name, img.size)
     assert len(digests) == len(files)
     assert (DATA_DIR / "LICENSE.md").is_file()
+
+
+def test_noop_model_labels_anything_without_computing() -> None:
+    clf = models.get_classifier("noop")
+    assert clf is models.get_classifier(" NOOP ")
+    assert not clf.decodes_input and not clf.pretrained
+    assert clf.predict_batch([b"raw bytes", None]) == [[("noop", 1.0)], [("noop", 1.0)]]
+    assert models.get_classifier(SMALL).decodes_input

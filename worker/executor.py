@@ -85,6 +85,8 @@ class Executor:
 
     # -- fetch stage ---------------------------------------------------------------------------
     def _fetch_loop(self) -> None:
+        from models import NOOP_MODEL  # noqa: PLC0415 - torch stays out of module import (CLI start-up)
+
         client = SdfsClient(self.cfg, self.coordinators_fn(), self.ctx)
         try:
             while not self.stop_event.is_set():
@@ -93,9 +95,10 @@ class Executor:
                     break
                 task, gen = item
                 images, errors = [], []
+                decode = task.model.strip().lower() != NOOP_MODEL
                 for q in task.queries:
                     try:
-                        images.append(self._load(client, str(q.get("input")), int(q.get("version", 0))))
+                        images.append(self._load(client, str(q.get("input")), int(q.get("version", 0)), decode))
                         errors.append(None)
                     except Exception as exc:
                         images.append(None)
@@ -109,7 +112,7 @@ class Executor:
         finally:
             client.close()
 
-    def _load(self, client: SdfsClient, name: str, version: int) -> Any:
+    def _load(self, client: SdfsClient, name: str, version: int, decode: bool = True) -> Any:
         from models import decode_image  # noqa: PLC0415 - keep torch imports out of the loop thread's start-up
 
         if version and self.store.has(name, version):
@@ -127,7 +130,7 @@ class Executor:
                 tmp = cached.with_suffix(".part")
                 tmp.write_bytes(data)
                 tmp.replace(cached)
-        return decode_image(data)
+        return decode_image(data) if decode else data
 
     # -- compute stage -------------------------------------------------------------------------
     def _model(self, name: str) -> Any:
@@ -135,9 +138,9 @@ class Executor:
             return self.models[name]
         if name in self.model_errors:
             raise RuntimeError(self.model_errors[name])
-        from models import get_classifier  # noqa: PLC0415
+        from models import NOOP_MODEL, get_classifier  # noqa: PLC0415
 
-        weights = self._weights_from_sdfs(name)
+        weights = None if name.strip().lower() == NOOP_MODEL else self._weights_from_sdfs(name)
         try:
             clf = get_classifier(name, weights_path=weights, num_threads=self.cfg.torch_threads)
         except Exception as exc:
