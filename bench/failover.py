@@ -204,7 +204,8 @@ def main() -> int:
                     redispatched_total += again
                     duplicated_total += dup
                     reused_total += reused
-                    rows.append([k + 1, f"{old_addr} t{old_info['term']}", f"{new_addr} t{term}",
+                    rows.append([k + 1, f":{old_addr.rpartition(':')[2]} (t{old_info['term']})",
+                                 f":{new_addr.rpartition(':')[2]} (t{term})",
                                  takeover, journal_takeover, in_flight, held, again, dup, first_id, reused, sync])
                     console.print(f"  kill {k + 1}/{kills}: {old_addr} -> {new_addr} took over in {takeover:.2f}s; "
                                   f"{again} queries dispatched again; old primary synced as standby in {sync:.1f}s")

@@ -49,6 +49,11 @@ from cli.cluster import LocalCluster, Proc
 
 BAND = 0.05
 HOLD = 5.0
+T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    console.print(f"[{time.monotonic() - T0:5.1f}s] {msg}", highlight=False)
 
 
 class RoundRobinCluster(LocalCluster):
@@ -68,15 +73,16 @@ def run_pair(cluster: LocalCluster, models: list[str], batches: list[int], copie
              warmup: float, duration: float, recover: float, kill: bool) -> dict[str, Any]:
     """Start both jobs as described in the module doc; return the raw measurements."""
     wait_models(cluster, models, workers)
+    log(f"    {workers} workers up, {' and '.join(models)} loaded")
     n_inputs, put_s = put_copies(cluster, copies)
-    console.print(f"    {n_inputs} inputs put in {put_s:.1f}s")
+    log(f"    {n_inputs} inputs put in {put_s:.1f}s")
     a = cluster.ctl("submit", model=models[0], inputs="copies/", batch=batches[0], start=True)["job_id"]
     wait_until(lambda: completed(cluster, a) > 0, 120, 0.05, f"first result of {a}")
     t_sub_b = time.time()
     b = cluster.ctl("submit", model=models[1], inputs="copies/", batch=batches[1])["job_id"]
     wait_until(lambda: completed(cluster, b) > 0, 120, 0.02, f"first result of {b}")
     t_first_seen = time.time()
-    console.print(f"    {a} and {b} running; measuring for {warmup + duration:.0f}s")
+    log(f"    {a} and {b} running; measuring for {warmup + duration:.0f}s")
     time.sleep(max(0.0, t_first_seen + warmup + duration - time.time()))
     t_kill = None
     killed = ""
@@ -85,7 +91,7 @@ def run_pair(cluster: LocalCluster, models: list[str], batches: list[int], copie
         killed = victim.addr
         t_kill = time.time()
         cluster.kill(victim)
-        console.print(f"    SIGKILLed worker {killed}; observing for {recover:.0f}s")
+        log(f"    SIGKILLed worker {killed}; observing for {recover:.0f}s")
         time.sleep(recover)
     t_end = time.time()
     tl = cluster.ctl("timeline", timeout=30.0)
@@ -158,7 +164,7 @@ def analyse(raw: dict[str, Any], warmup: float, duration: float) -> dict[str, An
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: mobilenet_v3_small,alexnet, 6 s measured, short warm-up and baseline")
+                    help="smoke run: mobilenet_v3_small,alexnet, 5 s measured, short warm-up and baseline")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--models", default=None, help="job A,job B (default alexnet,resnet50)")
     ap.add_argument("--batches", default="8,4", help="batch sizes of job A,job B (default 8,4)")
@@ -175,7 +181,7 @@ def main() -> int:
     batches = [int(x) for x in args.batches.split(",")]
     if len(models) != 2 or len(batches) != 2:
         raise SystemExit("--models and --batches take exactly two values")
-    duration = args.duration or (6.0 if q else 60.0)
+    duration = args.duration or (5.0 if q else 60.0)
     warmup = args.warmup if args.warmup is not None else (2.0 if q else 15.0)
     recover = args.recover or (6.0 if q else 30.0)
     base_duration = args.baseline_duration or (4.0 if q else 30.0)
@@ -187,8 +193,8 @@ def main() -> int:
     results = {}
     for name, cls, dur, kill, n_copies in (("fair-time", LocalCluster, duration, True, copies),
                                            ("round-robin", RoundRobinCluster, base_duration, False, base_copies)):
-        console.print(f"[bold]{name}[/]: {args.workers} workers, jobs {models[0]} (batch {batches[0]}) and "
-                      f"{models[1]} (batch {batches[1]})")
+        log(f"{name}: {args.workers} workers, jobs {models[0]} (batch {batches[0]}) and "
+            f"{models[1]} (batch {batches[1]})")
         with temp_dir(f"idunno-bench-fairness-{name}-") as tmp:
             cluster = cls(workers=args.workers, standby=True, data_dir=str(tmp),
                           env={"IDUNNO_PRELOAD_MODELS": ",".join(models)})

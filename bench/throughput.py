@@ -1,4 +1,4 @@
-"""Throughput benchmark: (a) cluster images/s against plain PyTorch, (b) coordinator RPC round trips.
+"""Throughput benchmark: (a) cluster images/s against plain PyTorch, (b) dispatch rate, (c) control RPC.
 
 (a) Two workers with one torch thread each (2 threads in total) run one AlexNet job over N images
     (the 100 test images repeated) with batch 8, measured from the first dispatch to the last
@@ -8,11 +8,17 @@
     warm-up batch. Native and cluster runs alternate (3 rounds, medians reported) while the cluster
     is up but idle. Goal: cluster >= 0.95x native.
 
-(b) NOT a dispatch-rate test (there is no no-op model): it measures the per-request overhead of
-    the control path. Baseline: a bare pyzmq DEALER->ROUTER echo (msgpack decode + encode of a reply
-    of the same size, server in its own process). Measured: ``Command(name="members")`` round trips
-    through ``common.rpc.RpcClient`` against the running primary coordinator (validated protocol,
-    coordinator loop, handler, reply).
+(b) Broker dispatch rate: a job of the ``noop`` model (no torch, inputs not even decoded) with
+    batch 1 over the same inputs on the same 2 workers, queries/s from the first dispatch to the
+    last result: the whole per-query path (scheduler, Task, input read, executor threads,
+    TaskResult, ResultAck, statistics, replication journal). Baseline (same run): raw ZeroMQ
+    ROUTER -> DEALER round trips of the same shape: one ROUTER (this process) feeding 2 DEALER
+    processes with 2 messages in flight each (the workers' credit), msgpack frames of the sizes of
+    an encoded Task and TaskResult. Goal: >= 0.5x.
+
+(c) Request/reply overhead of the control path: ``Command(name="members")`` round trips through
+    ``common.rpc.RpcClient`` against the primary, against a bare pyzmq DEALER->ROUTER echo (msgpack
+    decode + encode of a reply of the same size, server in its own process).
 
     .venv/bin/python bench/throughput.py [--quick] [--images 300] [--round-trips 10000]
 """
@@ -31,10 +37,11 @@ import zmq
 from benchlib import console, headline, images, put_copies, running, table, temp_dir, wait_models, wait_until
 
 from cli.cluster import LocalCluster
-from common.protocol import Command
+from common.protocol import Command, Task, TaskResult
 from common.rpc import RpcClient
 
 MODEL = "alexnet"
+NOOP = "noop"
 
 
 # -- (a) ------------------------------------------------------------------------------------------
@@ -54,8 +61,8 @@ def native(paths: list, batch: int, threads: int) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def run_job(cluster: LocalCluster, inputs: str, batch: int, timeout: float = 600) -> dict:
-    job = cluster.ctl("submit", model=MODEL, inputs=inputs, batch=batch, start=True)["job_id"]
+def run_job(cluster: LocalCluster, inputs: str, batch: int, timeout: float = 600, model: str = MODEL) -> dict:
+    job = cluster.ctl("submit", model=model, inputs=inputs, batch=batch, start=True)["job_id"]
 
     def done() -> bool:
         c = cluster.ctl("completed", job=job, timeout=5.0)[job]
@@ -74,6 +81,84 @@ def run_job(cluster: LocalCluster, inputs: str, batch: int, timeout: float = 600
 
 
 # -- (b) ------------------------------------------------------------------------------------------
+ECHO_WORKER = """
+import sys, msgpack, zmq
+port, reply_size = int(sys.argv[1]), int(sys.argv[2])
+ctx = zmq.Context()
+sock = ctx.socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(f"tcp://127.0.0.1:{port}")
+sock.send(msgpack.packb({"t": "ready"}))
+pad = "r" * reply_size
+while True:
+    body = msgpack.unpackb(sock.recv(), raw=False)
+    if body.get("t") == "stop":
+        break
+    sock.send(msgpack.packb({"v": 1, "t": "result", "task_id": body["task_id"], "pad": pad}, use_bin_type=True))
+sock.close(0)
+ctx.term()
+"""
+
+
+def message_sizes(inputs: str) -> tuple[int, int]:
+    """Encoded sizes of a batch-1 noop Task and its TaskResult, as the cluster sends them."""
+    name = "job12-noop"
+    qid = f"{name}:123"
+    task = Task(f"t1.123-{name}", name, NOOP, 1, [{"qid": qid, "input": f"{inputs}0/img_0000.jpg", "version": 1}])
+    result = TaskResult(task.task_id, name, "127.0.0.1:40000@1795861036168", 0.0001,
+                        [{"qid": qid, "input": f"{inputs}0/img_0000.jpg", "top5": [[NOOP, 1.0]], "error": None}])
+    return len(task.encode()), len(result.encode())
+
+
+def raw_dispatch(n: int, workers: int, window: int, task_size: int, result_size: int) -> float:
+    """Seconds for ``n`` ROUTER -> DEALER -> ROUTER round trips, ``window`` in flight per DEALER."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    procs = [subprocess.Popen([sys.executable, "-c", ECHO_WORKER, str(port), str(result_size)])
+             for _ in range(workers)]
+    pad = "t" * max(0, task_size - 40)
+    idents: list[bytes] = []
+    try:
+        while len(idents) < workers:
+            if not router.poll(30_000):
+                raise RuntimeError("echo workers did not connect")
+            idents.append(router.recv_multipart()[0])
+
+        def run(count: int) -> float:
+            sent = received = 0
+            t0 = time.perf_counter()
+            for ident in idents:
+                for _ in range(min(window, count - sent)):
+                    router.send_multipart([ident, msgpack.packb({"t": "task", "task_id": sent, "pad": pad})])
+                    sent += 1
+            while received < count:
+                if not router.poll(5000):
+                    raise RuntimeError("echo worker does not answer")
+                ident, frame = router.recv_multipart()
+                msgpack.unpackb(frame, raw=False)
+                received += 1
+                if sent < count:
+                    router.send_multipart([ident, msgpack.packb({"t": "task", "task_id": sent, "pad": pad})])
+                    sent += 1
+            return time.perf_counter() - t0
+
+        run(min(500, n))  # warm-up
+        return run(n)
+    finally:
+        for ident in idents:
+            router.send_multipart([ident, msgpack.packb({"t": "stop"})])
+        for proc in procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        router.close(0)
+
+
+# -- (c) ------------------------------------------------------------------------------------------
 ECHO_SERVER = """
 import sys, msgpack, zmq
 reply_data = msgpack.unpackb(sys.stdin.buffer.read(), raw=False)
@@ -184,8 +269,20 @@ def main() -> int:
                 console.print(f"    round {r + 1}/{repeat}: native {nat_runs[-1][1] / nat_runs[-1][0]:.1f} images/s, "
                               f"cluster {clu_runs[-1]['n'] / clu_runs[-1]['seconds']:.1f} images/s")
             time.sleep(1.0)  # let the coordinator write the jobs' results to SDFS before (b)
+            console.print(f"(b) noop jobs over {len(paths)} inputs, batch 1, alternating with raw ROUTER->DEALER")
+            run_job(cluster, "tp/0/img_00*", 1, model=NOOP)  # warm-up: workers read their replicas once
+            task_size, result_size = message_sizes("tp/")
+            noop_runs: list[dict] = []
+            raw_runs: list[float] = []
+            for r in range(repeat):
+                raw_runs.append(len(paths) / raw_dispatch(len(paths), workers, cluster.config().worker_credit,
+                                                          task_size, result_size))
+                noop_runs.append(run_job(cluster, "tp/", 1, model=NOOP))
+                console.print(f"    round {r + 1}/{repeat}: raw {raw_runs[-1]:,.0f} round trips/s, noop job "
+                              f"{noop_runs[-1]['n'] / noop_runs[-1]['seconds']:,.0f} queries/s")
+            time.sleep(1.0)
             members_data = cluster.ctl("members")
-            console.print(f"(b) {round_trips} round trips: pyzmq+msgpack echo, then RpcClient 'members'")
+            console.print(f"(c) {round_trips} round trips: pyzmq+msgpack echo, then RpcClient 'members'")
             echo_s, echo_size = echo_round_trips(round_trips, members_data)
             rpc_s, rpc_size = rpc_round_trips(cluster, round_trips)
 
@@ -206,9 +303,22 @@ def main() -> int:
         caption="cluster per-worker images (median round): "
                 + ", ".join(f"{w}: {n}" for w, n in sorted(res["per_worker"].items())),
     )
+    noop_rates = [r["n"] / r["seconds"] for r in noop_runs]
+    noop_rate, raw_rate = statistics.median(noop_rates), statistics.median(raw_runs)
+    table(
+        f"(b) dispatch rate: {len(paths)} queries, batch 1, {workers} workers x credit "
+        f"{cluster.config().worker_credit} (median of {repeat} alternating rounds)",
+        ["path", "per round / s", "median / s", "us per query", "x raw"],
+        [
+            [f"baseline: raw ROUTER -> {workers} DEALER processes, same window, {task_size} B out / "
+             f"{result_size} B back", ", ".join(f"{x:,.0f}" for x in raw_runs), raw_rate, 1e6 / raw_rate, 1.0],
+            ["cluster: noop-model job, first dispatch -> last result",
+             ", ".join(f"{x:,.0f}" for x in noop_rates), noop_rate, 1e6 / noop_rate, noop_rate / raw_rate],
+        ],
+    )
     echo_rate, rpc_rate = round_trips / echo_s, round_trips / rpc_s
     table(
-        "(b) request/reply overhead of the control path (NOT inference dispatch rate)",
+        "(c) request/reply overhead of the control path",
         ["path", "round trips", "seconds", "round trips/s", "us per round trip", "reply bytes", "x echo"],
         [
             ["baseline: pyzmq DEALER->ROUTER echo, msgpack, same reply size", round_trips, echo_s, echo_rate,
@@ -218,8 +328,9 @@ def main() -> int:
         ],
     )
     headline(f"cluster {MODEL} {clu_rate:.1f} images/s = {clu_rate / nat_rate:.2f}x native single process "
-             f"({nat_rate:.1f} images/s, 2 threads; goal >= 0.95x); coordinator 'members' RPC "
-             f"{rpc_rate:,.0f} round trips/s = {rpc_rate / echo_rate:.2f}x raw pyzmq+msgpack echo ({echo_rate:,.0f}/s)")
+             f"({nat_rate:.1f} images/s, 2 threads; goal >= 0.95x); noop dispatch {noop_rate:,.0f} queries/s = "
+             f"{noop_rate / raw_rate:.2f}x raw ROUTER-DEALER ({raw_rate:,.0f}/s; goal >= 0.5x); 'members' RPC "
+             f"{rpc_rate:,.0f} round trips/s = {rpc_rate / echo_rate:.2f}x raw echo ({echo_rate:,.0f}/s)")
     return 0
 
 

@@ -58,7 +58,7 @@ def headline(text: str) -> None:
 def table(title: str, columns: list[str], rows: list[list[Any]], caption: str | None = None) -> Table:
     t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right")
+        t.add_column(c, justify="left" if i == 0 else "right", overflow="fold")
     for r in rows:
         t.add_row(*[fmt(v) for v in r])
     console.print(t)
@@ -106,6 +106,12 @@ def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.05, 
 
 @contextlib.contextmanager
 def temp_dir(prefix: str) -> Iterator[Path]:
+    """A scratch directory for the cluster; ``BENCH_KEEP=1`` keeps it (and the daemons' logs) afterwards."""
+    if os.environ.get("BENCH_KEEP"):
+        d = Path(tempfile.mkdtemp(prefix=prefix))
+        console.print(f"keeping {d} (BENCH_KEEP)")
+        yield d
+        return
     with tempfile.TemporaryDirectory(prefix=prefix) as d:
         yield Path(d)
 
