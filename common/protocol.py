@@ -62,7 +62,7 @@ class Message:
             _REGISTRY[cls.TYPE] = cls
 
     def encode(self) -> bytes:
-        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        body = {name: getattr(self, name) for name in _schema(type(self)).fields}
         body["v"] = VERSION
         body["t"] = self.TYPE
         return msgpack.packb(body, use_bin_type=True)
@@ -77,59 +77,107 @@ def message(cls: type) -> type:
 # validation
 
 
-def _check(value: Any, hint: Any, path: str) -> None:
+Validator = typing.Callable[[Any, str], None]
+_VALIDATORS: dict[Any, Validator] = {}
+
+
+def _validator(hint: Any) -> Validator:
+    """The checker for one type hint, built once: decoding is on every hot path (each query)."""
+    v = _VALIDATORS.get(hint)
+    if v is None:
+        v = _VALIDATORS[hint] = _compile(hint)
+    return v
+
+
+def _compile(hint: Any) -> Validator:  # noqa: C901 - one branch per kind of hint
     if hint is Any:
-        return
+        return lambda value, path: None
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for alt in typing.get_args(hint):
-            try:
-                _check(value, alt, path)
-                return
-            except ProtocolError as exc:
-                errors.append(str(exc))
-        raise ProtocolError(f"{path}: {value!r:.60} matches none of {hint}")
+        alts = [_validator(a) for a in typing.get_args(hint)]
+
+        def check_union(value: Any, path: str) -> None:
+            for alt in alts:
+                try:
+                    alt(value, path)
+                    return
+                except ProtocolError:
+                    pass
+            raise ProtocolError(f"{path}: {value!r:.60} matches none of {hint}")
+
+        return check_union
     if hint is type(None):
-        if value is not None:
-            raise ProtocolError(f"{path}: expected nil")
-        return
+
+        def check_nil(value: Any, path: str) -> None:
+            if value is not None:
+                raise ProtocolError(f"{path}: expected nil")
+
+        return check_nil
     if origin is list:
-        if not isinstance(value, list):
-            raise ProtocolError(f"{path}: expected list, got {type(value).__name__}")
         (item,) = typing.get_args(hint) or (Any,)
-        for i, v in enumerate(value):
-            _check(v, item, f"{path}[{i}]")
-        return
+        check_item = None if item is Any else _validator(item)
+
+        def check_list(value: Any, path: str) -> None:
+            if not isinstance(value, list):
+                raise ProtocolError(f"{path}: expected list, got {type(value).__name__}")
+            if check_item is not None:
+                for i, v in enumerate(value):
+                    check_item(v, f"{path}[{i}]")
+
+        return check_list
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{path}: expected map, got {type(value).__name__}")
         kt, vt = typing.get_args(hint) or (Any, Any)
-        for k, v in value.items():
-            _check(k, kt, f"{path}.key")
-            _check(v, vt, f"{path}[{k!r:.30}]")
-        return
-    if hint is list or hint is dict:
-        if not isinstance(value, hint):
-            raise ProtocolError(f"{path}: expected {hint.__name__}, got {type(value).__name__}")
-        return
+        check_key, check_value = _validator(kt), _validator(vt)
+
+        def check_dict(value: Any, path: str) -> None:
+            if not isinstance(value, dict):
+                raise ProtocolError(f"{path}: expected map, got {type(value).__name__}")
+            for k, v in value.items():
+                check_key(k, f"{path}.key")
+                check_value(v, f"{path}[{k!r:.30}]")
+
+        return check_dict
+    name = getattr(hint, "__name__", str(hint))  # bare list / dict too: any items will do
     if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        def ok(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
     elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        def ok(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
     else:
-        ok = isinstance(value, hint)
-    if not ok:
-        raise ProtocolError(f"{path}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+        def ok(value: Any) -> bool:
+            return isinstance(value, hint)
+
+    def check_scalar(value: Any, path: str) -> None:
+        if not ok(value):
+            raise ProtocolError(f"{path}: expected {name}, got {type(value).__name__}")
+
+    return check_scalar
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+@dataclass(frozen=True)
+class _Schema:
+    fields: tuple[str, ...]
+    required: frozenset[str]
+    checks: dict[str, Validator]
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+_SCHEMAS: dict[type, _Schema] = {}
+
+
+def _schema(cls: type) -> _Schema:
+    sch = _SCHEMAS.get(cls)
+    if sch is None:
+        hints = typing.get_type_hints(cls)
+        fs = dataclasses.fields(cls)
+        sch = _SCHEMAS[cls] = _Schema(
+            fields=tuple(f.name for f in fs),
+            required=frozenset(
+                f.name for f in fs if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            ),
+            checks={f.name: _validator(hints[f.name]) for f in fs},
+        )
+    return sch
 
 
 def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_FRAME) -> Message:
@@ -160,21 +208,15 @@ def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_FRAME) -> Message:
     cls = _REGISTRY.get(mtype) if isinstance(mtype, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {mtype!r:.40}")
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    required = {
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    }
-    missing = required - body.keys()
+    sch = _schema(cls)
+    missing = sch.required - body.keys()
     if missing:
         raise ProtocolError(f"{mtype}: missing fields {sorted(missing)}")
-    extra = body.keys() - names
+    extra = body.keys() - sch.checks.keys()
     if extra:
         raise ProtocolError(f"{mtype}: unexpected fields {sorted(map(str, extra))[:5]}")
     for name, value in body.items():
-        _check(value, hints[name], f"{mtype}.{name}")
+        sch.checks[name](value, f"{mtype}.{name}")
     return cls(**body)
 
 
