@@ -238,6 +238,8 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=None, help="images in the job, a multiple of 100 (default 300)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--round-trips", type=int, default=None, help="(b) round trips (default 10000, quick 2000)")
+    ap.add_argument("--noop-queries", type=int, default=None,
+                    help="(b) queries in each noop job, a multiple of 100 (default 1000, quick 200)")
     ap.add_argument("--repeat", type=int, default=None, help="(a) rounds of native + cluster (default 3, quick 1)")
     ap.add_argument("--standby", action="store_true", help="run the cluster with a hot standby (default: none)")
     args = ap.parse_args()
@@ -245,6 +247,8 @@ def main() -> int:
     copies = max(1, math.ceil(n_images / 100))
     round_trips = args.round_trips or (2000 if args.quick else 10_000)
     repeat = args.repeat or (1 if args.quick else 3)
+    noop_copies = max(1, math.ceil((args.noop_queries or (200 if args.quick else 1000)) / 100))
+    raw_n = 2000 if args.quick else 10_000
     workers, threads = 2, 1
 
     files = images()
@@ -269,15 +273,17 @@ def main() -> int:
                 console.print(f"    round {r + 1}/{repeat}: native {nat_runs[-1][1] / nat_runs[-1][0]:.1f} images/s, "
                               f"cluster {clu_runs[-1]['n'] / clu_runs[-1]['seconds']:.1f} images/s")
             time.sleep(1.0)  # let the coordinator write the jobs' results to SDFS before (b)
-            console.print(f"(b) noop jobs over {len(paths)} inputs, batch 1, alternating with raw ROUTER->DEALER")
-            run_job(cluster, "tp/0/img_00*", 1, model=NOOP)  # warm-up: workers read their replicas once
-            task_size, result_size = message_sizes("tp/")
+            n_noop, put_s = put_copies(cluster, noop_copies, "np")
+            console.print(f"(b) noop jobs over {n_noop} inputs (put in {put_s:.1f}s), batch 1, alternating with "
+                          f"{raw_n} raw ROUTER->DEALER round trips")
+            run_job(cluster, "np/0/img_00*", 1, model=NOOP)  # warm-up, untimed
+            task_size, result_size = message_sizes("np/")
             noop_runs: list[dict] = []
             raw_runs: list[float] = []
             for r in range(repeat):
-                raw_runs.append(len(paths) / raw_dispatch(len(paths), workers, cluster.config().worker_credit,
-                                                          task_size, result_size))
-                noop_runs.append(run_job(cluster, "tp/", 1, model=NOOP))
+                raw_runs.append(raw_n / raw_dispatch(raw_n, workers, cluster.config().worker_credit,
+                                                     task_size, result_size))
+                noop_runs.append(run_job(cluster, "np/", 1, model=NOOP))
                 console.print(f"    round {r + 1}/{repeat}: raw {raw_runs[-1]:,.0f} round trips/s, noop job "
                               f"{noop_runs[-1]['n'] / noop_runs[-1]['seconds']:,.0f} queries/s")
             time.sleep(1.0)
@@ -306,7 +312,7 @@ def main() -> int:
     noop_rates = [r["n"] / r["seconds"] for r in noop_runs]
     noop_rate, raw_rate = statistics.median(noop_rates), statistics.median(raw_runs)
     table(
-        f"(b) dispatch rate: {len(paths)} queries, batch 1, {workers} workers x credit "
+        f"(b) dispatch rate: {n_noop} queries a job, batch 1, {workers} workers x credit "
         f"{cluster.config().worker_credit} (median of {repeat} alternating rounds)",
         ["path", "per round / s", "median / s", "us per query", "x raw"],
         [
