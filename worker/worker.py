@@ -152,8 +152,9 @@ class Worker:
     def start(self) -> None:
         # Load torch before the first Join, on this thread: dlopen of libtorch holds the GIL for
         # seconds on a cold page cache, and done lazily in the compute thread it starved the loop,
-        # so a freshly joined worker missed its heartbeats and was declared failed.
-        import models  # noqa: F401, PLC0415
+        # so a freshly joined worker missed its heartbeats and was declared failed. torchvision and
+        # the models (about as long again, but in short GIL slices) still load off the loop.
+        import torch  # noqa: F401, PLC0415
 
         self.storage.start()
         self.executor.start()
