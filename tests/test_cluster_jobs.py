@@ -186,10 +186,11 @@ def test_metrics_match_commands_and_report_has_every_series(make_cluster, tmp_pa
                 out[key] = float(value)
         return out
 
-    def settled():
+    def settled():  # the snapshot behind /metrics is refreshed about once a second
         m = scrape()
-        key = f'idunno_queries_completed_total{{job="{a}",model="mobilenet_v3_small"}}'
-        return m if m.get(key) == 16 else None
+        keys = [f'idunno_queries_completed_total{{job="{j}",model="{model}"}}'
+                for j, model in ((a, "mobilenet_v3_small"), (b, "alexnet"))]
+        return m if all(m.get(k) == 16 for k in keys) else None
 
     m = wait_for(settled, timeout=10, what="metrics to catch up")
     completed = c.ctl("completed")
