@@ -85,8 +85,6 @@ class Executor:
 
     # -- fetch stage ---------------------------------------------------------------------------
     def _fetch_loop(self) -> None:
-        from models import NOOP_MODEL  # noqa: PLC0415 - torch stays out of module import (CLI start-up)
-
         client = SdfsClient(self.cfg, self.coordinators_fn(), self.ctx)
         try:
             while not self.stop_event.is_set():
@@ -94,6 +92,10 @@ class Executor:
                 if item is None:
                     break
                 task, gen = item
+                # Imported on the first task, not at thread start: torchvision would load while the
+                # node serves its first SDFS puts (and the CLI never pays for it at module import).
+                from models import NOOP_MODEL  # noqa: PLC0415
+
                 images, errors = [], []
                 decode = task.model.strip().lower() != NOOP_MODEL
                 for q in task.queries:
