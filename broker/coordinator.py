@@ -531,7 +531,14 @@ class Coordinator:
                 self.on_job_done(job)
 
     def _op_task_requeue(self, d: dict[str, Any], now: float) -> None:
+        task = self.jobs.tasks.get(d["task_id"])
+        job = self.jobs.jobs.get(task.job_id) if task is not None else None
+        before = len(job.pending) if job is not None else 0
         self.jobs.requeue(d["task_id"])
+        if job is not None and self.role == PRIMARY and len(job.pending) > before:
+            # The job was charged when these queries went out; charging their re-dispatch again
+            # would hand its share to the other jobs after every worker failure.
+            self.scheduler.refund(job.job_id, len(job.pending) - before, job.weight)
 
     def _op_member(self, d: dict[str, Any], now: float) -> None:
         self.registry.apply(d["event"], d["member"], d["seq"], d["epoch"], now)

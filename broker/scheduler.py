@@ -4,6 +4,8 @@ Fair-time policy (start-time fair queueing over images): every job has a virtual
 by ``images / weight`` each time it is dispatched; a free slot goes to the backlogged job with the
 smallest virtual time. A job that becomes backlogged (a new job, or one that was idle) starts at
 the current minimum, so it is served at once but cannot claim credit for the time it was absent.
+Queries that come back unanswered (their worker failed, or the task timed out) are refunded when
+they are re-queued, so a worker failure does not cost the job it was serving part of its share.
 
 Equal images per unit of virtual time means equal query rates: the expensive model's batches take
 longer, so it automatically receives more worker time, in proportion to its measured cost, on
@@ -51,6 +53,11 @@ class FairTimeScheduler:
     def charge(self, job_id: str, images: int, weight: float) -> None:
         self.vtime[job_id] = self.vtime.get(job_id, 0.0) + images / max(weight, 1e-9)
 
+    def refund(self, job_id: str, images: int, weight: float) -> None:
+        """Undo the charge of queries that were dispatched but came back unanswered (re-queued)."""
+        if job_id in self.vtime:
+            self.vtime[job_id] -= images / max(weight, 1e-9)
+
     def forget(self, job_id: str) -> None:
         self.vtime.pop(job_id, None)
         self.backlogged.discard(job_id)
@@ -63,6 +70,9 @@ class RoundRobinScheduler(FairTimeScheduler):
 
     def charge(self, job_id: str, images: int, weight: float) -> None:
         super().charge(job_id, 1, 1.0)
+
+    def refund(self, job_id: str, images: int, weight: float) -> None:
+        super().refund(job_id, 1, 1.0)
 
 
 SCHEDULERS = {cls.name: cls for cls in (FairTimeScheduler, RoundRobinScheduler)}

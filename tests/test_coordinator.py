@@ -93,6 +93,25 @@ def test_worker_failure_requeues_and_every_input_gets_exactly_one_result():
     assert any(isinstance(decode(b), Rejoin) for i, b in sim.net.outbox if i == victim.encode())
 
 
+def test_a_worker_failure_does_not_cost_the_job_it_was_serving_its_share():
+    """Queries lost with a worker are re-run without being charged twice to their job."""
+    cfg = Config(heartbeat_interval=0.5, liveness=3, task_timeout_min=1e6)
+    sim = SimCluster({CHEAP: 0.05, "cheap2": 0.05}, speeds=[1, 1, 1, 1], cfg=cfg)
+    sim.add_inputs("in", 400)
+    a = sim.command("submit", model=CHEAP, inputs="in/", batch=8)["job_id"]
+    b = sim.command("submit", model="cheap2", inputs="in/", batch=8)["job_id"]
+    sim.command("start")
+    sim.run_until(3.0)
+    victims = [w for w in sim.workers
+               if sim.core.jobs.tasks_of(w) and all(t.job_id == a for t in sim.core.jobs.tasks_of(w))]
+    assert sum(len(t.indexes) for v in victims for t in sim.core.jobs.tasks_of(v)) >= 16
+    for v in victims:
+        sim.kill(v)
+    sim.run_until(12.0)
+    done_a, done_b = (sim.core.jobs.jobs[j].stats.images_between(0, 12) for j in (a, b))
+    assert done_a == pytest.approx(done_b, abs=8)  # charged twice, job a would trail by all it lost
+
+
 def test_duplicate_results_are_counted_once():
     sim = SimCluster({CHEAP: 0.01}, speeds=[1])
     sim.add_inputs("in", 8)
