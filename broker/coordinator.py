@@ -85,7 +85,8 @@ class WorkerSlot:
     # tasks on the wire therefore cannot hand the worker more than its slots.
     slots: int = 0
     ready: bool = False  # no dispatch before the worker's first Ready after a (re)join
-    outstanding: set[str] = field(default_factory=set)  # task ids sent and not yet answered
+    # Task ids sent (or held across a re-attach) and not yet answered, with the time they were added.
+    outstanding: dict[str, float] = field(default_factory=dict)
     models: tuple[str, ...] = ()
     cost: float = 0.0  # EWMA seconds per image (any model) on this worker
 
@@ -115,6 +116,7 @@ class Coordinator:
         self.term = term
         self.registry = MemberRegistry(cfg.failure_timeout)
         self.slots: dict[str, WorkerSlot] = {}
+        self.charged: dict[str, int] = {}  # task id -> images the scheduler was charged (primary only)
         self.master = SdfsMaster(cfg, self.storage_nodes, db_path, journal=self.journal)
         self.jobs = JobTable()
         self.scheduler = make_scheduler(scheduler)
@@ -253,12 +255,26 @@ class Coordinator:
             log.warning("task %s on %s timed out; re-queued", task.task_id, task.worker)
             slot = self.slots.get(task.worker)
             if slot is not None:
-                slot.outstanding.discard(task.task_id)  # or a lost Task would hold its slot forever
+                slot.outstanding.pop(task.task_id, None)  # or a lost Task would hold its slot forever
             self.emit("task.requeue", {"task_id": task.task_id}, now)
+        self._expire_unknown_outstanding(now)
         if now >= self.next_repair:
             self.next_repair = now + self.cfg.repair_interval
             self.send_outbox(self.master.repair(now))
         self.dispatch(now)
+
+    def _expire_unknown_outstanding(self, now: float) -> None:
+        """Free slots held by task ids we have no task for (listed in a Join, answered elsewhere).
+
+        Known tasks leave ``outstanding`` on their result or their timeout; an id this coordinator
+        never dispatched would otherwise keep its slot until a result that may never come here.
+        """
+        for node, slot in self.slots.items():
+            stale = [t for t, since in slot.outstanding.items()
+                     if t not in self.jobs.tasks and now - since > self.cfg.task_timeout_min]
+            for t in stale:
+                log.warning("no result for %s from %s in %.0fs: freeing its slot", t, node, self.cfg.task_timeout_min)
+                del slot.outstanding[t]
 
     def next_deadline(self, now: float) -> float:
         deadlines = [self.next_heartbeat, self.next_repair if self.role == PRIMARY else now + 1.0]
@@ -297,7 +313,7 @@ class Coordinator:
             self.publish_member(ev, now)
             self.event("join", m.node_id, now)
         # Credit comes with the worker's Ready; results of the tasks it still holds will return credit.
-        self.slots[m.node_id] = WorkerSlot(outstanding=set(m.inflight))
+        self.slots[m.node_id] = WorkerSlot(outstanding=dict.fromkeys(m.inflight, now))
         self.net.send(ident, Welcome(m.node_id, self.term, self.registry.epoch))
         self.send_outbox(self.master.node_report(m.node_id, m.store))
         # Tasks the node still works on keep their queries out of the pending queue.
@@ -305,6 +321,9 @@ class Coordinator:
         for task in self.jobs.tasks_of(m.node_id):
             if task.task_id not in live_tasks:
                 self.emit("task.requeue", {"task_id": task.task_id}, now)
+            elif (job := self.jobs.jobs.get(task.job_id)) is not None:
+                # A takeover restored it with the minimum timeout; a long batch deserves its own.
+                task.deadline = max(task.deadline, now + self.task_timeout(job, m.node_id))
 
     def on_heartbeat(self, ident: bytes, m: Heartbeat, now: float) -> None:
         if not self.registry.heartbeat(m.node_id, now, m.busy):
@@ -397,12 +416,14 @@ class Coordinator:
         """Give every free worker slot a batch from the job the scheduler picks."""
         if self.role != PRIMARY:
             return
+        unreachable: set[str] = set()  # for this pass only: a failed send is usually a reconnect
         while True:
             backlog = self.jobs.backlogged()
             if not backlog:
                 return
             free = [
-                (node, s) for node, s in self.slots.items() if s.credit > 0 and self.registry.is_alive(node)
+                (node, s) for node, s in self.slots.items()
+                if s.credit > 0 and node not in unreachable and self.registry.is_alive(node)
             ]
             if not free:
                 return
@@ -423,12 +444,13 @@ class Coordinator:
             task = self.jobs.tasks[task_id]
             task.deadline = now + self.task_timeout(job, node)
             queries = [{"qid": job.qid(i), "input": job.inputs[i][0], "version": job.inputs[i][1]} for i in indexes]
-            slot.outstanding.add(task_id)
+            slot.outstanding[task_id] = now
             self.scheduler.charge(job.job_id, n, job.weight)
+            self.charged[task_id] = n
             if not self.net.send(node.encode(), Task(task_id, job.job_id, job.model, self.term, queries)):
                 log.warning("worker %s unreachable; task %s re-queued", node, task_id)
-                slot.ready = False  # until it announces itself again
-                slot.outstanding.discard(task_id)
+                unreachable.add(node)
+                slot.outstanding.pop(task_id, None)
                 self.emit("task.requeue", {"task_id": task_id}, now)
 
     def on_result(self, ident: bytes, m: TaskResult, now: float) -> None:
@@ -439,7 +461,7 @@ class Coordinator:
         task = self.jobs.tasks.get(m.task_id)
         slot = self.slots.get(m.node_id)
         if slot is not None:
-            slot.outstanding.discard(m.task_id)
+            slot.outstanding.pop(m.task_id, None)
         job = self.jobs.jobs.get(m.job_id)
         if job is None:
             return
@@ -520,6 +542,7 @@ class Coordinator:
             missing = [i for i in task.indexes if i not in job.results]
             if missing:
                 job.pending.extendleft(reversed(missing))
+            self._refund(task.task_id, job, len(missing))
         errors = sum(1 for r in fresh.values() if r.get("error"))
         if fresh:
             job.stats.record(len(fresh), errors, d["latency"], d["elapsed"], d["ts"], d.get("worker", ""))
@@ -535,10 +558,16 @@ class Coordinator:
         job = self.jobs.jobs.get(task.job_id) if task is not None else None
         before = len(job.pending) if job is not None else 0
         self.jobs.requeue(d["task_id"])
-        if job is not None and self.role == PRIMARY and len(job.pending) > before:
-            # The job was charged when these queries went out; charging their re-dispatch again
-            # would hand its share to the other jobs after every worker failure.
-            self.scheduler.refund(job.job_id, len(job.pending) - before, job.weight)
+        if job is not None:
+            self._refund(d["task_id"], job, len(job.pending) - before)
+
+    def _refund(self, task_id: str, job: Job, requeued: int) -> None:
+        """The job was charged when these queries went out; charging their re-dispatch again would
+        hand its share to the other jobs after every worker failure. Only what this coordinator
+        charged is refunded (a standby charged nothing; a new primary did not charge restored tasks)."""
+        charged = self.charged.pop(task_id, 0)
+        if charged and requeued > 0:
+            self.scheduler.refund(job.job_id, min(charged, requeued), job.weight)
 
     def _op_member(self, d: dict[str, Any], now: float) -> None:
         self.registry.apply(d["event"], d["member"], d["seq"], d["epoch"], now)
@@ -598,6 +627,7 @@ class Coordinator:
         for task in self.jobs.tasks.values():
             task.deadline = now + self.cfg.task_timeout_min
         self.slots = {}  # until each worker re-attaches and announces its credit
+        self.charged = {}  # restored tasks were charged by the old primary, not by us
         self.next_repair = now + self.cfg.failure_timeout
         self.next_heartbeat = now  # announce the new term at once: workers switch on hearing it
         log.warning("promoted to primary with term %d", self.term)

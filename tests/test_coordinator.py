@@ -9,7 +9,7 @@ from broker.coordinator import STANDBY, Coordinator
 from broker.stats import rate_gap
 from common.commands import COMMANDS
 from common.config import Config
-from common.protocol import Error, Heartbeat, Leave, Ok, Rejoin, TaskResult, Topic, decode
+from common.protocol import Error, Heartbeat, Leave, Ok, Rejoin, Task, TaskResult, Topic, decode
 
 CHEAP, DEAR = "cheap", "dear"
 
@@ -305,3 +305,40 @@ def test_a_repeated_ready_does_not_overcommit_the_worker():
     for _ in range(3):
         sim.deliver(node, Ready(node, 2, []))
         assert _held(sim, node) == 2
+
+
+def test_a_failed_task_send_does_not_strand_the_worker():
+    """A send that fails once (a reconnect) skips the worker for that pass only."""
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1])
+    node = next(iter(sim.workers))
+    real_send, failed = sim.net.send, []
+
+    def flaky(identity: bytes, msg) -> bool:
+        if isinstance(msg, Task) and not failed:
+            failed.append(msg.task_id)
+            return False
+        return real_send(identity, msg)
+
+    sim.net.send = flaky
+    sim.add_inputs("in", 40)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    assert failed
+    sim.run_until(1.0)  # the loop's next tick dispatches again (the sim ticks at the end of a run)
+    sim.run_until(30.0)  # no Ready is sent again: the worker keeps its slots by its results alone
+    j = sim.core.jobs.jobs[job]
+    assert j.state == "done" and sorted(j.results) == list(range(40))
+    assert sim.core.slots[node].credit == sim.cfg.worker_credit
+
+
+def test_an_unknown_task_listed_at_reattach_frees_its_slot_after_the_task_timeout():
+    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=30.0, worker_credit=2)
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1], cfg=cfg)
+    node = next(iter(sim.workers))
+    from common.protocol import Join, Ready  # noqa: PLC0415
+
+    # Its result was acknowledged by another coordinator: this one never hears of it again.
+    sim.deliver(node, Join(node, "worker", node.split("@")[0], inflight=["t9.1-job9-elsewhere"]))
+    sim.deliver(node, Ready(node, 2, []))
+    assert sim.core.slots[node].credit == 1
+    sim.run_until(31.0)
+    assert sim.core.slots[node].credit == 2
