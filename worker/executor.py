@@ -92,12 +92,15 @@ class Executor:
                 if item is None:
                     break
                 task, gen = item
-                # Imported on the first task, not at thread start: torchvision would load while the
-                # node serves its first SDFS puts (and the CLI never pays for it at module import).
-                from models import NOOP_MODEL  # noqa: PLC0415
+                try:
+                    # Imported on the first task, not at thread start: torchvision would load while
+                    # the node serves its first SDFS puts (and the CLI never pays for it at import).
+                    from models import NOOP_MODEL  # noqa: PLC0415
 
+                    decode = task.model.strip().lower() != NOOP_MODEL
+                except Exception:  # a broken install: each query below gets the import error as its result
+                    decode = True
                 images, errors = [], []
-                decode = task.model.strip().lower() != NOOP_MODEL
                 for q in task.queries:
                     try:
                         images.append(self._load(client, str(q.get("input")), int(q.get("version", 0)), decode))
@@ -140,10 +143,10 @@ class Executor:
             return self.models[name]
         if name in self.model_errors:
             raise RuntimeError(self.model_errors[name])
-        from models import NOOP_MODEL, get_classifier  # noqa: PLC0415
-
-        weights = None if name.strip().lower() == NOOP_MODEL else self._weights_from_sdfs(name)
         try:
+            from models import NOOP_MODEL, get_classifier  # noqa: PLC0415
+
+            weights = None if name.strip().lower() == NOOP_MODEL else self._weights_from_sdfs(name)
             clf = get_classifier(name, weights_path=weights, num_threads=self.cfg.torch_threads)
         except Exception as exc:
             self.model_errors[name] = f"cannot load model {name!r}: {exc}"
@@ -172,7 +175,7 @@ class Executor:
         for name in filter(None, (m.strip() for m in self.cfg.preload_models.split(","))):
             try:
                 self._model(name)
-            except RuntimeError as exc:
+            except Exception as exc:  # the compute thread must survive it: tasks get the error instead
                 log.warning("preloading %s failed: %s", name, exc)
 
     def _compute_loop(self) -> None:
