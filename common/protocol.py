@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-VERSION = 1
+VERSION = 2  # 2: Ready carries total `slots` (1 carried free credit); nodes of different versions refuse each other
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 
 

@@ -203,13 +203,13 @@ def test_non_bytes_frame_is_rejected() -> None:
     [
         None,
         0,
-        2,
+        VERSION - 1,
         VERSION + 1,
-        "1",
-        1.0001,
-        b"\x01",
+        str(VERSION),
+        VERSION + 0.0001,
+        bytes([VERSION]),
         pytest.param(True, id="bool-true"),
-        pytest.param(1.0, id="float-1.0"),
+        pytest.param(float(VERSION), id="float-version"),
     ],
 )
 def test_wrong_version_is_rejected(version: Any) -> None:
