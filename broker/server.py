@@ -66,9 +66,15 @@ class ZmqNet:
 class ResultWriter:
     """Writes finished jobs' results to SDFS off the loop thread (the loop must never block)."""
 
-    def __init__(self, cfg: Config, addr: str) -> None:
+    def __init__(self, cfg: Config, addr: str, spool: Path) -> None:
         self.cfg = cfg
         self.addr = addr
+        # Staging files live in the coordinator's own directory, not /tmp: a coordinator killed
+        # mid-write leaves its file where the next start (this one) removes it.
+        self.spool = spool
+        self.spool.mkdir(parents=True, exist_ok=True)
+        for stale in self.spool.glob("results-*.json"):
+            stale.unlink(missing_ok=True)
         self.queue: queue.Queue[tuple[str, list[dict]] | None] = queue.Queue()
         self.thread = threading.Thread(target=self.run, name="result-writer", daemon=True)
         self.thread.start()
@@ -84,7 +90,7 @@ class ResultWriter:
         try:
             while (item := self.queue.get()) is not None:
                 job_id, items = item
-                fd, tmp = tempfile.mkstemp(prefix="idunno-results-", suffix=".json")
+                fd, tmp = tempfile.mkstemp(prefix="results-", suffix=".json", dir=self.spool)
                 try:
                     with os.fdopen(fd, "w") as fh:
                         json.dump({"job": job_id, "results": items}, fh)
@@ -132,7 +138,7 @@ class CoordinatorServer:
         self.pull = make_socket(self.ctx, zmq.PULL, cfg.max_frame_bytes, server=True)
         self.pull.bind(tcp(offset_addr(addr, LOG_PORT_OFFSET)))
         self.net = ZmqNet(self.router, self.pub)
-        self.writer = ResultWriter(cfg, addr)
+        self.writer = ResultWriter(cfg, addr, self.data_dir / "spool")
         stored_term = self._load_term()
         role = STANDBY if standby else (PROBING if self.peer else PRIMARY)
         self.core = Coordinator(
