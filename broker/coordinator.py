@@ -253,9 +253,6 @@ class Coordinator:
             self.member_gone(ev, now)
         for task in [t for t in self.jobs.tasks.values() if t.deadline < now]:
             log.warning("task %s on %s timed out; re-queued", task.task_id, task.worker)
-            slot = self.slots.get(task.worker)
-            if slot is not None:
-                slot.outstanding.pop(task.task_id, None)  # or a lost Task would hold its slot forever
             self.emit("task.requeue", {"task_id": task.task_id}, now)
         self._expire_unknown_outstanding(now)
         if now >= self.next_repair:
@@ -450,7 +447,6 @@ class Coordinator:
             if not self.net.send(node.encode(), Task(task_id, job.job_id, job.model, self.term, queries)):
                 log.warning("worker %s unreachable; task %s re-queued", node, task_id)
                 unreachable.add(node)
-                slot.outstanding.pop(task_id, None)
                 self.emit("task.requeue", {"task_id": task_id}, now)
 
     def on_result(self, ident: bytes, m: TaskResult, now: float) -> None:
@@ -555,6 +551,10 @@ class Coordinator:
 
     def _op_task_requeue(self, d: dict[str, Any], now: float) -> None:
         task = self.jobs.tasks.get(d["task_id"])
+        if task is not None and (slot := self.slots.get(task.worker)) is not None:
+            # Re-queued (timeout, failed send): it no longer holds a slot, or a lost Task would
+            # hold it forever.
+            slot.outstanding.pop(task.task_id, None)
         job = self.jobs.jobs.get(task.job_id) if task is not None else None
         before = len(job.pending) if job is not None else 0
         self.jobs.requeue(d["task_id"])
