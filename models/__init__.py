@@ -15,6 +15,7 @@ from .predict import (
     clear_cache,
     decode_image,
     get_classifier,
+    is_noop,
     resnet_predict,
 )
 from .registry import ALIASES, list_models, resolve_name
@@ -31,6 +32,7 @@ __all__ = [
     "clear_cache",
     "decode_image",
     "get_classifier",
+    "is_noop",
     "list_models",
     "resnet_predict",
     "resolve_name",

@@ -65,6 +65,11 @@ def _read_state_dict(name: str, path: str) -> dict[str, Any]:
 NOOP_MODEL = "noop"
 
 
+def is_noop(name: str) -> bool:
+    """Whether ``name`` (as a user may spell it) is the :class:`NoopClassifier`."""
+    return name.strip().lower() == NOOP_MODEL
+
+
 class Classifier:
     """One torchvision ImageNet classifier with its matching preprocessing.
 
@@ -187,7 +192,7 @@ def get_classifier(name: str, weights_path: str | None = None, **kwargs: Any) ->
     One instance per (model name, weights_path, seed); ``num_threads`` only
     applies when the instance is first built. ``noop`` gives the :class:`NoopClassifier`.
     """
-    if name.strip().lower() == NOOP_MODEL:
+    if is_noop(name):
         return _NOOP  # type: ignore[return-value] - same predict/predict_batch interface
     resolved = registry.resolve_name(name)
     path = os.path.abspath(weights_path) if weights_path is not None else None

@@ -95,9 +95,9 @@ class Executor:
                 try:
                     # Imported on the first task, not at thread start: torchvision would load while
                     # the node serves its first SDFS puts (and the CLI never pays for it at import).
-                    from models import NOOP_MODEL  # noqa: PLC0415
+                    from models import is_noop  # noqa: PLC0415
 
-                    decode = task.model.strip().lower() != NOOP_MODEL
+                    decode = not is_noop(task.model)
                 except Exception:  # a broken install: each query below gets the import error as its result
                     decode = True
                 images, errors = [], []
@@ -144,9 +144,9 @@ class Executor:
         if name in self.model_errors:
             raise RuntimeError(self.model_errors[name])
         try:
-            from models import NOOP_MODEL, get_classifier  # noqa: PLC0415
+            from models import get_classifier, is_noop  # noqa: PLC0415
 
-            weights = None if name.strip().lower() == NOOP_MODEL else self._weights_from_sdfs(name)
+            weights = None if is_noop(name) else self._weights_from_sdfs(name)
             clf = get_classifier(name, weights_path=weights, num_threads=self.cfg.torch_threads)
         except Exception as exc:
             self.model_errors[name] = f"cannot load model {name!r}: {exc}"
