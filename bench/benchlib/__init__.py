@@ -185,26 +185,24 @@ def put_copies(cluster: LocalCluster, copies: int, prefix: str = "copies") -> tu
     return len(items), time.perf_counter() - t0
 
 
-def vm_hwm_kib(pid: int) -> int | None:
+def _proc_status_kib(pid: int, key: str) -> int | None:
+    """One ``kB`` field of /proc/<pid>/status, or None if the process is gone."""
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def vm_hwm_kib(pid: int) -> int | None:
+    return _proc_status_kib(pid, "VmHWM:")
 
 
 def vm_rss_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return _proc_status_kib(pid, "VmRSS:")
 
 
 def wait_memory_settled(pids: list[int], hold: float = 3.0, tolerance_kib: int = 5 * 1024,

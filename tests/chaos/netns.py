@@ -178,6 +178,10 @@ class NetnsCluster:
     def alive_workers(self) -> list[dict[str, Any]]:
         return [m for m in self.ctl("members")["members"] if m["state"] == "alive" and m["role"] == "worker"]
 
+    def alive_addrs(self) -> set[str]:
+        """Data addresses of the live workers (a node keeps its address across incarnations)."""
+        return {m["data_addr"] for m in self.alive_workers()}
+
     def workers(self) -> list[Node]:
         return [n for n in self.nodes if n.role == "worker" and n.popen.poll() is None]
 

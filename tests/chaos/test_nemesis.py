@@ -72,14 +72,14 @@ def test_partitioned_worker_for_10s_then_healed(hosts):
     c.net.partition(victim.host)
     h.record("partition", node=victim.addr)
     t0 = time.monotonic()
-    wait_for(lambda: victim.addr not in {m["data_addr"] for m in c.alive_workers()}, timeout=10, interval=0.5,
+    wait_for(lambda: victim.addr not in c.alive_addrs(), timeout=10, interval=0.5,
              what="partitioned node declared failed")
     detected = time.monotonic() - t0
     time.sleep(max(0.0, 10 - detected))  # the nemesis holds the partition for 10 s
     c.net.heal(victim.host)
     h.record("heal", node=victim.addr)
     t_heal = time.monotonic()
-    wait_for(lambda: victim.addr in {m["data_addr"] for m in c.alive_workers()}, timeout=20, interval=0.5,
+    wait_for(lambda: victim.addr in c.alive_addrs(), timeout=20, interval=0.5,
              what="healed node rejoins (as a new incarnation)")
     rejoined = time.monotonic() - t_heal
     wait_done(c, job)
@@ -135,7 +135,7 @@ def test_gray_failure_sigstop_10s(hosts):
     victim.popen.send_signal(signal.SIGCONT)
     h.record("sigcont", node=victim.addr)
     t0 = time.monotonic()
-    wait_for(lambda: victim.addr in {m["data_addr"] for m in c.alive_workers()}, timeout=20, interval=0.5,
+    wait_for(lambda: victim.addr in c.alive_addrs(), timeout=20, interval=0.5,
              what="stopped node back as a new incarnation")
     back = time.monotonic() - t0
     wait_done(c, job)
