@@ -23,6 +23,7 @@ from broker.scheduler import Candidate, make_scheduler
 from broker.stats import rate_gap, summarize
 from common.commands import COMMANDS
 from common.config import Config
+from common.failure_detector import LOCAL_STALL
 from common.identity import split_node_id
 from common.membership import Member, MemberRegistry, MembershipEvent
 from common.protocol import (
@@ -114,7 +115,7 @@ class Coordinator:
         self.net = net
         self.role = role
         self.term = term
-        self.registry = MemberRegistry(cfg.failure_timeout)
+        self.registry = MemberRegistry(cfg.detector_params())
         self.slots: dict[str, WorkerSlot] = {}
         self.charged: dict[str, int] = {}  # task id -> images the scheduler was charged (primary only)
         self.master = SdfsMaster(cfg, self.storage_nodes, db_path, journal=self.journal)
@@ -128,7 +129,7 @@ class Coordinator:
         self.busy_seconds: dict[str, float] = {}  # compute time per worker (metrics)
         self.failures_detected = 0
         self.last_vote = -1e9  # last time a worker asked this (non-primary) coordinator for service
-        self.last_tick = float("inf")  # no stall before the first tick
+        self.max_stall = 0.0  # longest gap between two iterations of the socket loop (metric)
         self.events: list[dict[str, Any]] = []  # timeline for reports: job added, worker failed, ...
         self.handlers: dict[type[Message], Callable[[bytes, Any, float], None]] = {
             Join: self.on_join,
@@ -229,7 +230,7 @@ class Coordinator:
         elif isinstance(msg, (Join, Heartbeat)):
             self.net.send(ident, Error(0, ErrorCode.NOT_PRIMARY, f"{self.addr} is {self.role}"))
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float, expire: bool = True) -> None:
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.cfg.heartbeat_interval
             self.net.publish(
@@ -238,18 +239,13 @@ class Coordinator:
                     self.addr, self.role, self.term, self.registry.epoch, self.registry.seq, self.state_seq
                 ),
             )
-        stalled = now - self.last_tick
-        self.last_tick = now
         if self.role != PRIMARY:
             return
-        if stalled > self.cfg.failure_timeout:
-            # This process was frozen (SIGSTOP, swap, long pause): the silence is ours, not the
-            # members'. Grant everyone a fresh timeout instead of declaring the whole cluster dead.
-            log.warning("coordinator loop stalled for %.1fs; not blaming members for it", stalled)
-            self.registry.touch_all(now)
+        if not expire:
+            return  # a backlog of unread messages may hold heartbeats: read them before blaming anyone
         for ev in self.registry.expire(now):
             self.failures_detected += 1
-            log.warning("member %s failed (no heartbeat for %.1fs)", ev.member.node_id, self.registry.timeout)
+            log.warning("member %s failed (silent for %.2fs)", ev.member.node_id, now - ev.member.last_seen)
             self.member_gone(ev, now)
         for task in [t for t in self.jobs.tasks.values() if t.deadline < now]:
             log.warning("task %s on %s timed out; re-queued", task.task_id, task.worker)
@@ -259,6 +255,18 @@ class Coordinator:
             self.next_repair = now + self.cfg.repair_interval
             self.send_outbox(self.master.repair(now))
         self.dispatch(now)
+
+    def loop_stalled(self, seconds: float) -> None:
+        """The socket loop reports a gap between two of its iterations (``run`` measures it).
+
+        A stalled loop (SIGSTOP, swap, CPU starvation, a long message) left heartbeats waiting in
+        our socket: they are not late, so the stall is not counted against any member.
+        """
+        self.max_stall = max(self.max_stall, seconds)
+        if seconds > LOCAL_STALL:
+            if seconds > self.cfg.heartbeat_interval:
+                log.warning("coordinator loop stalled for %.2fs; not blaming members for it", seconds)
+            self.registry.excuse_all(seconds)
 
     def _expire_unknown_outstanding(self, now: float) -> None:
         """Free slots held by task ids we have no task for (listed in a Join, answered elsewhere).
@@ -669,7 +677,8 @@ class Coordinator:
 
     def cmd_info(self, args: dict[str, Any], now: float) -> Any:
         return {"sdfs": self.master.info(), "members": len(self.registry.alive()), "term": self.term,
-                "role": self.role}
+                "role": self.role, "failures_detected": self.failures_detected,
+                "loop_stall_max": round(self.max_stall, 3), "heartbeat_gap_max": round(self.registry.max_gap(), 3)}
 
     def cmd_pending(self, args: dict[str, Any], now: float) -> Any:
         return {
@@ -815,6 +824,8 @@ class Coordinator:
             "members": [m.public() for m in self.registry.members.values()],
             "busy_seconds": dict(self.busy_seconds),
             "failures_detected": self.failures_detected,
+            "loop_stall_max": self.max_stall,
+            "heartbeat_gap_max": self.registry.max_gap(),
             "sdfs": self.master.info(),
             "role": self.role,
             "term": self.term,

@@ -57,6 +57,12 @@ class CoordinatorCollector(Collector):
         yield busy
         yield CounterMetricFamily("idunno_failures_detected", "Members declared failed",
                                   value=snap["failures_detected"])
+        yield GaugeMetricFamily("idunno_loop_stall_max_seconds",
+                                "Longest gap between two iterations of the coordinator loop since it started",
+                                value=snap["loop_stall_max"])
+        yield GaugeMetricFamily("idunno_heartbeat_gap_max_seconds",
+                                "Longest heartbeat silence a live member recovered from",
+                                value=snap["heartbeat_gap_max"])
         sdfs = snap["sdfs"]
         yield GaugeMetricFamily("idunno_sdfs_files", "Files in SDFS", value=sdfs["files"])
         yield GaugeMetricFamily("idunno_sdfs_under_replicated", "Versions below the replication target",

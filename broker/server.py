@@ -28,6 +28,7 @@ import zmq
 from broker.coordinator import PRIMARY, PROBING, STANDBY, Coordinator
 from broker.jobs import Job
 from common.config import Config
+from common.failure_detector import LOCAL_STALL, PhiAccrual
 from common.logstream import LOG_PORT_OFFSET, PUB_PORT_OFFSET
 from common.loop import run_until_stopped
 from common.protocol import (
@@ -43,6 +44,9 @@ from common.rpc import next_req
 from common.transport import host_port, make_socket, offset_addr, router_send, tcp, try_decode
 
 log = logging.getLogger("idunno.coordinator.server")
+
+# How long one drain of the ROUTER may run before the loop ticks (timers, failure detection).
+DRAIN_BUDGET = 0.05
 
 
 class ZmqNet:
@@ -148,9 +152,11 @@ class CoordinatorServer:
         if role == PRIMARY:
             self._save_term()
         self.started = time.monotonic()
+        self.last_expiry = self.started
         self.peer_sub: zmq.Socket | None = None
         self.peer_dealer: zmq.Socket | None = None
-        self.peer_seen = -1e9
+        self.peer_fd: PhiAccrual | None = None  # adaptive detector over the peer's heartbeats
+        self.last_step = self.started
         self.peer_role = ""
         self.peer_term = 0
         self.snapshot_req: int | None = None
@@ -186,19 +192,32 @@ class CoordinatorServer:
 
     # -- loop -----------------------------------------------------------------------------------
     def step(self, now: float) -> None:
+        gap = now - self.last_step
+        self.last_step = now
+        self.core.loop_stalled(gap)
+        if gap > LOCAL_STALL and self.peer_fd is not None:
+            self.peer_fd.excuse(gap)  # our own stall is not the peer's silence
         timeout = max(0.0, min(0.1, self.core.next_deadline(now) - now))
-        for sock, _ in self.poller.poll(int(timeout * 1000)):
-            if sock is self.router:
-                self._drain_router()
-            elif sock is self.pull:
-                self._drain_logs()
-            elif sock is self.peer_sub:
-                self._drain_peer_sub()
-            elif sock is self.peer_dealer:
-                self._drain_peer_dealer()
+        backlog = False
+        # Membership and control traffic first: the ROUTER (heartbeats, results, requests) and the
+        # peer's heartbeats, then bulk log records. Each drain is bounded, so no socket starves another.
+        ready = dict(self.poller.poll(int(timeout * 1000)))
+        if self.peer_sub in ready:
+            self._drain_peer_sub()
+        if self.router in ready:
+            backlog = self._drain_router()
+        if self.peer_dealer in ready:
+            self._drain_peer_dealer()
+        if self.pull in ready:
+            self._drain_logs()
         now = time.monotonic()
         self._failover_rules(now)
-        self.core.tick(now)
+        # With unread messages left (the drain hit its budget), heartbeats may be among them: read on
+        # before declaring anyone failed, unless the backlog has held expiry off for too long.
+        defer = backlog and now - self.last_expiry < self.cfg.failure_timeout
+        if not defer:
+            self.last_expiry = now
+        self.core.tick(now, expire=not defer)
         if self.cfg.metrics_port and now >= self.next_metrics:
             self.next_metrics = now + 1.0
             self.metrics = self.core.metrics_snapshot(now)
@@ -215,12 +234,16 @@ class CoordinatorServer:
             if s is not None:
                 s.close(0)
 
-    def _drain_router(self) -> None:
-        for _ in range(256):
+    def _drain_router(self) -> bool:
+        """Handle waiting messages for at most DRAIN_BUDGET seconds; True if some are left unread."""
+        budget_end = time.monotonic() + DRAIN_BUDGET
+        for _ in range(1024):
+            if time.monotonic() > budget_end:
+                return True
             try:
                 frames = self.router.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return False
             if len(frames) != 2:
                 log.warning("dropped message with %d frames", len(frames))
                 continue
@@ -228,9 +251,13 @@ class CoordinatorServer:
             msg = try_decode(frame, self.cfg.max_frame_bytes, f"peer {ident[:40]!r}")
             if msg is not None:
                 self.core.handle(ident, msg, time.monotonic())
+        return True
 
     def _drain_logs(self) -> None:
+        budget_end = time.monotonic() + DRAIN_BUDGET / 2  # logs are bulk: they never hold up the loop
         for _ in range(1000):
+            if time.monotonic() > budget_end:
+                return
             try:
                 frame = self.pull.recv(flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -252,7 +279,11 @@ class CoordinatorServer:
                 continue
             msg = try_decode(frames[1], self.cfg.max_frame_bytes, "peer coordinator")
             if isinstance(msg, CoordinatorHeartbeat):
-                self.peer_seen = time.monotonic()
+                heard = time.monotonic()
+                if self.peer_fd is None:
+                    self.peer_fd = PhiAccrual(self.cfg.detector_params(self.cfg.failover_timeout), heard)
+                else:
+                    self.peer_fd.heartbeat(heard)
                 self.peer_role, self.peer_term = msg.role, msg.term
             elif isinstance(msg, StateUpdate):
                 self._on_state_update(msg)
@@ -303,7 +334,7 @@ class CoordinatorServer:
 
     def _failover_rules(self, now: float) -> None:
         core = self.core
-        peer_alive = now - self.peer_seen < self.cfg.failover_timeout
+        peer_alive = self.peer_fd is not None and not self.peer_fd.failed(now)
         if core.role == PROBING:
             if peer_alive and self.peer_role == PRIMARY:
                 core.role = STANDBY

@@ -13,6 +13,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from common.failure_detector import DetectorParams
+
 
 @dataclass
 class Config:
@@ -22,7 +24,14 @@ class Config:
     standby: str = ""  # second coordinator endpoint; clients and workers try both
     # --- membership (zguide Paranoid Pirate spirit) -----------------------------------
     heartbeat_interval: float = 0.5
-    liveness: int = 3  # missed heartbeats before a peer is declared failed
+    liveness: int = 3  # heartbeat intervals of silence before a peer may be declared failed (the floor)
+    # Adaptive (phi-accrual) failure detection, see docs/failure-detection.md: a peer is declared
+    # failed after mean interval + failure_pause + z(failure_phi) * max(std, failure_min_std) seconds
+    # of silence, clamped to [heartbeat_interval * liveness, failure_max_timeout].
+    failure_phi: float = 8.0
+    failure_pause: float = 0.5
+    failure_min_std: float = 0.1
+    failure_max_timeout: float = 4.0
     # --- failover ----------------------------------------------------------------------
     failover_timeout: float = 1.5  # primary silent this long (and workers still heard) -> standby promotes
     # --- limits --------------------------------------------------------------------------
@@ -56,6 +65,18 @@ class Config:
     @property
     def failure_timeout(self) -> float:
         return self.heartbeat_interval * self.liveness
+
+    def detector_params(self, min_timeout: float | None = None) -> DetectorParams:
+        """Failure-detector settings; ``min_timeout`` overrides the floor (the failover timeout)."""
+        floor = self.failure_timeout if min_timeout is None else min_timeout
+        return DetectorParams(
+            interval=self.heartbeat_interval,
+            min_timeout=floor,
+            max_timeout=max(self.failure_max_timeout, floor),
+            phi=self.failure_phi,
+            min_std=self.failure_min_std,
+            pause=self.failure_pause,
+        )
 
     @property
     def coordinators(self) -> list[str]:
@@ -111,6 +132,10 @@ def load_config(path: str | None = None, env: dict[str, str] | None = None, **ov
     cfg = Config(**{k: _coerce(known[k].type, v, k) for k, v in values.items()})
     if not math.isfinite(cfg.heartbeat_interval) or cfg.heartbeat_interval <= 0 or cfg.liveness < 1:
         raise ValueError("heartbeat_interval must be a finite number > 0 and liveness >= 1")
+    for key in ("failure_phi", "failure_pause", "failure_min_std", "failure_max_timeout"):
+        value = getattr(cfg, key)
+        if not math.isfinite(value) or value < 0 or (key == "failure_phi" and value <= 0):
+            raise ValueError(f"{key} must be a finite number >= 0 (failure_phi > 0)")
     for key in ("replication_factor", "max_versions", "chunk_bytes", "transfer_window", "worker_credit"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1")

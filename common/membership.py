@@ -1,16 +1,19 @@
 """Membership: one registry of peers (state + expiry) on the coordinator, one view tracker on subscribers.
 
-The coordinator's :class:`MemberRegistry` is the failure detector: a member that has not been heard
-from for ``timeout`` seconds is declared failed. Every change is an event with a contiguous sequence
+The coordinator's :class:`MemberRegistry` is the failure detector: each member has a φ-accrual
+detector (:mod:`common.failure_detector`) that learns its heartbeat rhythm, and a member silent past
+its detector's deadline is declared failed. Every change is an event with a contiguous sequence
 number, published on PUB; :class:`ViewTracker` applies a snapshot then the updates above its
 sequence (zguide Clone) and reports a gap so the subscriber re-syncs.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from common.failure_detector import DetectorParams, PhiAccrual
 
 
 class MemberState(StrEnum):
@@ -35,12 +38,13 @@ class Member:
     last_seen: float = 0.0  # monotonic, local to the detector; not part of the view
     busy: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    detector: PhiAccrual | None = field(default=None, repr=False, compare=False)  # local, not replicated
 
     def public(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("last_seen")
-        d["state"] = str(self.state)
-        return d
+        return {
+            "node_id": self.node_id, "role": self.role, "data_addr": self.data_addr, "state": str(self.state),
+            "joined_at": self.joined_at, "busy": self.busy, "extra": dict(self.extra),
+        }
 
     @classmethod
     def from_public(cls, d: dict[str, Any]) -> Member:
@@ -66,8 +70,9 @@ class MembershipEvent:
 class MemberRegistry:
     """The coordinator's registry of peers and failure detector."""
 
-    def __init__(self, timeout: float, keep_dead: int = 64) -> None:
-        self.timeout = timeout
+    def __init__(self, detector: DetectorParams | float, keep_dead: int = 64) -> None:
+        # A bare number is a fixed timeout (the pre-φ behaviour; the baseline in bench/membership.py).
+        self.params = detector if isinstance(detector, DetectorParams) else DetectorParams.fixed(detector)
         self.members: dict[str, Member] = {}
         self.seq = 0
         self.epoch = 0  # bumps on every membership change
@@ -89,9 +94,22 @@ class MemberRegistry:
     def view(self) -> list[dict[str, Any]]:
         return [m.public() for m in self.members.values()]
 
+    def _detector(self, m: Member) -> PhiAccrual:
+        if m.detector is None:
+            m.detector = PhiAccrual(self.params, m.last_seen)
+        return m.detector
+
+    def deadline(self, node_id: str) -> float | None:
+        m = self.members.get(node_id)
+        return self._detector(m).deadline() if m is not None and m.state is MemberState.ALIVE else None
+
     def next_deadline(self) -> float | None:
-        alive = [m.last_seen for m in self.members.values() if m.state is MemberState.ALIVE]
-        return min(alive) + self.timeout if alive else None
+        alive = [self._detector(m).deadline() for m in self.members.values() if m.state is MemberState.ALIVE]
+        return min(alive) if alive else None
+
+    def max_gap(self) -> float:
+        """The longest heartbeat silence any live member recovered from (seconds)."""
+        return max((m.detector.max_gap for m in self.members.values() if m.detector is not None), default=0.0)
 
     # -- changes -------------------------------------------------------------------------
     def _event(self, event: Event, member: Member) -> MembershipEvent:
@@ -105,6 +123,7 @@ class MemberRegistry:
         member.last_seen = now
         if old is not None and old.state is MemberState.ALIVE:
             old.last_seen = now
+            self._detector(old).heartbeat(now)
             old.data_addr = member.data_addr or old.data_addr
             return None
         self.members[member.node_id] = member
@@ -117,6 +136,7 @@ class MemberRegistry:
         if m is None or m.state is not MemberState.ALIVE:
             return False
         m.last_seen = now
+        self._detector(m).heartbeat(now)
         m.busy = busy
         return True
 
@@ -130,15 +150,22 @@ class MemberRegistry:
     def expire(self, now: float) -> list[MembershipEvent]:
         events = []
         for m in self.members.values():
-            if m.state is MemberState.ALIVE and now - m.last_seen > self.timeout:
+            if m.state is MemberState.ALIVE and self._detector(m).failed(now):
                 m.state = MemberState.FAILED
                 events.append(self._event(Event.FAIL, m))
         return events
+
+    def excuse_all(self, seconds: float) -> None:
+        """Our own stall (a frozen loop): do not count it against anyone's heartbeats."""
+        for m in self.members.values():
+            if m.state is MemberState.ALIVE:
+                self._detector(m).excuse(seconds)
 
     def touch_all(self, now: float) -> None:
         """Grace period after a takeover: nobody is blamed for the old primary's silence."""
         for m in self.members.values():
             m.last_seen = now
+            m.detector = None  # a fresh history here: the old primary saw the heartbeats, not us
 
     def restore(self, members: list[dict[str, Any]], seq: int, epoch: int, now: float) -> None:
         self.members = {}

@@ -111,7 +111,16 @@ class SimCluster:
         self._route()
 
     def run_until(self, t_end: float) -> None:
-        while self.events and self.events[0].t <= t_end:
+        while True:
+            next_event = self.events[0].t if self.events else float("inf")
+            if self.next_beat <= min(next_event, t_end):
+                # Heartbeats and ticks go on between events too: a failure detected after the last
+                # result re-queues work that must then still run before t_end.
+                self.t = self.next_beat
+                self._beat()
+                continue
+            if next_event > t_end:
+                break
             ev = heapq.heappop(self.events)
             self.t = ev.t
             self._beat()

@@ -28,7 +28,7 @@ def assert_contiguous(events: list[MembershipEvent], start_seq: int = 1) -> None
 
 
 def test_join_heartbeat_expire_leave_events_are_contiguous() -> None:
-    reg = MemberRegistry(timeout=TIMEOUT)
+    reg = MemberRegistry(TIMEOUT)
     events: list[MembershipEvent] = []
     for i, name in enumerate(["a@1", "b@1", "c@1"]):
         ev = reg.join(member(name), now=float(i))
@@ -63,14 +63,14 @@ def test_join_heartbeat_expire_leave_events_are_contiguous() -> None:
 
 
 def test_expiry_is_strictly_after_the_timeout() -> None:
-    reg = MemberRegistry(timeout=TIMEOUT)
+    reg = MemberRegistry(TIMEOUT)
     reg.join(member("a@1"), now=10.0)
     assert reg.expire(10.0 + TIMEOUT) == []
     assert len(reg.expire(10.0 + TIMEOUT + 1e-6)) == 1
 
 
 def test_failed_member_heartbeat_returns_false_and_must_rejoin() -> None:
-    reg = MemberRegistry(timeout=TIMEOUT)
+    reg = MemberRegistry(TIMEOUT)
     first = reg.join(member("a@1"), now=0.0)
     (fail,) = reg.expire(5.0)
     assert not reg.heartbeat("a@1", 5.1)
@@ -86,7 +86,7 @@ def test_failed_member_heartbeat_returns_false_and_must_rejoin() -> None:
 
 
 def test_left_member_heartbeat_returns_false() -> None:
-    reg = MemberRegistry(timeout=TIMEOUT)
+    reg = MemberRegistry(TIMEOUT)
     reg.join(member("a@1"), now=0.0)
     reg.leave("a@1")
     assert not reg.heartbeat("a@1", 0.1)
@@ -94,7 +94,7 @@ def test_left_member_heartbeat_returns_false() -> None:
 
 
 def test_rejoining_an_alive_member_is_not_a_new_event() -> None:
-    reg = MemberRegistry(timeout=TIMEOUT)
+    reg = MemberRegistry(TIMEOUT)
     reg.join(member("a@1", addr="h:1"), now=0.0)
     seq, epoch = reg.seq, reg.epoch
     assert reg.join(member("a@1", addr="h:2"), now=1.0) is None
@@ -107,7 +107,7 @@ def test_rejoining_an_alive_member_is_not_a_new_event() -> None:
 
 
 def test_new_incarnation_is_a_separate_member() -> None:
-    reg = MemberRegistry(timeout=TIMEOUT)
+    reg = MemberRegistry(TIMEOUT)
     reg.join(member("h:1@100"), now=0.0)
     ev = reg.join(member("h:1@200"), now=0.1)
     assert ev is not None and ev.seq == 2
@@ -115,7 +115,7 @@ def test_new_incarnation_is_a_separate_member() -> None:
 
 
 def test_alive_filters_by_role_and_view_is_public() -> None:
-    reg = MemberRegistry(timeout=TIMEOUT)
+    reg = MemberRegistry(TIMEOUT)
     reg.join(member("w@1"), now=0.0)
     reg.join(member("s@1", role="standby"), now=0.0)
     assert [m.node_id for m in reg.alive("standby")] == ["s@1"]
@@ -127,7 +127,7 @@ def test_alive_filters_by_role_and_view_is_public() -> None:
 
 
 def test_dead_members_are_forgotten_beyond_keep_dead() -> None:
-    reg = MemberRegistry(timeout=TIMEOUT, keep_dead=2)
+    reg = MemberRegistry(TIMEOUT, keep_dead=2)
     for i in range(5):
         reg.join(member(f"n{i}@1"), now=0.0)
         reg.leave(f"n{i}@1")
@@ -138,17 +138,17 @@ def test_dead_members_are_forgotten_beyond_keep_dead() -> None:
 
 
 def test_touch_all_gives_a_grace_period() -> None:
-    reg = MemberRegistry(timeout=TIMEOUT)
+    reg = MemberRegistry(TIMEOUT)
     reg.join(member("a@1"), now=0.0)
     reg.touch_all(10.0)
     assert reg.expire(10.0 + TIMEOUT) == []
 
 
 def test_restore_and_apply_replicate_the_registry() -> None:
-    primary = MemberRegistry(timeout=TIMEOUT)
+    primary = MemberRegistry(TIMEOUT)
     primary.join(member("a@1"), now=0.0)
     primary.join(member("b@1"), now=0.0)
-    standby = MemberRegistry(timeout=TIMEOUT)
+    standby = MemberRegistry(TIMEOUT)
     standby.restore(primary.view(), primary.seq, primary.epoch, now=50.0)
     ev = primary.leave("a@1")
     standby.apply(str(ev.event), ev.member.public(), ev.seq, ev.epoch, now=51.0)

@@ -23,6 +23,7 @@ from pathlib import Path
 import zmq
 
 from common.config import Config
+from common.failure_detector import LOCAL_STALL, DetectorParams, PhiAccrual
 from common.identity import make_node_id, new_incarnation
 from common.logstream import PUB_PORT_OFFSET
 from common.loop import run_until_stopped
@@ -66,7 +67,16 @@ class CoordinatorInfo:
     addr: str
     role: str = ""
     term: int = 0
-    last_seen: float = -1e9
+    detector: PhiAccrual | None = None  # None until first heard
+
+    def heard(self, now: float, params: DetectorParams) -> None:
+        if self.detector is None:
+            self.detector = PhiAccrual(params, now)
+        else:
+            self.detector.heartbeat(now)
+
+    def alive(self, now: float) -> bool:
+        return self.detector is not None and not self.detector.failed(now)
 
 
 class Worker:
@@ -78,6 +88,8 @@ class Worker:
         self.storage = StorageServer(cfg, self.store, self.ctx, port)
         self.node_id = make_node_id(self.storage.addr)
         self.coords = {a: CoordinatorInfo(a) for a in cfg.coordinators}
+        self.fd_params = cfg.detector_params()
+        self.last_tick = time.monotonic()
         self.primary: str | None = None
         self.term = 0
         self.joined = False
@@ -193,6 +205,13 @@ class Worker:
         self.tick(time.monotonic())
 
     def tick(self, now: float) -> None:
+        if now - self.last_tick > LOCAL_STALL:
+            # This process was starved or frozen: the coordinators' heartbeats waiting in our socket
+            # are not late, we are. Do not fail over because of our own stall.
+            for c in self.coords.values():
+                if c.detector is not None:
+                    c.detector.excuse(now - self.last_tick)
+        self.last_tick = now
         self._choose_primary(now)
         if not self.joined and now >= self.next_join:
             self.next_join = now + self.cfg.heartbeat_interval
@@ -217,7 +236,7 @@ class Worker:
         )
 
     def _choose_primary(self, now: float) -> None:
-        alive = [c for c in self.coords.values() if now - c.last_seen < self.cfg.failure_timeout]
+        alive = [c for c in self.coords.values() if c.alive(now)]
         primaries = [c for c in alive if c.role == "primary" and c.term >= self.term]
         best = max(primaries, key=lambda c: c.term, default=None)
         if best is not None and best.addr != self.primary:
@@ -230,7 +249,7 @@ class Worker:
             self.view_req = None
         elif best is None and self.primary is not None and self.joined:
             c = self.coords.get(self.primary)
-            if c is None or now - c.last_seen >= self.cfg.failure_timeout:
+            if c is None or not c.alive(now):
                 log.warning("primary coordinator %s is silent; asking the others", self.primary)
                 self.primary = None
                 self.joined = False
@@ -248,7 +267,8 @@ class Worker:
             if isinstance(msg, CoordinatorHeartbeat):
                 c = self.coords.get(msg.addr)
                 if c is not None:
-                    c.role, c.term, c.last_seen = msg.role, msg.term, time.monotonic()
+                    c.role, c.term = msg.role, msg.term
+                    c.heard(time.monotonic(), self.fd_params)
             elif isinstance(msg, ViewUpdate) and not self.view.update(msg.seq, msg.epoch, msg.event, msg.member):
                 log.info("membership view gap detected; re-syncing")
                 self.view_req = None
@@ -276,7 +296,8 @@ class Worker:
                     # or before its first heartbeat reached our SUB) instead of waiting for a heartbeat.
                     info = self.coords.get(sender)
                     if info is not None:
-                        info.role, info.term, info.last_seen = "primary", msg.term, time.monotonic()
+                        info.role, info.term = "primary", msg.term
+                        info.heard(time.monotonic(), self.fd_params)
                     self.primary = sender
             elif sender != self.primary and not isinstance(msg, Error):
                 # Only the primary we follow may command us: a resumed old primary (SIGSTOP, long GC
