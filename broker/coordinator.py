@@ -43,6 +43,7 @@ from common.protocol import (
     PutBegin,
     PutCommit,
     PutPlan,
+    PutReplace,
     Ready,
     Rejoin,
     ReportBad,
@@ -138,6 +139,7 @@ class Coordinator:
             ViewRequest: self.on_view_request,
             PutBegin: self.on_put_begin,
             PutCommit: self.on_put_commit,
+            PutReplace: self.on_put_replace,
             Locate: self.on_locate,
             Delete: self.on_delete,
             ListFiles: self.on_ls,
@@ -370,6 +372,9 @@ class Coordinator:
 
     def on_put_begin(self, ident: bytes, m: PutBegin, now: float) -> None:
         self._master_call(ident, m.req, lambda: PutPlan(m.req, self.master.begin_put(m.files, now)))
+
+    def on_put_replace(self, ident: bytes, m: PutReplace, now: float) -> None:
+        self._master_call(ident, m.req, lambda: PutPlan(m.req, self.master.replace_targets(m.puts)))
 
     def on_put_commit(self, ident: bytes, m: PutCommit, now: float) -> None:
         failed, out = self.master.commit_put(m.commits, now)

@@ -45,7 +45,7 @@ class Config:
     max_batch_size: int = 256
     # --- SDFS ----------------------------------------------------------------------------
     replication_factor: int = 4
-    write_quorum: int = 0  # 0 means W = N (all chosen replicas); never below a majority
+    write_quorum: int = 0  # 0 means W = majority of N; never below a majority, never above N
     max_versions: int = 5
     repair_interval: float = 1.0  # how often the master checks under-replication
     # --- inference -----------------------------------------------------------------------
@@ -83,9 +83,11 @@ class Config:
         return [a for a in (self.coordinator, self.standby) if a]
 
     def effective_write_quorum(self, n: int) -> int:
+        # Default W = majority of N: one slow or dead target does not fail a put (it is replaced, or
+        # the version is brought to N in the background), and two majorities always overlap.
         majority = n // 2 + 1
         if self.write_quorum <= 0:
-            return n
+            return majority
         return max(majority, min(self.write_quorum, n))
 
     def replace(self, **changes: Any) -> Config:

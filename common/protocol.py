@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 
 import msgpack
 
-VERSION = 2  # 2: Ready carries total `slots` (1 carried free credit); nodes of different versions refuse each other
+# 3: PutReplace (pipeline recovery); 2: Ready carries total `slots`. Nodes of different versions refuse each other.
+VERSION = 3
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 
 
@@ -365,6 +366,20 @@ class PutCommit(Message):
     TYPE = "put_commit"
     req: int
     commits: list[dict[str, Any]]  # {"put_id": str, "stored": [node_id, ...]}
+
+
+@message
+class PutReplace(Message):
+    """Pipeline recovery: ask for a replacement target for puts whose chosen replica did not store.
+
+    Each entry is ``{"put_id": str, "exclude": [node_id, ...], "count": int}`` (the nodes already tried,
+    how many new targets are wanted). The reply is a PutPlan whose ``replicas`` list only the new
+    targets (possibly none, when no other live node is left).
+    """
+
+    TYPE = "put_replace"
+    req: int
+    puts: list[dict[str, Any]]
 
 
 @message

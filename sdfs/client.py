@@ -32,6 +32,7 @@ from common.protocol import (
     PutBegin,
     PutCommit,
     PutPlan,
+    PutReplace,
     ReadChunk,
     ReportBad,
     StoreList,
@@ -45,6 +46,11 @@ from sdfs.names import validate_name
 from sdfs.store import file_checksum, new_hasher
 
 log = logging.getLogger("idunno.sdfs.client")
+
+PUT_ATTEMPTS = 4  # a put batch is tried this often (with back-off) before its failures are reported
+PUT_BACKOFF = 0.5  # seconds before the first retry, doubling (at most 5 s)
+MAX_REPLACEMENT_ROUNDS = 3  # pipeline recovery: new targets asked for at most this often per try
+STRAGGLER_GRACE = 1.0  # seconds a target may lag once the version has its quorum (or as long as the quorum took)
 
 
 class SdfsError(RuntimeError):
@@ -72,6 +78,44 @@ class _Stream:
     error: str = ""
     last_progress: float = 0.0
     started: bool = False
+    put_id: str = ""
+    began: float = 0.0
+
+
+@dataclass
+class _Put:
+    """One file version being written: its streams (one per target tried) and its write quorum."""
+
+    put_id: str
+    name: str
+    version: int
+    quorum: int
+    streams: list[_Stream] = field(default_factory=list)
+    first_done: float | None = None  # when the first replica acknowledged its last chunk
+    quorum_at: float | None = None  # when the quorum-th replica did
+
+    def add(self, local: str, f: dict[str, Any], replicas: list[dict[str, str]]) -> list[_Stream]:
+        new = [_Stream(local, self.name, self.version, f["size"], f["checksum"], r["addr"], r["node_id"],
+                       put_id=self.put_id) for r in replicas]
+        self.streams += new
+        return new
+
+    @property
+    def tried(self) -> set[str]:
+        return {st.node_id for st in self.streams}
+
+    @property
+    def stored(self) -> int:
+        return sum(st.ok for st in self.streams)
+
+    def stored_on(self) -> list[str]:
+        return [st.node_id for st in self.streams if st.ok]
+
+    def note_stored(self, now: float) -> None:
+        if self.first_done is None:
+            self.first_done = now
+        if self.quorum_at is None and self.stored >= self.quorum:
+            self.quorum_at = now
 
 
 class SdfsClient:
@@ -120,35 +164,80 @@ class SdfsClient:
         return result
 
     def _put_batch(self, items: list[tuple[str, str]]) -> dict[str, int]:
+        """Put a batch, retrying what failed with back-off; raise with every file's reason if some never made it."""
         files = []
         for local, name in items:
             validate_name(name, self.cfg.max_name_len)
             if not os.path.isfile(local):
                 raise SdfsError(f"local file not found: {local}")
             files.append({"name": name, "size": os.path.getsize(local), "checksum": file_checksum(local)})
+        locals_ = {f["name"]: local for (local, _), f in zip(items, files, strict=True)}
+        done: dict[str, int] = {}
+        todo = files
+        why: dict[str, str] = {}
+        for attempt in range(PUT_ATTEMPTS):
+            if attempt:
+                # A transient failure (targets busy or dying, the coordinator failing over): back off, retry.
+                time.sleep(min(PUT_BACKOFF * 2 ** (attempt - 1), 5.0))
+                log.info("retrying the put of %d file(s) (attempt %d): %s", len(todo), attempt + 1,
+                         "; ".join(f"{n}: {w}" for n, w in list(why.items())[:3]))
+            try:
+                versions, why = self._put_once(todo, locals_)
+            except RpcError as exc:
+                versions, why = {}, {f["name"]: str(exc) for f in todo}
+            done.update(versions)
+            todo = [f for f in todo if f["name"] in why]
+            if not todo:
+                break
+        if todo:
+            raise SdfsError("put failed: " + "; ".join(f"{n}: {w}" for n, w in why.items()))
+        return done
+
+    def _put_once(self, files: list[dict[str, Any]], locals_: dict[str, str]) -> tuple[dict[str, int], dict[str, str]]:
+        """One try: plan, stream (replacing failed targets), commit. Returns (versions, {name: why failed})."""
         plan = self.rpc.call(PutBegin(0, files))
         if not isinstance(plan, PutPlan):
             raise SdfsError(f"unexpected reply {plan.TYPE}")
-        streams: list[_Stream] = []
-        for (local, _), f, p in zip(items, files, plan.plans, strict=True):
-            for r in p["replicas"]:
-                streams.append(
-                    _Stream(local, p["name"], p["version"], f["size"], f["checksum"], r["addr"], r["node_id"])
-                )
-        self._run_uploads(streams)
-        commits = []
+        by_name = {f["name"]: f for f in files}
+        groups: dict[str, _Put] = {}
         for p in plan.plans:
-            stored = [s.node_id for s in streams if s.name == p["name"] and s.version == p["version"] and s.ok]
-            commits.append({"put_id": p["put_id"], "stored": stored})
-        reply = self.rpc.call(PutCommit(0, commits))
+            f = by_name[p["name"]]
+            g = _Put(p["put_id"], p["name"], p["version"], int(p["quorum"]))
+            g.add(locals_[p["name"]], f, p["replicas"])
+            groups[g.put_id] = g
+        streams = [st for g in groups.values() for st in g.streams]
+        for round_ in range(MAX_REPLACEMENT_ROUNDS + 1):
+            self._run_uploads(streams, groups)
+            short = [g for g in groups.values() if g.stored < g.quorum]
+            if not short or round_ == MAX_REPLACEMENT_ROUNDS:
+                break
+            # Pipeline recovery (as HDFS): a target that failed or did not answer in time is replaced
+            # by another live node; the version commits once W replicas hold it, and the master brings
+            # it to N in the background.
+            reply = self.rpc.call(PutReplace(0, [
+                {"put_id": g.put_id, "exclude": sorted(g.tried), "count": g.quorum - g.stored} for g in short
+            ]))
+            if not isinstance(reply, PutPlan):
+                raise SdfsError(f"unexpected reply {reply.TYPE}")
+            streams = []
+            for p in reply.plans:
+                g = groups[p["put_id"]]
+                if p["replicas"]:
+                    log.info("replacing failed target(s) of %s v%d with %s", g.name, g.version,
+                             ", ".join(r["addr"] for r in p["replicas"]))
+                streams += g.add(locals_[g.name], by_name[g.name], p["replicas"])
+            if not streams:
+                break  # no live node left to try
+        reply = self.rpc.call(PutCommit(0, [{"put_id": g.put_id, "stored": g.stored_on()} for g in groups.values()]))
         failed = (reply.data or {}).get("failed", {}) if isinstance(reply, Ok) else {}
-        if failed:
-            errors = {s.name: s.error for s in streams if not s.ok and s.error}
-            detail = "; ".join(f"{n}: {why} {errors.get(n, '')}".strip() for n, why in failed.items())
-            raise SdfsError(f"put failed: {detail}")
-        return {p["name"]: p["version"] for p in plan.plans}
+        why: dict[str, str] = {}
+        for name, reason in failed.items():
+            g = next((g for g in groups.values() if g.name == name), None)
+            errors = "; ".join(f"{st.addr}: {st.error}" for st in (g.streams if g else []) if not st.ok and st.error)
+            why[name] = f"{reason}{f' ({errors})' if errors else ''}"
+        return {g.name: g.version for g in groups.values() if g.name not in why}, why
 
-    def _run_uploads(self, streams: list[_Stream], max_active: int = 32) -> None:
+    def _run_uploads(self, streams: list[_Stream], groups: dict[str, _Put], max_active: int = 32) -> None:
         by_req: dict[int, _Stream] = {}
         pending = list(streams)
         active: list[_Stream] = []
@@ -158,7 +247,7 @@ class SdfsClient:
             while pending or active:
                 while pending and len(active) < max_active:
                     s = pending.pop(0)
-                    s.last_progress = time.monotonic()
+                    s.last_progress = s.began = time.monotonic()
                     active.append(s)
                     sock = self._data(s.addr)
                     if s.addr not in polled:
@@ -168,13 +257,19 @@ class SdfsClient:
                     self._pump(s, by_req)
                 now = time.monotonic()
                 for s in active:
-                    if not s.done and now - s.last_progress > self.cfg.transfer_timeout:
-                        self._finish(s, False, f"no answer from {s.addr}")
-                        self._reset_data(s.addr)
-                        polled.discard(s.addr)
-                        poller = zmq.Poller()
-                        for a in polled:
-                            poller.register(self._data_socks[a], zmq.POLLIN)
+                    if s.done:
+                        continue
+                    why = self._straggling(s, groups[s.put_id], now)
+                    if why is None:
+                        continue
+                    self._finish(s, False, why)
+                    if any(o.addr == s.addr and not o.done for o in active):
+                        continue  # the socket still carries other files' writes: late acks are ignored
+                    self._reset_data(s.addr)
+                    polled.discard(s.addr)
+                    poller = zmq.Poller()
+                    for a in polled:
+                        poller.register(self._data_socks[a], zmq.POLLIN)
                 active = [s for s in active if not s.done]
                 if not active:
                     continue
@@ -198,12 +293,31 @@ class SdfsClient:
                                 self._finish(s, False, ack.error)
                             elif ack.done:
                                 self._finish(s, True, "")
+                                groups[s.put_id].note_stored(s.last_progress)
                         elif isinstance(ack, Error):
                             self._finish(s, False, ack.message)
         finally:
             for s in streams:
                 if s.fh is not None:
                     s.fh.close()
+
+    def _straggling(self, s: _Stream, g: _Put, now: float) -> str | None:
+        """Why to give up on a target now, or None to keep waiting.
+
+        Peers of the same version set the pace: once one replica is written, a target that has not
+        answered for as long as that took (at least STRAGGLER_GRACE) is replaced; once the version has
+        its quorum, a target still writing gets that much longer, then the put goes on without it (the
+        master brings the version to N in the background). Only a put whose targets are all slow waits
+        for the full transfer_timeout.
+        """
+        idle = now - s.last_progress
+        if idle > self.cfg.transfer_timeout:
+            return f"no answer from {s.addr} in {self.cfg.transfer_timeout:.0f}s"
+        if g.first_done is not None and idle > max(STRAGGLER_GRACE, g.first_done - s.began):
+            return f"{s.addr} stalled for {idle:.1f}s while another replica finished"
+        if g.quorum_at is not None and now - g.quorum_at > max(STRAGGLER_GRACE, g.quorum_at - s.began):
+            return f"{s.addr} still writing {now - g.quorum_at:.1f}s after the write quorum"
+        return None
 
     def _finish(self, s: _Stream, ok: bool, error: str) -> None:
         s.done, s.ok, s.error = True, ok, error

@@ -216,6 +216,31 @@ class SdfsMaster:
         self._changed({p["name"] for p in plans})
         return plans
 
+    def replace_targets(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """New targets for pending puts whose chosen replicas failed (HDFS pipeline recovery)."""
+        live = self.live_nodes()
+        load = self._load()
+        plans = []
+        for r in requests:
+            if not isinstance(r, dict):
+                raise MasterError("bad_request", "bad replacement request: not a map")
+            put = self.pending.get(str(r.get("put_id")))
+            if put is None:
+                raise MasterError("not_found", f"unknown or expired put {str(r.get('put_id'))[:40]!r}")
+            try:
+                count = max(0, min(int(r.get("count", 1)), self.cfg.replication_factor))
+                exclude = {str(x) for x in r.get("exclude", [])} | set(put.replicas)
+            except (TypeError, ValueError) as exc:
+                raise MasterError("bad_request", f"bad replacement request: {exc}") from None
+            new = self._place(count, live, load, exclude=exclude)
+            load.update(new)
+            put.replicas.extend(new)
+            plans.append({
+                "put_id": put.put_id, "name": put.name, "version": put.version, "quorum": put.quorum,
+                "replicas": [{"node_id": n, "addr": live[n]} for n in new],
+            })
+        return plans
+
     def commit_put(self, commits: list[dict[str, Any]], now: float) -> tuple[dict[str, str], Outbox]:
         """Commit puts whose quorum holds; return ({name: why} for failures, outbox)."""
         failed: dict[str, str] = {}
@@ -231,7 +256,8 @@ class SdfsMaster:
             stored = {s for s in c.get("stored", []) if s in put.replicas}
             alive_stored = {s for s in stored if s in live}
             if len(alive_stored) < put.quorum:
-                failed[put.name] = f"write quorum not reached ({len(alive_stored)}/{put.quorum} replicas)"
+                failed[put.name] = (f"write quorum not reached ({len(alive_stored)}/{put.quorum} replicas; "
+                                    f"{len(live)} storage nodes alive)")
                 out += [(s, Drop(put.name, put.version)) for s in stored]
                 continue
             self.committed[put.put_id] = put.name

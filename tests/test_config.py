@@ -160,11 +160,11 @@ def test_failure_timeout_is_interval_times_liveness(interval: float, liveness: i
     assert Config(heartbeat_interval=interval, liveness=liveness).failure_timeout == pytest.approx(interval * liveness)
 
 
-def test_effective_write_quorum_defaults_to_n() -> None:
+def test_effective_write_quorum_defaults_to_a_majority() -> None:
     cfg = Config()
     assert cfg.write_quorum == 0
     for n in range(1, 12):
-        assert cfg.effective_write_quorum(n) == n
+        assert cfg.effective_write_quorum(n) == n // 2 + 1
 
 
 @pytest.mark.parametrize("write_quorum", range(-2, 13))
@@ -174,7 +174,7 @@ def test_effective_write_quorum_is_between_majority_and_n(write_quorum: int) -> 
         w = cfg.effective_write_quorum(n)
         assert n // 2 + 1 <= w <= n, (write_quorum, n, w)
         if write_quorum <= 0:
-            assert w == n
+            assert w == n // 2 + 1
         elif n // 2 + 1 <= write_quorum <= n:
             assert w == write_quorum  # a legal request is honoured exactly
 

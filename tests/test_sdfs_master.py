@@ -94,7 +94,7 @@ def test_begin_put_places_min_rf_live_distinct_replicas(n: int) -> None:
     assert len(set(ids)) == len(ids)
     assert all(cl.live[r["node_id"]] == r["addr"] for r in plan["replicas"])
     assert plan["version"] == 1 and plan["name"] == "data/img_001.jpg"
-    assert plan["quorum"] == min(RF, n)  # W defaults to N
+    assert plan["quorum"] == min(RF, n) // 2 + 1  # W defaults to a majority of N
     assert plan["put_id"] in cl.master.pending
 
 
@@ -167,9 +167,9 @@ def test_commit_with_quorum_makes_version_visible(c: Cluster) -> None:
 def test_commit_below_quorum_fails_and_drops_stored_replicas(c: Cluster) -> None:
     plan = c.begin("f")
     ids = replica_ids(plan)
-    failed, out = c.commit(plan, stored=ids[:3])  # W = N = 4
-    assert "quorum" in failed["f"]
-    assert drops(out) == {(n, "f", 1) for n in ids[:3]}
+    failed, out = c.commit(plan, stored=ids[:2])  # W = majority of N = 3
+    assert "quorum not reached (2/3 replicas; 6 storage nodes alive)" in failed["f"]
+    assert drops(out) == {(n, "f", 1) for n in ids[:2]}
     with pytest.raises(MasterError) as info:
         c.master.locate("f", 1)
     assert info.value.code == "not_found"
@@ -181,10 +181,32 @@ def test_commit_ignores_dead_and_unplanned_nodes(c: Cluster) -> None:
     ids = replica_ids(plan)
     outsider = next(n for n in c.live if n not in ids)
     del c.live[ids[0]]  # died after storing, before the commit
-    failed, out = c.commit(plan, stored=[*ids, outsider])
+    del c.live[ids[1]]
+    failed, out = c.commit(plan, stored=[ids[0], ids[1], ids[2], outsider])
     assert "quorum" in failed["f"]
     assert outsider not in {n for n, _ in out}  # never asked to store: nothing to drop
-    assert {n for n, _ in out} == set(ids)
+    assert {n for n, _ in out} == set(ids[:3])
+
+
+def test_replacement_target_counts_toward_the_quorum(c: Cluster) -> None:
+    """Pipeline recovery: a failed target is replaced by another live node, which the commit accepts."""
+    plan = c.begin("f")
+    ids = replica_ids(plan)
+    del c.live[ids[0]]  # one chosen target died, another was slow
+    (repl,) = c.master.replace_targets([{"put_id": plan["put_id"], "exclude": ids[:2], "count": 2}])
+    new = [r["node_id"] for r in repl["replicas"]]
+    assert len(new) == 2 and not set(new) & set(ids) and all(n in c.live for n in new)
+    assert (repl["name"], repl["version"], repl["quorum"]) == ("f", 1, 3)
+    failed, _ = c.commit(plan, stored=[ids[2], *new])
+    assert failed == {}
+    assert c.holders("f", 1) == {ids[2], *new}
+    # No node left to offer: an empty list, not an error; an unknown put is an error.
+    (none,) = c.master.replace_targets([{"put_id": c.begin("g")["put_id"], "exclude": list(c.live), "count": 1}])
+    assert none["replicas"] == []
+    with pytest.raises(MasterError):
+        c.master.replace_targets([{"put_id": "nope"}])
+    with pytest.raises(MasterError):
+        c.master.replace_targets(["not a map"])  # type: ignore[list-item]
 
 
 def test_write_quorum_below_n_commits_and_is_repaired() -> None:
