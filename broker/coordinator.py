@@ -64,6 +64,8 @@ from sdfs.master import MasterError, SdfsMaster
 
 log = logging.getLogger("idunno.coordinator")
 
+SLOW_MESSAGE = 0.1  # handling one message should never hold the loop longer than this (seconds)
+
 PRIMARY, STANDBY, PROBING = "primary", "standby", "probing"
 
 
@@ -131,6 +133,7 @@ class Coordinator:
         self.failures_detected = 0
         self.last_vote = -1e9  # last time a worker asked this (non-primary) coordinator for service
         self.max_stall = 0.0  # longest gap between two iterations of the socket loop (metric)
+        self.slowest: tuple[str, float] = ("", 0.0)  # the message type that took longest to handle, and how long
         self.events: list[dict[str, Any]] = []  # timeline for reports: job added, worker failed, ...
         self.handlers: dict[type[Message], Callable[[bytes, Any, float], None]] = {
             Join: self.on_join,
@@ -269,6 +272,13 @@ class Coordinator:
             if seconds > self.cfg.heartbeat_interval:
                 log.warning("coordinator loop stalled for %.2fs; not blaming members for it", seconds)
             self.registry.excuse_all(seconds)
+
+    def note_handling(self, kind: str, seconds: float) -> None:
+        """The socket loop reports how long one message took to handle (the slowest is kept)."""
+        if seconds > self.slowest[1]:
+            self.slowest = (kind, seconds)
+            if seconds > SLOW_MESSAGE:
+                log.warning("handling one %s message took %.0f ms", kind, seconds * 1000)
 
     def _expire_unknown_outstanding(self, now: float) -> None:
         """Free slots held by task ids we have no task for (listed in a Join, answered elsewhere).
@@ -683,7 +693,8 @@ class Coordinator:
     def cmd_info(self, args: dict[str, Any], now: float) -> Any:
         return {"sdfs": self.master.info(), "members": len(self.registry.alive()), "term": self.term,
                 "role": self.role, "failures_detected": self.failures_detected,
-                "loop_stall_max": round(self.max_stall, 3), "heartbeat_gap_max": round(self.registry.max_gap(), 3)}
+                "loop_stall_max": round(self.max_stall, 3), "heartbeat_gap_max": round(self.registry.max_gap(), 3),
+                "slowest_message": {"type": self.slowest[0], "seconds": round(self.slowest[1], 4)}}
 
     def cmd_pending(self, args: dict[str, Any], now: float) -> Any:
         return {
@@ -830,6 +841,7 @@ class Coordinator:
             "busy_seconds": dict(self.busy_seconds),
             "failures_detected": self.failures_detected,
             "loop_stall_max": self.max_stall,
+            "slowest_message": self.slowest,
             "heartbeat_gap_max": self.registry.max_gap(),
             "sdfs": self.master.info(),
             "role": self.role,

@@ -60,6 +60,10 @@ class CoordinatorCollector(Collector):
         yield GaugeMetricFamily("idunno_loop_stall_max_seconds",
                                 "Longest gap between two iterations of the coordinator loop since it started",
                                 value=snap["loop_stall_max"])
+        slowest = GaugeMetricFamily("idunno_slowest_message_seconds",
+                                    "Longest time the loop spent handling one message", labels=["type"])
+        slowest.add_metric([snap["slowest_message"][0]], snap["slowest_message"][1])
+        yield slowest
         yield GaugeMetricFamily("idunno_heartbeat_gap_max_seconds",
                                 "Longest heartbeat silence a live member recovered from",
                                 value=snap["heartbeat_gap_max"])

@@ -29,7 +29,7 @@ from broker.coordinator import PRIMARY, PROBING, STANDBY, Coordinator
 from broker.jobs import Job
 from common.config import Config
 from common.failure_detector import LOCAL_STALL, PhiAccrual
-from common.logstream import LOG_PORT_OFFSET, PUB_PORT_OFFSET
+from common.logstream import LOG_PORT_OFFSET, MAX_LOG_FRAME, PUB_PORT_OFFSET
 from common.loop import run_until_stopped
 from common.protocol import (
     CoordinatorHeartbeat,
@@ -139,7 +139,7 @@ class CoordinatorServer:
         self.pub = make_socket(self.ctx, zmq.PUB, cfg.max_frame_bytes, server=True)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         self.pub.bind(tcp(offset_addr(addr, PUB_PORT_OFFSET)))
-        self.pull = make_socket(self.ctx, zmq.PULL, cfg.max_frame_bytes, server=True)
+        self.pull = make_socket(self.ctx, zmq.PULL, min(cfg.max_frame_bytes, MAX_LOG_FRAME), server=True)
         self.pull.bind(tcp(offset_addr(addr, LOG_PORT_OFFSET)))
         self.net = ZmqNet(self.router, self.pub)
         self.writer = ResultWriter(cfg, addr, self.data_dir / "spool")
@@ -250,7 +250,9 @@ class CoordinatorServer:
             ident, frame = frames
             msg = try_decode(frame, self.cfg.max_frame_bytes, f"peer {ident[:40]!r}")
             if msg is not None:
-                self.core.handle(ident, msg, time.monotonic())
+                t0 = time.monotonic()
+                self.core.handle(ident, msg, t0)
+                self.core.note_handling(msg.TYPE, time.monotonic() - t0)
         return True
 
     def _drain_logs(self) -> None:
@@ -262,7 +264,7 @@ class CoordinatorServer:
                 frame = self.pull.recv(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
-            msg = try_decode(frame, self.cfg.max_frame_bytes, "log pusher")
+            msg = try_decode(frame, MAX_LOG_FRAME, "log pusher")
             if isinstance(msg, LogRecord):
                 self.net.publish_raw(Topic.LOG, frame)
 

@@ -74,6 +74,11 @@ class PhiAccrual:
         if gap < 0:
             return  # out-of-order call: keep the newer arrival
         self.max_gap = max(self.max_gap, gap - self.excused)
+        self.last = now
+        if self.excused:
+            # This interval holds our own stall: it says nothing about the peer's rhythm.
+            self.excused = 0.0
+            return
         if len(self.intervals) == self.intervals.maxlen:
             old = self.intervals[0]
             self._sum -= old
@@ -81,8 +86,6 @@ class PhiAccrual:
         self.intervals.append(gap)
         self._sum += gap
         self._sq += gap * gap
-        self.last = now
-        self.excused = 0.0
 
     def excuse(self, seconds: float) -> None:
         """Do not count ``seconds`` of our own stall against the peer."""

@@ -20,6 +20,10 @@ from common.transport import make_socket, offset_addr, tcp
 
 LOG_PORT_OFFSET = 2
 PUB_PORT_OFFSET = 1
+# A record's text is cut to 4,000 characters by the sender, so a real record frame stays well below
+# this. The coordinator's log PULL socket refuses larger frames at the transport (ZMQ_MAXMSGSIZE), so
+# a hostile pusher cannot make it buffer or decode megabytes of "log".
+MAX_LOG_FRAME = 32 * 1024
 
 
 class ZmqLogHandler(logging.Handler):

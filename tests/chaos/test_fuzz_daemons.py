@@ -124,3 +124,38 @@ def test_ten_thousand_hostile_frames_per_socket(make_cluster, tmp_path):
         client.put(src, "after/fuzz.bin")
         client.get("after/fuzz.bin", tmp_path / "back.bin")
     assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+
+
+def test_oversized_log_records_are_refused_at_the_transport(make_cluster):
+    """A log pusher sending megabyte "records" cannot bloat the coordinator or hold up its loop."""
+    c = make_cluster(workers=1)
+    coordinator = next(p for p in c.procs if p.addr == c.coordinator)
+    before = rss_kb(coordinator.popen.pid)
+    push = make_socket(zmq.Context.instance(), zmq.PUSH, 64 << 20)
+    push.connect(tcp(offset_addr(c.coordinator, 2)))
+    big = P.LogRecord("fuzzer", 0.0, "INFO", "fuzz", "x" * (4 << 20)).encode()
+    for _ in range(20):
+        try:
+            push.send(big, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            break  # the coordinator dropped the connection: nothing more gets through
+    push.close(linger=2000)
+    # Ordinary records from a well-behaved pusher still flow afterwards.
+    out = io.StringIO()
+    t = threading.Thread(target=stream_logs, args=(c.config(),),
+                         kwargs={"out": out, "duration": 30, "count": 1, "grep": "after-big-marker"})
+    t.start()
+    marker = make_socket(zmq.Context.instance(), zmq.PUSH, 8 << 20)
+    marker.connect(tcp(offset_addr(c.coordinator, 2)))
+    try:
+        wait_for(lambda: (marker.send(P.LogRecord("ok", time.time(), "INFO", "t", "after-big-marker").encode())
+                          or not t.is_alive() or "after-big-marker" in out.getvalue()),
+                 timeout=30, interval=0.5, what="a normal record to reach the log stream")
+    finally:
+        t.join()
+        marker.close(0)
+    assert "after-big-marker" in out.getvalue()
+    assert "x" * 1000 not in out.getvalue()
+    grown = rss_kb(coordinator.popen.pid) - before
+    assert grown < 30_000, f"coordinator grew by {grown} kB"
+    assert c.ctl("info")["slowest_message"]["seconds"] < 1.0
