@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import importlib.util
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +30,62 @@ from typing import Any
 _BENCH = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
+
+def _bench_module(name: str) -> types.ModuleType:
+    """Import bench/<name>.py (off sys.path now) by file, registered under its plain name.
+
+    Registered in ``sys.modules`` so that pickling by reference works: ``cpu_hog``'s spawned
+    processes re-run the benchmark script, which imports benchlib and so this module, before they
+    unpickle ``hog._spin``.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_hog = _bench_module("hog")
+
+
+@contextlib.contextmanager
+def cpu_hog(per_core: int = 2) -> Iterator[list[int]]:
+    """bench/hog.py's ``cpu_hog`` (``per_core`` busy processes per core while the block runs).
+
+    Its processes are spawned, and a spawned process re-runs the benchmark script with the parent's
+    sys.path before it unpickles its target: bench/ goes back on the path (last, behind the project)
+    while they start, so that the script's ``import benchlib`` works there. A hog that died at start
+    would make a "loaded" measurement an idle one: checked.
+    """
+    path = str(_BENCH)
+    with contextlib.ExitStack() as stack:
+        sys.path.append(path)
+        try:
+            pids = stack.enter_context(_hog.cpu_hog(per_core))
+        finally:
+            sys.path.remove(path)
+        time.sleep(1.0)  # long enough for a failed start (an import error) to show
+        dead = [p for p in pids if not _running(p)]
+        if dead:
+            raise RuntimeError(f"{len(dead)} of {len(pids)} CPU hog processes died at start")
+        yield pids
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
 import zmq
 from rich.console import Console
 from rich.table import Table
 
-from cli.cluster import LocalCluster
+from cli.cluster import LocalCluster, Proc
 from common.config import Config
 from common.logstream import PUB_PORT_OFFSET
 from common.protocol import Command, ProtocolError, StateUpdate, Topic, decode
@@ -117,10 +171,26 @@ def temp_dir(prefix: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def running(cluster: LocalCluster, timeout: float = 90.0) -> Iterator[LocalCluster]:
-    """Start the cluster and always stop it (processes never outlive the benchmark)."""
+def running(cluster: LocalCluster, timeout: float = 90.0, port_retries: int = 2) -> Iterator[LocalCluster]:
+    """Start the cluster and always stop it (processes never outlive the benchmark).
+
+    ``free_port_block`` can only tell that a port is free *now*: on a machine where other clusters
+    start too, one of ours may be taken before the daemon binds it. Then (a daemon's log says so)
+    the cluster is stopped and started again on fresh ports, up to ``port_retries`` times.
+    """
     try:
-        cluster.start(timeout=timeout)
+        for attempt in range(port_retries + 1):
+            try:
+                cluster.start(timeout=timeout)
+                break
+            except RuntimeError:
+                taken = _port_taken(cluster)
+                if attempt == port_retries or not taken:
+                    raise
+                console.print(f"[yellow]{taken}: a port was taken between choosing and binding it; "
+                              f"starting the cluster again[/]")
+                cluster.stop()
+                cluster.procs.clear()
         yield cluster
     except BaseException:
         show_logs(cluster)
@@ -133,6 +203,18 @@ def running(cluster: LocalCluster, timeout: float = 90.0) -> Iterator[LocalClust
                 p.popen.kill()
                 p.popen.wait(timeout=5)
             console.print(f"[red]warning: {len(left)} cluster processes had to be killed[/]")
+
+
+def _port_taken(cluster: LocalCluster) -> str:
+    """The log of an exited daemon that failed with 'Address already in use' ('' if none)."""
+    for p in cluster.procs:
+        if p.popen.poll() is not None and p.log_path:
+            try:
+                if "Address already in use" in Path(p.log_path).read_text(errors="replace"):
+                    return p.log_path
+            except OSError:
+                continue
+    return ""
 
 
 def show_logs(cluster: LocalCluster, lines: int = 25) -> None:
@@ -327,3 +409,156 @@ class JournalObserver:
     def stop(self) -> None:
         self.stop_event.set()
         self.thread.join(timeout=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# failure detection under load: kills, detection time, a steady supply of jobs
+
+FIXED_TIMEOUT_ENV = {"IDUNNO_FAILURE_MAX_TIMEOUT": "1.5"}  # ceiling = floor: the old fixed 1.5 s timeout
+DETECTORS: list[tuple[str, dict[str, str]]] = [("adaptive", {}), ("fixed 1.5 s", FIXED_TIMEOUT_ENV)]
+
+
+def info(cluster: LocalCluster, timeout: float = 5.0) -> dict[str, Any]:
+    """``info``: failures_detected, loop_stall_max, heartbeat_gap_max (and the SDFS summary)."""
+    return cluster.ctl("info", timeout=timeout)
+
+
+def alive_worker_procs(cluster: LocalCluster, members: list[dict[str, Any]]) -> list[tuple[Proc, str]]:
+    """(process, node id) of every running worker process the coordinator sees alive."""
+    alive = {m["data_addr"]: m["node_id"] for m in members if m["state"] == "alive" and m["role"] == "worker"}
+    return [(p, alive[p.addr]) for p in cluster.worker_procs() if p.addr in alive]
+
+
+def kill_and_detect(cluster: LocalCluster, rpc: RpcClient, victim: Proc, node: str, poll: float = 0.02,
+                    limit: float = 30.0, events_job: str | None = None) -> tuple[float, float | None]:
+    """SIGKILL ``victim``; poll ``members`` every ``poll`` s until ``node`` is 'failed'.
+
+    Returns (kill -> seen failed in members, kill -> the coordinator's own ``fail`` event or None).
+    ``events_job`` limits the ``timeline`` call that fetches the events to one job (a timeline of
+    every job of a long run is built on the coordinator's loop and would stall it).
+    """
+    kill_wall = time.time()
+    k0 = time.perf_counter()
+    cluster.kill(victim)
+    found = None
+    while time.perf_counter() - k0 < limit:
+        try:
+            ms = rpc.call(Command(0, "members", {}), timeout=1.0).data["members"]
+            m = next((m for m in ms if m["node_id"] == node), None)
+        except RpcError:
+            m = None
+        if m is not None and m["state"] == "failed":
+            found = time.perf_counter() - k0
+            break
+        time.sleep(poll)
+    if found is None:
+        raise RuntimeError(f"{node} was not declared failed within {limit:.0f}s")
+    ev_delay = None
+    try:
+        args = {"job": events_job} if events_job else {}
+        events = cluster.ctl("timeline", timeout=10.0, **args)["events"]
+        ev = next((e for e in events if e["kind"] == "fail" and e["detail"] == node), None)
+        ev_delay = ev["ts"] - kill_wall if ev else None
+    except RpcError:
+        pass
+    return found, ev_delay
+
+
+def wait_joined(cluster: LocalCluster, proc: Proc, timeout: float = 180.0) -> float:
+    """Wait until a newly started worker is alive in ``members``; return the seconds waited."""
+    t0 = time.perf_counter()
+
+    def joined() -> bool:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"worker {proc.addr} exited with {proc.popen.returncode}; see {proc.log_path}")
+        return any(m["data_addr"] == proc.addr and m["state"] == "alive" for m in cluster.alive_workers())
+
+    wait_until(joined, timeout, 0.1, f"worker {proc.addr} to join")
+    return time.perf_counter() - t0
+
+
+class JobFeeder:
+    """Keeps every worker busy: per model, a new job over the next input prefix is submitted as soon
+    as the model's newest job has nothing left pending (all dispatched), so the queue never runs dry.
+
+    ``prefixes`` are SDFS prefixes (with a trailing slash), used in turn; a dict gives each model its
+    own list (a cheap model can take bigger jobs than an expensive one). Submitted job ids are in
+    ``jobs`` ((job id, model, prefix), in order); RPC errors are counted, not raised (the cluster is
+    under load and the feeder must not die of one slow answer).
+    """
+
+    def __init__(self, cluster: LocalCluster, models: list[str], prefixes: list[str] | dict[str, list[str]],
+                 batch: int = 8, interval: float = 0.5) -> None:
+        self.cluster = cluster
+        self.models = models
+        self.prefixes = prefixes if isinstance(prefixes, dict) else dict.fromkeys(models, prefixes)
+        self.batch = batch
+        self.interval = interval
+        self.jobs: list[tuple[str, str, str]] = []
+        self.rpc_errors = 0
+        self._next = dict.fromkeys(models, 0)
+        self._newest: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-feeder", daemon=True)
+
+    def start(self) -> JobFeeder:
+        for model in self.models:
+            self._submit(model)
+        self._thread.start()
+        return self
+
+    def _submit(self, model: str) -> None:
+        k = self._next[model]
+        prefixes = self.prefixes[model]
+        # Models start at different prefixes so that they do not read the same files at once.
+        prefix = prefixes[(k + self.models.index(model) * len(prefixes) // len(self.models)) % len(prefixes)]
+        job = self.cluster.ctl("submit", timeout=10.0, model=model, inputs=prefix, batch=self.batch,
+                               start=True)["job_id"]
+        self._next[model] = k + 1
+        self._newest[model] = job
+        self.jobs.append((job, model, prefix))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                state = {j["job_id"]: j for j in self.cluster.ctl("jobs", timeout=5.0)}
+                for model in self.models:
+                    newest = state.get(self._newest[model])
+                    if newest is not None and newest["pending"] == 0:
+                        self._submit(model)
+            except RpcError:
+                self.rpc_errors += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+LOG_TS = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) "
+
+
+def detections(cluster: LocalCluster, t_start_wall: float, killed: set[str]) -> list[list[Any]]:
+    """Every 'member ... failed' line of the coordinators' logs: [t since ``t_start_wall``, log, node,
+    silent for, the member's age (since its join), 'real SIGKILL' if in ``killed`` else 'FALSE']."""
+    joined: dict[str, float] = {}
+    rows = []
+    for p in cluster.procs:
+        if p.role not in ("coordinator", "standby") or not p.log_path:
+            continue
+        try:
+            text = Path(p.log_path).read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            m = re.match(LOG_TS + r".*member (\S+) (joined|failed \(silent for ([\d.]+)s\))", line)
+            if not m:
+                continue
+            ts = time.mktime(time.strptime(m.group(1)[:19], "%Y-%m-%d %H:%M:%S")) + int(m.group(1)[20:]) / 1000
+            node = m.group(2)
+            if m.group(3) == "joined":
+                joined[node] = ts
+            else:
+                age = ts - joined[node] if node in joined else None
+                rows.append([round(ts - t_start_wall, 1), Path(p.log_path).name, node, float(m.group(4)), age,
+                             "real SIGKILL" if node in killed else "FALSE"])
+    return rows
