@@ -50,7 +50,7 @@ log = logging.getLogger("idunno.sdfs.client")
 PUT_ATTEMPTS = 4  # a put batch is tried this often (with back-off) before its failures are reported
 PUT_BACKOFF = 0.5  # seconds before the first retry, doubling (at most 5 s)
 MAX_REPLACEMENT_ROUNDS = 3  # pipeline recovery: new targets asked for at most this often per try
-STRAGGLER_GRACE = 1.0  # seconds a target may lag once the version has its quorum (or as long as the quorum took)
+STRAGGLER_GRACE = 2.0  # seconds a target may lag behind its peers (or as long as they took), even on a busy machine
 
 
 class SdfsError(RuntimeError):

@@ -26,8 +26,14 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_full_disk_fails_the_put_cleanly_and_corrupts_nothing(make_cluster, tiny_disk, tmp_path):
-    c = make_cluster(workers=3)
+@pytest.mark.parametrize("write_quorum", ["majority", "all"])
+def test_full_disk_node_never_corrupts_and_fails_a_put_only_below_the_quorum(make_cluster, tiny_disk, tmp_path,
+                                                                              write_quorum):
+    """A node whose disk is full refuses a big replica. With the default W (a majority: 3 of 4) the put
+    commits on the other three; with W = N (write_quorum = 4) and no other node to replace it, the put
+    fails cleanly. Either way nothing half-written is left and earlier files are intact."""
+    env = {"IDUNNO_WRITE_QUORUM": "4"} if write_quorum == "all" else {}
+    c = make_cluster(workers=3, env=env)
     tiny = c.add_worker(data_dir=str(tiny_disk / "node"))
     wait_for(lambda: len(c.alive_workers()) == 4, timeout=30, what="tiny-disk worker joined")
     client = SdfsClient(c.config())
@@ -37,10 +43,18 @@ def test_full_disk_fails_the_put_cleanly_and_corrupts_nothing(make_cluster, tiny
         assert client.put(small, "small.bin") == 1  # RF 4 = every node, the tiny one included
         big = tmp_path / "big"
         big.write_bytes(os.urandom(5 * 1024 * 1024))  # does not fit in 2 MB
-        with pytest.raises(SdfsError, match="write quorum not reached"):
-            client.put(big, "big.bin")
-        with pytest.raises(Exception, match="no such file"):
-            client.locate("big.bin")
+        if write_quorum == "all":
+            with pytest.raises(SdfsError, match=r"write quorum not reached \(3/4 replicas; 4 storage nodes alive\)"):
+                client.put(big, "big.bin")
+            with pytest.raises(Exception, match="no such file"):
+                client.locate("big.bin")
+        else:
+            version = client.put(big, "big.bin")
+            (v,) = client.locate("big.bin")
+            assert v["version"] == version and len(v["replicas"]) == 3
+            assert tiny.addr not in {r["addr"] for r in v["replicas"]}
+            client.get("big.bin", tmp_path / "big-back")
+            assert (tmp_path / "big-back").read_bytes() == big.read_bytes()
         # Nothing half-written is left anywhere, and what was stored before is intact.
         wait_for(lambda: not [p for p in tiny_disk.rglob("*") if p.is_file() and p.parent.name == "tmp"],
                  timeout=10, what="partial write removed")
@@ -50,7 +64,7 @@ def test_full_disk_fails_the_put_cleanly_and_corrupts_nothing(make_cluster, tiny
             data = next((tiny_disk / "node" / "sdfs" / "files").glob(f"*/{version}")).read_bytes()
             assert hashlib.sha256(data).hexdigest() == checksum and len(data) == size, name
         # The node is still useful for files that fit.
-        assert client.put(small, "small.bin") == 2
+        assert client.put(small, "small.bin") >= 2
     finally:
         client.close()
 
