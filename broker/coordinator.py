@@ -24,7 +24,7 @@ from broker.stats import rate_gap, summarize
 from common.commands import COMMANDS
 from common.config import Config
 from common.failure_detector import LOCAL_STALL
-from common.identity import split_node_id
+from common.identity import PULSE_SUFFIX, split_node_id
 from common.membership import Member, MemberRegistry, MembershipEvent
 from common.protocol import (
     Command,
@@ -40,6 +40,7 @@ from common.protocol import (
     Located,
     Message,
     Ok,
+    Pulse,
     PutBegin,
     PutCommit,
     PutPlan,
@@ -138,6 +139,7 @@ class Coordinator:
         self.handlers: dict[type[Message], Callable[[bytes, Any, float], None]] = {
             Join: self.on_join,
             Heartbeat: self.on_heartbeat,
+            Pulse: self.on_pulse,
             Leave: self.on_leave,
             ViewRequest: self.on_view_request,
             PutBegin: self.on_put_begin,
@@ -349,6 +351,11 @@ class Coordinator:
         slot = self.slots.get(m.node_id)
         if slot is not None:
             slot.models = tuple(m.models)
+
+    def on_pulse(self, ident: bytes, m: Pulse, now: float) -> None:
+        # Only the member's own sidecar may vouch for it (its DEALER identity is the node id + /pulse).
+        if ident == (m.node_id + PULSE_SUFFIX).encode():
+            self.registry.pulse(m.node_id, now)
 
     def on_leave(self, ident: bytes, m: Leave, now: float) -> None:
         ev = self.registry.leave(m.node_id)

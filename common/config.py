@@ -32,6 +32,7 @@ class Config:
     failure_pause: float = 0.5
     failure_min_std: float = 0.1
     failure_max_timeout: float = 4.0
+    worker_wedge_timeout: float = 10.0  # a worker loop silent this long stops its pulse (see worker/pulse.py)
     # --- failover ----------------------------------------------------------------------
     failover_timeout: float = 1.5  # primary silent this long (and workers still heard) -> standby promotes
     # --- limits --------------------------------------------------------------------------
@@ -90,6 +91,10 @@ class Config:
             return majority
         return max(majority, min(self.write_quorum, n))
 
+    def env(self) -> dict[str, str]:
+        """This configuration as IDUNNO_* environment variables (for a child process to load it whole)."""
+        return {f"IDUNNO_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self) if f.name != "extra"}
+
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
@@ -134,7 +139,7 @@ def load_config(path: str | None = None, env: dict[str, str] | None = None, **ov
     cfg = Config(**{k: _coerce(known[k].type, v, k) for k, v in values.items()})
     if not math.isfinite(cfg.heartbeat_interval) or cfg.heartbeat_interval <= 0 or cfg.liveness < 1:
         raise ValueError("heartbeat_interval must be a finite number > 0 and liveness >= 1")
-    for key in ("failure_phi", "failure_pause", "failure_min_std", "failure_max_timeout"):
+    for key in ("failure_phi", "failure_pause", "failure_min_std", "failure_max_timeout", "worker_wedge_timeout"):
         value = getattr(cfg, key)
         if not math.isfinite(value) or value < 0 or (key == "failure_phi" and value <= 0):
             raise ValueError(f"{key} must be a finite number >= 0 (failure_phi > 0)")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 
+# A worker's pulse sidecar (worker/pulse.py) connects with the node id plus this as its identity.
+PULSE_SUFFIX = "/pulse"
+
 
 def new_incarnation() -> int:
     # Milliseconds since the epoch: a restart (or a rejoin after being declared failed) gets a larger one.

@@ -140,6 +140,13 @@ class MemberRegistry:
         m.busy = busy
         return True
 
+    def pulse(self, node_id: str, now: float) -> None:
+        """Liveness from the member's pulse sidecar (no load report; unknown senders are ignored)."""
+        m = self.members.get(node_id)
+        if m is not None and m.state is MemberState.ALIVE:
+            m.last_seen = now
+            self._detector(m).heartbeat(now)
+
     def leave(self, node_id: str) -> MembershipEvent | None:
         m = self.members.get(node_id)
         if m is None or m.state is not MemberState.ALIVE:

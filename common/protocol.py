@@ -293,6 +293,18 @@ class Heartbeat(Message):
 
 
 @message
+class Pulse(Message):
+    """Worker pulse sidecar -> every coordinator: the worker process is alive, running and not wedged.
+
+    Sent from a separate process (``worker/pulse.py``) over a DEALER whose identity is the node id
+    plus ``/pulse``, so GIL contention inside the worker never delays it. Not a failover vote.
+    """
+
+    TYPE = "pulse"
+    node_id: str
+
+
+@message
 class CoordinatorHeartbeat(Message):
     """Published by every coordinator on Topic.HEARTBEAT; workers follow the highest-term primary."""
 

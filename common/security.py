@@ -49,13 +49,13 @@ def init_keys(directory: str | Path, overwrite: bool = False) -> Path:
     return d
 
 
-def enable(directory: str | Path) -> Curve:
-    """Turn CURVE on for every socket this process makes from now on."""
+def enable(directory: str | Path, serve: bool = True) -> Curve:
+    """Turn CURVE on for every socket this process makes from now on (``serve=False``: client sockets only)."""
     global CURRENT, _authenticator
     d = Path(directory)
     server_public, _ = zmq.auth.load_certificate(str(d / "server.key"))
     server_secret = None
-    if (d / "server.key_secret").exists():
+    if serve and (d / "server.key_secret").exists():
         _, server_secret = zmq.auth.load_certificate(str(d / "server.key_secret"))
     client_public, client_secret = zmq.auth.load_certificate(str(d / "client.key_secret"))
     CURRENT = Curve(server_public, server_secret, client_public, client_secret, d / "authorized")

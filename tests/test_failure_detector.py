@@ -7,10 +7,14 @@ import random
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from simcluster import MemoryNet
 
+from broker.coordinator import Coordinator
 from common.config import Config
 from common.failure_detector import DetectorParams, PhiAccrual
+from common.identity import PULSE_SUFFIX
 from common.membership import Member, MemberRegistry
+from common.protocol import Join, Pulse, decode
 
 PARAMS = Config().detector_params()
 
@@ -109,3 +113,20 @@ def test_registry_uses_one_detector_per_member_and_excuses_its_own_stall() -> No
     reg.heartbeat("a@1", 16.0)
     failed = reg.expire(16.0 + PARAMS.min_timeout)  # b: 10 + 5 s excused + ~1.6 s; a beat at 16.0
     assert [e.member.node_id for e in failed] == ["b@1"]
+
+
+def test_pulses_from_the_sidecar_keep_a_member_alive_and_forged_ones_do_not() -> None:
+    core = Coordinator(Config(), "sim:1", MemoryNet())
+    for node in ("a:1@1", "b:1@1"):
+        core.handle(node.encode(), decode(Join(node, "worker", node.split("@")[0]).encode()), 0.0)
+    # The loops of both workers are starved (no Heartbeat); a's sidecar pulses, b gets forged pulses
+    # (a's sidecar vouching for b, and b's plain identity) that must not count.
+    t = 0.0
+    while t < 10.0:
+        t += 0.5
+        core.handle(f"a:1@1{PULSE_SUFFIX}".encode(), decode(Pulse("a:1@1").encode()), t)
+        core.handle(f"a:1@1{PULSE_SUFFIX}".encode(), decode(Pulse("b:1@1").encode()), t)
+        core.handle(b"b:1@1", decode(Pulse("b:1@1").encode()), t)
+        core.tick(t)
+    assert core.registry.is_alive("a:1@1")
+    assert not core.registry.is_alive("b:1@1")

@@ -13,7 +13,10 @@ over the results it could not deliver and the tasks it still holds.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -56,6 +59,7 @@ from sdfs.client import SdfsClient
 from sdfs.server import StorageServer
 from sdfs.store import LocalStore
 from worker.executor import Executor
+from worker.pulse import PulseFile
 
 log = logging.getLogger("idunno.worker")
 
@@ -132,6 +136,8 @@ class Worker:
             ViewSnapshot: self.on_view_snapshot,
         }
         self.stop_event = threading.Event()
+        self.pulse_file: PulseFile | None = None
+        self.pulse_proc: subprocess.Popen | None = None
         self._rebuild_poller()
 
     # -- sockets ----------------------------------------------------------------------------------
@@ -169,10 +175,32 @@ class Worker:
         import torch  # noqa: F401, PLC0415
 
         self.storage.start()
+        self._start_pulse()
         self.executor.start()
         for t in self.repl_threads:
             t.start()
         log.info("worker %s up (data %s), coordinators %s", self.node_id, self.storage.addr, ", ".join(self.coords))
+
+    def _start_pulse(self) -> None:
+        """Start the pulse sidecar (worker/pulse.py): liveness that GIL contention here cannot delay."""
+        self.pulse_file = PulseFile(self.data_dir / "pulse.mmap", self.node_id)
+        self.pulse_proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.pulse", str(os.getpid()), str(self.pulse_file.path)],
+            stdin=subprocess.DEVNULL, env={**os.environ, **self.cfg.env()},
+        )
+
+    def _stop_pulse(self) -> None:
+        if self.pulse_proc is not None:
+            self.pulse_proc.terminate()
+            try:
+                self.pulse_proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.pulse_proc.kill()
+                self.pulse_proc.wait(timeout=2)
+            self.pulse_proc = None
+        if self.pulse_file is not None:
+            self.pulse_file.close()
+            self.pulse_file = None
 
     def run(self) -> None:
         self.start()
@@ -185,6 +213,7 @@ class Worker:
         if leave and self.joined:
             self._send(self.primary, Leave(self.node_id))
             time.sleep(0.05)  # shutdown path only: let the Leave reach the wire before LINGER=0 closes
+        self._stop_pulse()
         self.executor.stop()
         for _ in self.repl_threads:
             self.replications.put(None)
@@ -212,6 +241,8 @@ class Worker:
                 if c.detector is not None:
                     c.detector.excuse(now - self.last_tick)
         self.last_tick = now
+        if self.pulse_file is not None:
+            self.pulse_file.tick(now)
         self._choose_primary(now)
         if not self.joined and now >= self.next_join:
             self.next_join = now + self.cfg.heartbeat_interval
@@ -364,6 +395,8 @@ class Worker:
         self.links = {}
         self._rebuild_poller()
         self.node_id = make_node_id(self.storage.addr, new_incarnation())
+        if self.pulse_file is not None:
+            self.pulse_file.set_node(self.node_id)
         self.generation += 1
         self.stale += len(self.inflight)  # still in the executor: they take slots until they finish
         self.inflight.clear()
