@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	for b in bench/*.py; do [ "$$b" = bench/hog.py ] || $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

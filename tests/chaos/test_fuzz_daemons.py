@@ -39,6 +39,8 @@ def hostile_frames(rnd: random.Random, n: int) -> list[bytes]:
         P.Command(3, "set_batch_size", {"job": "nope", "n": -1}).encode(),
         P.PutCommit(4, [{"put_id": "forged", "stored": ["a"]}]).encode(),
         P.LogRecord("fuzzer", 0.0, "INFO", "fuzz", "x" * 100).encode(),
+        P.Pulse("127.0.0.1:9@9").encode(),
+        P.PutReplace(5, [{"put_id": "forged", "exclude": [], "count": 2**40}]).encode(),
     ]
     frames = []
     for _ in range(n):
