@@ -14,15 +14,30 @@ from cli.cluster import LocalCluster
 DATA = Path(__file__).resolve().parent.parent / "data"
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition",
+    progress: Callable[[], Any] | None = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds.
+
+    With ``progress`` (a callable returning a comparable measure, e.g. results completed so far),
+    ``timeout`` is the longest time allowed *without progress*: a loaded machine that keeps making
+    progress is given the time it needs, and a stuck system still fails after ``timeout``.
+    """
     deadline = time.monotonic() + timeout
+    seen = progress() if progress is not None else None
     while True:
         value = predicate()
         if value:
             return value
+        if progress is not None:
+            now_seen = progress()
+            if now_seen != seen:
+                seen = now_seen
+                deadline = time.monotonic() + timeout
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            idle = f" without progress (last: {seen!r})" if progress is not None else ""
+            raise AssertionError(f"timed out after {timeout}s{idle} waiting for {what}")
         time.sleep(interval)  # polling another process's state: there is no event to wait on
 
 

@@ -30,12 +30,16 @@ def load(cluster, n: int, prefix: str = "in/") -> None:
         client.put_many([(str(p), f"{prefix}{p.name}") for p in IMAGES[:n]])
 
 
-def wait_done(cluster, jobs: list[str], timeout: float = 180) -> None:
+def wait_done(cluster, jobs: list[str], timeout: float = 60) -> None:
+    """Wait for ``jobs`` to finish; ``timeout`` is the longest wait with no new result."""
     def done() -> bool:
         states = {j["job_id"]: j["state"] for j in cluster.ctl("jobs")}
         return all(states[j] == "done" for j in jobs)
 
-    wait_for(done, timeout=timeout, interval=0.2, what=f"jobs {jobs} to finish")
+    def completed() -> int:
+        return sum(j["completed"] for j in cluster.ctl("jobs") if j["job_id"] in jobs)
+
+    wait_for(done, timeout=timeout, interval=0.2, what=f"jobs {jobs} to finish", progress=completed)
 
 
 def check_exactly_once(cluster, job: str, n: int) -> list[dict]:
@@ -106,7 +110,7 @@ def test_corrupt_inputs_yield_error_results_and_empty_jobs_are_refused(make_clus
         client.put(junk, "in/zz_junk.jpg")
         client.put(text, "in/zz_text.jpg")
     job = c.ctl("submit", model="mobilenet_v3_small", inputs="in/", batch=3, start=True)["job_id"]
-    wait_done(c, [job], timeout=90)
+    wait_done(c, [job])
     res = {r["input"]: r for r in c.ctl("results", job=job)["results"]}
     assert len(res) == 6
     assert res["in/zz_junk.jpg"]["error"] and res["in/zz_text.jpg"]["error"]
@@ -116,7 +120,7 @@ def test_corrupt_inputs_yield_error_results_and_empty_jobs_are_refused(make_clus
     with pytest.raises(RpcError, match="no input files match"):
         c.ctl("submit", model="alexnet", inputs="empty/")
     bad = c.ctl("submit", model="no_such_net", inputs="in/img_000", start=True)["job_id"]
-    wait_done(c, [bad], timeout=60)
+    wait_done(c, [bad])
     (r,) = c.ctl("results", job=bad)["results"]
     assert "cannot load model" in r["error"]
     env = dict(os.environ, IDUNNO_COORDINATOR=c.coordinator)
@@ -148,7 +152,7 @@ def test_every_shell_command_works_and_errors_print_help(make_cluster, tmp_path)
         for line in lines:
             assert run_coordinator_line(line, call, console)
         job = c.ctl("jobs")[0]["job_id"]
-        wait_done(c, [job], timeout=90)
+        wait_done(c, [job])
         per_cmd = {"query_rate": f"query_rate {job}", "query_time": f"query_time {job}",
                    "set_batch_size": f"set_batch_size {job} 3", "results": f"results {job} --limit 2",
                    "submit": "submit mobilenet_v3_small in/img_000"}

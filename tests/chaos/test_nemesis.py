@@ -49,13 +49,14 @@ def load_and_submit(c: NetnsCluster, h: History, tmp: Path) -> str:
     h.record("submit", job=job["job_id"], inputs=job["total"], ok=True)
     assert job["total"] == 50
     wait_for(lambda: c.ctl("completed")[job["job_id"]]["completed"] >= 6, timeout=90, interval=0.5,
-             what="job under way")
+             what="job under way", progress=lambda: c.ctl("completed")[job["job_id"]]["completed"])
     return job["job_id"]
 
 
-def wait_done(c: NetnsCluster, job: str, timeout: float = 240) -> None:
+def wait_done(c: NetnsCluster, job: str, timeout: float = 90) -> None:
+    """Wait for ``job`` to finish; ``timeout`` is the longest wait with no new result (a loaded machine is slow)."""
     wait_for(lambda: c.ctl("completed", job)[job]["state"] == "done", timeout=timeout, interval=1.0,
-             what=f"{job} to finish")
+             what=f"{job} to finish", progress=lambda: c.ctl("completed", job)[job]["completed"])
 
 
 def busy_workers(c: NetnsCluster, n: int) -> list:
