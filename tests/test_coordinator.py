@@ -9,7 +9,7 @@ from broker.coordinator import STANDBY, Coordinator
 from broker.stats import rate_gap
 from common.commands import COMMANDS
 from common.config import Config
-from common.protocol import Error, Heartbeat, Leave, Ok, Rejoin, Task, TaskResult, Topic, decode
+from common.protocol import Error, Heartbeat, Leave, Rejoin, Task, TaskResult, Topic, decode
 
 CHEAP, DEAR = "cheap", "dear"
 
