@@ -57,6 +57,12 @@ class CoordinatorCollector(Collector):
         yield busy
         yield CounterMetricFamily("idunno_failures_detected", "Members declared failed",
                                   value=snap["failures_detected"])
+        dropped = CounterMetricFamily("idunno_messages_dropped",
+                                      "Messages refused: forged sender, result not answering its task",
+                                      labels=["reason"])
+        for reason, n in snap.get("dropped", {}).items():
+            dropped.add_metric([reason], n)
+        yield dropped
         sdfs = snap["sdfs"]
         yield GaugeMetricFamily("idunno_sdfs_files", "Files in SDFS", value=sdfs["files"])
         yield GaugeMetricFamily("idunno_sdfs_under_replicated", "Versions below the replication target",

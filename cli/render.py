@@ -113,6 +113,8 @@ def info(data: dict[str, Any]) -> Table:
     t.add_column("value")
     for k, v in data["sdfs"].items():
         t.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+    for reason, n in sorted(data.get("dropped", {}).items()):
+        t.add_row(f"messages dropped ({reason})", str(n))
     return t
 
 
