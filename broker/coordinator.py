@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from broker.jobs import Job, JobState, JobTable, TaskInfo, parse_answers
 from broker.scheduler import Candidate, make_scheduler
 from broker.stats import rate_gap, summarize
-from common.commands import COMMANDS
+from common.commands import COMMANDS, check_args
 from common.config import Config
 from common.identity import split_node_id
 from common.membership import Member, MemberRegistry, MembershipEvent
@@ -689,7 +689,7 @@ class Coordinator:
                              f"unknown command {m.name!r}; commands: {', '.join(sorted(COMMANDS))}")
             return
         try:
-            data = fn(m.args, now)
+            data = fn(check_args(m.name, dict(m.args)), now)  # every argument's type and range, here
         except CommandError as exc:
             self.reply_error(ident, m.req, exc.code, str(exc))
             return
@@ -747,12 +747,13 @@ class Coordinator:
             raise CommandError(ErrorCode.BAD_REQUEST, "submit needs a model name")
         if not isinstance(pattern, str) or not pattern:
             raise CommandError(ErrorCode.BAD_REQUEST, "submit needs an SDFS glob or prefix of inputs")
-        batch = int(args.get("batch") or self.cfg.default_batch_size)
+        # Defaults only for what was not given: 0 is an error, not "use the default".
+        batch = args.get("batch")
+        batch = self.cfg.default_batch_size if batch is None else batch
         if not 1 <= batch <= self.cfg.max_batch_size:
             raise CommandError(ErrorCode.BAD_REQUEST, f"batch size must be 1..{self.cfg.max_batch_size}")
-        weight = float(args.get("weight") or 1.0)
-        if not 0 < weight <= 1000:
-            raise CommandError(ErrorCode.BAD_REQUEST, "weight must be in (0, 1000]")
+        weight = args.get("weight")
+        weight = 1.0 if weight is None else weight
         files = self.master.ls(pattern)
         inputs = [(f["name"], f["versions"][0]["version"]) for f in files if f["versions"]]
         inputs = [i for i in inputs if not i[0].startswith("results/")]
@@ -791,7 +792,7 @@ class Coordinator:
 
     def cmd_set_batch_size(self, args: dict[str, Any], now: float) -> Any:
         job = self._job(args)
-        n = int(args["n"])
+        n = args["n"]
         if not 1 <= n <= self.cfg.max_batch_size:
             raise CommandError(ErrorCode.BAD_REQUEST, f"batch size must be 1..{self.cfg.max_batch_size}")
         self.emit("job.batch", {"job_id": job.job_id, "batch_size": n}, now)
@@ -799,7 +800,7 @@ class Coordinator:
 
     def cmd_results(self, args: dict[str, Any], now: float) -> Any:
         job = self._job(args)
-        limit = int(args.get("limit") or 0)
+        limit = args.get("limit") or 0
         items = [job.results[i] | {"qid": job.qid(i)} for i in sorted(job.results)]
         return {"job": job.describe(), "results": items[:limit] if limit > 0 else items,
                 "sdfs_name": f"results/{job.job_id}"}

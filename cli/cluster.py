@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.commands import COMMANDS
+from common.commands import COMMANDS, check_args
 from common.config import Config
 from common.protocol import Command
 from common.rpc import RpcClient, RpcError
@@ -53,6 +53,7 @@ def ctl(cfg: Config, name: str, timeout: float | None = None, **args: Any) -> An
     """One command to the coordinators (raises RpcError on failure)."""
     if name not in COMMANDS:
         raise ValueError(f"unknown command {name}")
+    args = check_args(name, args)  # a clear error here, not an overflow in the encoder
     client = RpcClient(cfg.coordinators, cfg)
     try:
         return client.call(Command(0, name, args), timeout=timeout).data  # type: ignore[attr-defined]

@@ -9,8 +9,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from cli.cmdline import UsageError
+from cli.cmdline import UsageError, convert
 from cli.render import plain
+from common.commands import Arg
 from sdfs.client import SdfsClient
 
 SDFS_COMMANDS = {
@@ -21,6 +22,9 @@ SDFS_COMMANDS = {
     "ls": "ls [sdfsname|glob|prefix]: replicas of each version of matching files",
     "store": "store [node-data-addr]: files and versions stored on a node (default: this node / every node)",
 }
+
+
+VERSIONS_ARG = Arg("k", int, lo=1)
 
 
 def _ts(x: float) -> str:
@@ -66,9 +70,9 @@ def run_sdfs(client: SdfsClient, console: Console, tokens: list[str], node: str 
         d = client.delete(args[0])
         console.print(plain(f"deleted {args[0]} ({d['deleted_versions']} versions)"))
     elif cmd == "get_versions":
-        if len(args) != 3 or not args[1].isdigit():
+        if len(args) != 3:
             raise UsageError(SDFS_COMMANDS["get_versions"])
-        vs = client.get_versions(args[0], int(args[1]), args[2])
+        vs = client.get_versions(args[0], convert(VERSIONS_ARG, args[1]), args[2])
         numbers = ", ".join(str(v["version"]) for v in vs)
         console.print(plain(f"wrote {len(vs)} versions of {args[0]} ({numbers}) -> {args[2]}"))
     elif cmd == "ls":

@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import zmq
 
+from common.commands import MAX_INT
 from common.config import Config
 from common.protocol import (
     ChunkData,
@@ -267,8 +268,8 @@ class SdfsClient:
 
     def get_versions(self, name: str, count: int, local: str | os.PathLike[str]) -> list[dict[str, Any]]:
         """Write the newest ``count`` versions, newest first, each behind a delimiter line."""
-        if count < 1:
-            raise SdfsError("number of versions must be >= 1")
+        if not 1 <= count <= MAX_INT:
+            raise SdfsError(f"number of versions must be 1..{MAX_INT}")
         versions = self.locate(name, count)
         dest = Path(local)
         dest.parent.mkdir(parents=True, exist_ok=True)

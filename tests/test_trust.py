@@ -183,3 +183,61 @@ def test_dropped_messages_are_counted_in_metrics():
     registry.register(CoordinatorCollector(lambda: sim.core.metrics_snapshot(sim.t)))
     text = generate_latest(registry).decode()
     assert 'idunno_messages_dropped_total{reason="forged_sender"} 3.0' in text
+
+
+# --------------------------------------------------------------------------------------------
+# finding 9: numbers in commands are range-checked, 0 is not "use the default"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"batch": 0}, "batch must be at least 1"),
+    ({"batch": -3}, "batch must be at least 1"),
+    ({"batch": 2**63 - 1}, "batch must be at most 2147483647"),
+    ({"batch": 257}, "batch size must be 1..256"),
+    ({"batch": 1.5}, "batch must be an integer"),
+    ({"batch": True}, "batch must be an integer"),
+    ({"batch": "8"}, "batch must be an integer"),
+    ({"weight": 0}, "weight must be at least 0.001"),
+    ({"weight": 0.0}, "weight must be at least 0.001"),
+    ({"weight": -1}, "weight must be at least 0.001"),
+    ({"weight": math.inf}, "weight must be a finite number"),
+    ({"weight": math.nan}, "weight must be a finite number"),
+    ({"weight": 1e6}, "weight must be at most 1000"),
+    ({"start": "no"}, "start must be true or false"),
+])
+def test_submit_refuses_numbers_out_of_range_instead_of_defaulting(args, message):
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1])
+    sim.add_inputs("in", 3)
+    with pytest.raises(RuntimeError, match=message):
+        sim.command("submit", model=CHEAP, inputs="in/", **args)
+    assert not sim.core.jobs.jobs  # nothing was submitted
+
+
+def test_in_range_numbers_are_taken_as_given():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1])
+    sim.add_inputs("in", 3)
+    d = sim.command("submit", model=CHEAP, inputs="in/", batch=1, weight=0.5)
+    assert (d["batch_size"], d["weight"]) == (1, 0.5)
+    d = sim.command("submit", model=CHEAP, inputs="in/", batch=256, weight=1000)
+    assert (d["batch_size"], d["weight"]) == (256, 1000.0)
+    d = sim.command("submit", model=CHEAP, inputs="in/")  # defaults only when absent
+    assert (d["batch_size"], d["weight"]) == (sim.cfg.default_batch_size, 1.0)
+
+
+@pytest.mark.parametrize(("command", "args", "message"), [
+    ("set_batch_size", {"n": 0}, "n must be at least 1"),
+    ("set_batch_size", {"n": 2**63 - 1}, "n must be at most 2147483647"),
+    ("set_batch_size", {"n": 257}, "batch size must be 1..256"),
+    ("set_batch_size", {"n": math.inf}, "n must be an integer"),
+    ("set_batch_size", {"n": -(2**63)}, "n must be at least 1"),
+    ("results", {"limit": -1}, "limit must be at least 0"),
+    ("results", {"limit": math.nan}, "limit must be an integer"),
+])
+def test_job_commands_refuse_numbers_out_of_range(command, args, message):
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1])
+    sim.add_inputs("in", 3)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=2)["job_id"]
+    with pytest.raises(RuntimeError, match=message) as err:
+        sim.command(command, job=job, **args)
+    assert "internal" not in str(err.value)
+    assert sim.core.jobs.jobs[job].batch_size == 2
