@@ -15,7 +15,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ from common.commands import COMMANDS, check_args
 from common.config import Config
 from common.identity import split_node_id
 from common.membership import Member, MemberRegistry, MembershipEvent
+from common.modelnames import MODEL_NAMES, resolve_model
 from common.protocol import (
     Command,
     CoordinatorHeartbeat,
@@ -115,9 +116,11 @@ class Coordinator:
         scheduler: str = "fair-time",
         on_job_done: Callable[[Job], None] | None = None,
         clock: Callable[[], float] = time.time,
+        models: Collection[str] = MODEL_NAMES,
     ) -> None:
         self.cfg = cfg
         self.clock = clock  # wall clock for statistics (replicated to the standby); timers use `now`
+        self.models = frozenset(models)  # what `submit` accepts (torchvision classifiers and noop)
         self.addr = addr
         self.net = net
         self.role = role
@@ -745,6 +748,10 @@ class Coordinator:
         pattern = args.get("inputs")
         if not isinstance(model, str) or not model.strip():
             raise CommandError(ErrorCode.BAD_REQUEST, "submit needs a model name")
+        try:  # now, not when every query fails at the workers
+            model = resolve_model(model, self.models)
+        except ValueError as exc:
+            raise CommandError(ErrorCode.BAD_REQUEST, str(exc)) from None
         if not isinstance(pattern, str) or not pattern:
             raise CommandError(ErrorCode.BAD_REQUEST, "submit needs an SDFS glob or prefix of inputs")
         # Defaults only for what was not given: 0 is an error, not "use the default".
@@ -759,8 +766,8 @@ class Coordinator:
         inputs = [i for i in inputs if not i[0].startswith("results/")]
         if not inputs:
             raise CommandError(ErrorCode.NOT_FOUND, f"no input files match {pattern!r} in SDFS; `put` them first")
-        job_id = self.jobs.new_job_id(model.strip())
-        job = Job(job_id, model.strip(), inputs, batch, weight, submitted=self.clock())
+        job_id = self.jobs.new_job_id(model)
+        job = Job(job_id, model, inputs, batch, weight, submitted=self.clock())
         self.emit("job.add", job.snapshot(), now)
         self.event("job_added", job_id, now)
         if args.get("start") or self.jobs.running():

@@ -241,3 +241,41 @@ def test_job_commands_refuse_numbers_out_of_range(command, args, message):
         sim.command(command, job=job, **args)
     assert "internal" not in str(err.value)
     assert sim.core.jobs.jobs[job].batch_size == 2
+
+
+# --------------------------------------------------------------------------------------------
+# finding 10: model names are resolved at submit
+
+
+@pytest.mark.parametrize(("model", "hint"), [
+    ("get_model", None), ("__init__", None), ("../../x", None), ("[/x]", None), ("list_models", None),
+    ("alexnett", "alexnet"), ("resnet_50", "resnet50"), ("mobilenet_v3", "mobilenet_v3_small"),
+])
+def test_submit_refuses_unknown_models_with_close_matches(model, hint):
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1])
+    sim.add_inputs("in", 3)
+    with pytest.raises(RuntimeError, match="unknown model") as err:
+        sim.command("submit", model=model, inputs="in/", start=True)
+    if hint:
+        assert "did you mean" in str(err.value) and hint in str(err.value)
+    assert not sim.core.jobs.jobs
+
+
+def test_submit_takes_model_names_as_users_spell_them():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1])
+    sim.add_inputs("in", 3)
+    assert sim.command("submit", model=" ResNet ", inputs="in/")["model"] == "resnet50"
+    assert sim.command("submit", model="AlexNet", inputs="in/")["job_id"].endswith("-alexnet")
+    assert sim.command("submit", model="noop", inputs="in/")["model"] == "noop"
+    assert sim.command("submit", model="vit_h_14", inputs="in/")["model"] == "vit_h_14"
+
+
+def test_the_coordinator_knows_model_names_without_torch():
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    code = ("import sys, broker.server, broker.coordinator\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'models'))\n"
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
