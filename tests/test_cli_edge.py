@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import io
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from cli import main as cli_main
-from cli.cluster import ctl
+from cli.cluster import LocalCluster, Proc, ctl, proc_identity, stop_from_state
 from cli.shell import run_coordinator_line
 from common.config import Config
 from common.protocol import Command
@@ -57,3 +62,60 @@ def test_library_ctl_and_the_shell_check_numbers_before_sending():
 
     assert run_coordinator_line(f"set_batch_size job1 {HUGE}", wire, Console(file=out)) is True
     assert not sent and "n must be at most" in out.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# finding 11: `idunno down` signals only the processes `idunno up` started
+
+
+@pytest.fixture
+def bystander():
+    """An unrelated process (here: a sleep) that may own a pid listed in a stale cluster.json."""
+    p = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL)
+    yield p
+    p.kill()
+    p.wait(timeout=10)
+
+
+def write_state(data_dir: Path, procs: list[dict]) -> None:
+    (data_dir / "cluster.json").write_text(json.dumps({"coordinator": NOWHERE, "standby": "", "procs": procs}))
+
+
+@pytest.mark.slow
+def test_down_does_not_kill_a_process_that_reused_a_listed_pid(bystander, tmp_path, capsys):
+    ident = proc_identity(bystander.pid)
+    assert ident is not None and ident["cmdline"] == ["sleep", "300"]
+    worker_cmd = [sys.executable, "-m", "cli.main", "worker", "--port", "1"]
+    write_state(tmp_path, [
+        # the recorded worker exited and the sleep got its pid: same pid, another start and command
+        {"role": "worker", "pid": bystander.pid, "addr": "", "start": ident["start"] - 7, "cmdline": worker_cmd},
+        # same start time but another command line (a forged or corrupted record)
+        {"role": "worker", "pid": bystander.pid, "addr": "", "start": ident["start"], "cmdline": worker_cmd},
+        # a cluster.json from before start times were recorded: nothing to verify against
+        {"role": "coordinator", "pid": bystander.pid, "addr": ""},
+    ])
+    code = cli_main.main(["down", "--data-dir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 0 and "Traceback" not in captured.err
+    with pytest.raises(subprocess.TimeoutExpired):
+        bystander.wait(timeout=0.5)  # still running: it was never signalled
+    assert f"pid {bystander.pid}" in captured.err and "not signalled" in captured.err
+    assert "no running cluster found" in captured.out
+    assert not (tmp_path / "cluster.json").exists()
+
+
+@pytest.mark.slow
+def test_down_stops_the_processes_up_recorded(tmp_path):
+    cluster = LocalCluster(workers=0, standby=False, data_dir=str(tmp_path))
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], stdin=subprocess.DEVNULL)
+    try:
+        cluster.procs.append(Proc("worker", p))
+        cluster.save()
+        rec = json.loads((tmp_path / "cluster.json").read_text())["procs"][0]
+        assert rec["start"] == proc_identity(p.pid)["start"] and rec["cmdline"][0] == sys.executable
+        assert stop_from_state(str(tmp_path)) == 1
+        assert p.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
