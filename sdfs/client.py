@@ -75,6 +75,25 @@ class _Stream:
     started: bool = False
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (no window for other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, dest: Path) -> None:
+    """Move a finished download into place with the mode a new file gets (mkstemp made it 0600)."""
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, dest)
+
+
 class SdfsClient:
     def __init__(self, cfg: Config, coordinators: list[str] | None = None, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
@@ -254,7 +273,7 @@ class SdfsClient:
         try:
             with os.fdopen(fd, "wb") as out:
                 self._download(name, v, out)
-            os.replace(tmp, dest)
+            _publish(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -283,7 +302,7 @@ class SdfsClient:
                     )
                     self._download(name, v, out)
                     out.write(b"\n")
-            os.replace(tmp, dest)
+            _publish(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
