@@ -230,7 +230,7 @@ class LocalCluster:
             "coordinator": self.coordinator,
             "standby": self.standby_addr,
             "data_dir": self.data_dir,
-            "procs": [{"role": p.role, "pid": p.popen.pid, "addr": p.addr, **(proc_identity(p.popen.pid) or {})}
+            "procs": [{"role": p.role, "pid": p.popen.pid, "addr": p.addr, **_recorded_identity(p.popen)}
                       for p in self.procs],
         }
         (Path(self.data_dir) / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -256,6 +256,18 @@ def proc_identity(pid: int) -> dict[str, Any] | None:
     if fields[0] == b"Z":
         return None  # exited (a zombie not reaped yet): nothing left to stop
     return {"start": start, "cmdline": [a.decode(errors="surrogateescape") for a in cmdline.split(b"\0")[:-1]]}
+
+
+def _recorded_identity(popen: subprocess.Popen) -> dict[str, Any]:
+    """What `up` records of a process it started: its start time, and the command line it was given.
+
+    The command line is the argv we passed, not /proc's: right after spawn the kernel may not have
+    set up the new program's arguments yet (the parent resumes mid-exec), and /proc shows none.
+    """
+    ident = proc_identity(popen.pid)
+    if ident is None or not isinstance(popen.args, (list, tuple)):
+        return {}  # exited already, or a shell string: nothing `down` could verify
+    return {"start": ident["start"], "cmdline": [os.fsdecode(a) for a in popen.args]}
 
 
 def _warn(message: str) -> None:

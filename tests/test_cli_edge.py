@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 from rich.console import Console
 
 from cli import main as cli_main
@@ -83,8 +84,9 @@ def write_state(data_dir: Path, procs: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_down_does_not_kill_a_process_that_reused_a_listed_pid(bystander, tmp_path, capsys):
-    ident = proc_identity(bystander.pid)
-    assert ident is not None and ident["cmdline"] == ["sleep", "300"]
+    # Right after spawn /proc may show no arguments yet (mid-exec): wait until it shows the program.
+    ident = wait_for(lambda: (i := proc_identity(bystander.pid)) and i["cmdline"] == ["sleep", "300"] and i,
+                     timeout=10, what="the bystander's command line in /proc")
     worker_cmd = [sys.executable, "-m", "cli.main", "worker", "--port", "1"]
     write_state(tmp_path, [
         # the recorded worker exited and the sleep got its pid: same pid, another start and command
@@ -112,7 +114,7 @@ def test_down_stops_the_processes_up_recorded(tmp_path):
         cluster.procs.append(Proc("worker", p))
         cluster.save()
         rec = json.loads((tmp_path / "cluster.json").read_text())["procs"][0]
-        assert rec["start"] == proc_identity(p.pid)["start"] and rec["cmdline"][0] == sys.executable
+        assert rec["start"] == proc_identity(p.pid)["start"] and rec["cmdline"] == list(p.args)
         assert stop_from_state(str(tmp_path)) == 1
         assert p.wait(timeout=10) == -signal.SIGTERM
     finally:
