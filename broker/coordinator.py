@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from broker.jobs import Job, JobState, JobTable
+from broker.jobs import Job, JobState, JobTable, TaskInfo, parse_answers
 from broker.scheduler import Candidate, make_scheduler
 from broker.stats import rate_gap, summarize
-from common.commands import COMMANDS
+from common.commands import COMMANDS, check_args
 from common.config import Config
 from common.failure_detector import LOCAL_STALL
 from common.identity import PULSE_SUFFIX, split_node_id
 from common.membership import Member, MemberRegistry, MembershipEvent
+from common.modelnames import MODEL_NAMES, resolve_model
 from common.protocol import (
     Command,
     CoordinatorHeartbeat,
@@ -68,6 +70,13 @@ log = logging.getLogger("idunno.coordinator")
 SLOW_MESSAGE = 0.1  # handling one message should never hold the loop longer than this (seconds)
 
 PRIMARY, STANDBY, PROBING = "primary", "standby", "probing"
+
+# Messages whose node_id names their sender: it must equal the ROUTER identity the frame came
+# from (a worker's DEALER identity is its node id). ReportBad is not one of them: its node_id
+# names the replica being reported, and any reader may report one.
+SENDER_NAMED: tuple[type[Message], ...] = (Join, Heartbeat, Leave, Ready, TaskResult, Stored)
+
+MAX_ELAPSED = 86_400.0  # seconds of compute for one batch: anything longer is not a measurement
 
 
 class Net(Protocol):
@@ -112,9 +121,11 @@ class Coordinator:
         scheduler: str = "fair-time",
         on_job_done: Callable[[Job], None] | None = None,
         clock: Callable[[], float] = time.time,
+        models: Collection[str] = MODEL_NAMES,
     ) -> None:
         self.cfg = cfg
         self.clock = clock  # wall clock for statistics (replicated to the standby); timers use `now`
+        self.models = frozenset(models)  # what `submit` accepts (torchvision classifiers and noop)
         self.addr = addr
         self.net = net
         self.role = role
@@ -132,6 +143,8 @@ class Coordinator:
         self.next_heartbeat = 0.0
         self.busy_seconds: dict[str, float] = {}  # compute time per worker (metrics)
         self.failures_detected = 0
+        self.dropped: dict[str, int] = {}  # messages refused, by reason (`info`, metrics)
+        self._drop_logged: dict[str, float] = {}
         self.last_vote = -1e9  # last time a worker asked this (non-primary) coordinator for service
         self.max_stall = 0.0  # longest gap between two iterations of the socket loop (metric)
         self.slowest: tuple[str, float] = ("", 0.0)  # the message type that took longest to handle, and how long
@@ -204,6 +217,14 @@ class Coordinator:
     def event(self, kind: str, detail: str, now: float) -> None:
         self.emit("event", {"ts": self.clock(), "kind": kind, "detail": detail}, now)
 
+    def drop(self, reason: str, now: float, fmt: str, *args: Any) -> None:
+        """Refuse a message: count it by reason, and log (at most one line per reason per second,
+        so a flood of hostile frames cannot become a flood of log records)."""
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if now - self._drop_logged.get(reason, -math.inf) >= 1.0:
+            self._drop_logged[reason] = now
+            log.warning(f"{fmt} ({reason}: %d dropped so far)", *args, self.dropped[reason])
+
     # ------------------------------------------------------------------------------------------
     # entry points
 
@@ -212,6 +233,15 @@ class Coordinator:
         if handler is None:
             req = getattr(msg, "req", 0)
             self.reply_error(ident, req, ErrorCode.BAD_REQUEST, f"{msg.TYPE} is not a coordinator request")
+            return
+        # The one place that checks who sent a message: a node speaks only for itself. Checked
+        # before anything else, so a forged Join or Heartbeat is no failover vote either.
+        if isinstance(msg, SENDER_NAMED) and ident != msg.node_id.encode() or (
+            # A worker's pulse sidecar speaks for its worker under the node id + /pulse identity.
+            isinstance(msg, Pulse) and ident != (msg.node_id + PULSE_SUFFIX).encode()
+        ):
+            self.drop("forged_sender", now, "%s claiming to be %r from sender %r dropped",
+                      msg.TYPE, msg.node_id[:80], ident[:80])
             return
         # A standby answers only questions about itself (`members` shows its role and term);
         # everything else goes to the primary, so a client never acts on a stale copy.
@@ -316,9 +346,6 @@ class Coordinator:
         except ValueError as exc:
             self.net.send(ident, Error(0, ErrorCode.BAD_REQUEST, str(exc)))
             return
-        if ident != m.node_id.encode():
-            self.net.send(ident, Error(0, ErrorCode.BAD_REQUEST, "socket identity must equal node id"))
-            return
         known = self.registry.get(m.node_id)
         if known is not None and known.state != "alive":
             # A member declared failed (or that left) never comes back under the same id: the
@@ -353,9 +380,7 @@ class Coordinator:
             slot.models = tuple(m.models)
 
     def on_pulse(self, ident: bytes, m: Pulse, now: float) -> None:
-        # Only the member's own sidecar may vouch for it (its DEALER identity is the node id + /pulse).
-        if ident == (m.node_id + PULSE_SUFFIX).encode():
-            self.registry.pulse(m.node_id, now)
+        self.registry.pulse(m.node_id, now)  # handle() checked that the sender is the member's own sidecar
 
     def on_leave(self, ident: bytes, m: Leave, now: float) -> None:
         ev = self.registry.leave(m.node_id)
@@ -485,49 +510,66 @@ class Coordinator:
             log.info("late result %s from %s (not a live member) dropped", m.task_id, m.node_id)
             return
         task = self.jobs.tasks.get(m.task_id)
+        try:
+            job, answers = self._check_result(m, task)
+        except ValueError as exc:
+            self.drop("bad_result", now, "result %.80s from %s dropped: %s", m.task_id, m.node_id, exc)
+            return
         slot = self.slots.get(m.node_id)
         if slot is not None:
             slot.outstanding.pop(m.task_id, None)
-        job = self.jobs.jobs.get(m.job_id)
-        if job is None:
-            return
         results: dict[str, dict[str, Any]] = {}
-        prefix = f"{job.job_id}:"
-        for r in m.results:
-            qid = str(r.get("qid", ""))
-            if not qid.startswith(prefix) or not qid[len(prefix):].isdigit():
-                continue
-            idx = int(qid[len(prefix):])
-            if idx >= job.total or idx in job.results:
-                continue  # a duplicate (re-dispatched query) or garbage: exactly one result per input
+        for idx, (top5, error) in answers.items():
+            if idx in job.results:
+                continue  # a duplicate (re-dispatched query): exactly one result per input
             results[str(idx)] = {
                 "input": job.inputs[idx][0],
                 "model": job.model,
-                "top5": r.get("top5") or [],
-                "error": r.get("error"),
+                "top5": top5,
+                "error": error,
                 "worker": m.node_id,
                 "batch": len(m.results),
             }
-        dispatched = task.dispatched if task is not None else self.clock() - m.elapsed
+        # A batch cannot have computed for longer than it has been out: the worker's figure feeds
+        # the task timeouts (and the standby's copy of them), so it is held to what we saw.
+        elapsed = min(m.elapsed, max(0.0, self.clock() - task.dispatched)) if task is not None else m.elapsed
+        dispatched = task.dispatched if task is not None else self.clock() - elapsed
         latency = max(0.0, self.clock() - dispatched)
         for r in results.values():
             r["latency"] = latency
         n = len(results)
-        self.busy_seconds[m.node_id] = self.busy_seconds.get(m.node_id, 0.0) + max(0.0, m.elapsed)
-        if n and m.elapsed > 0:
-            per_image = m.elapsed / max(1, len(m.results))
+        self.busy_seconds[m.node_id] = self.busy_seconds.get(m.node_id, 0.0) + elapsed
+        if n and elapsed > 0 and task is not None:
+            per_image = elapsed / max(1, len(m.results))
             old = self.cost.get(job.model)
             self.cost[job.model] = per_image if old is None else 0.8 * old + 0.2 * per_image
-            slot = self.slots.get(m.node_id)
             if slot is not None:
                 slot.cost = per_image if not slot.cost else 0.8 * slot.cost + 0.2 * per_image
         self.emit(
             "task.result",
             {"task_id": m.task_id, "job_id": job.job_id, "results": results, "latency": latency,
-             "elapsed": m.elapsed, "ts": self.clock(), "worker": m.node_id},
+             "elapsed": elapsed, "ts": self.clock(), "worker": m.node_id},
             now,
         )
         self.dispatch(now)
+
+    def _check_result(self, m: TaskResult, task: TaskInfo | None) -> tuple[Job, dict[int, Any]]:
+        """A result must answer the task it names: its job, from its worker, for its queries, with a
+        real duration. Raise ValueError otherwise. A task this coordinator does not hold (re-queued
+        after a timeout, or dispatched by an earlier primary) may still answer its job's queries."""
+        job = self.jobs.jobs.get(m.job_id)
+        if job is None:
+            raise ValueError(f"no job {m.job_id!r:.60}")
+        if task is not None:
+            if task.job_id != m.job_id:
+                raise ValueError(f"the task belongs to {task.job_id}, not {m.job_id!r:.60}")
+            if task.worker != m.node_id:
+                raise ValueError(f"the task is held by {task.worker}")
+        elif not m.task_id.endswith(f"-{job.job_id}"):
+            raise ValueError(f"{m.task_id!r:.60} is not a task id of {job.job_id}")
+        if not (math.isfinite(m.elapsed) and 0.0 <= m.elapsed <= MAX_ELAPSED):
+            raise ValueError(f"elapsed {m.elapsed!r} is not a duration in [0, {MAX_ELAPSED:.0f}] s")
+        return job, parse_answers(job, task, m.results)
 
     # ------------------------------------------------------------------------------------------
     # replicated state ops (run on primary and standby alike)
@@ -558,10 +600,14 @@ class Coordinator:
             job.stats.started = d["dispatched"]
 
     def _op_task_result(self, d: dict[str, Any], now: float) -> None:
-        task = self.jobs.tasks.pop(d["task_id"], None)
         job = self.jobs.jobs.get(d["job_id"])
         if job is None:
             return
+        task = self.jobs.tasks.get(d["task_id"])
+        if task is not None and task.job_id == job.job_id:  # never another job's task
+            del self.jobs.tasks[d["task_id"]]
+        else:
+            task = None
         fresh = self.jobs.record(job, {int(k): v for k, v in d["results"].items()}, task)
         if task is not None:
             # A result that does not answer every query of its task must not lose the rest.
@@ -677,7 +723,7 @@ class Coordinator:
                              f"unknown command {m.name!r}; commands: {', '.join(sorted(COMMANDS))}")
             return
         try:
-            data = fn(m.args, now)
+            data = fn(check_args(m.name, dict(m.args)), now)  # every argument's type and range, here
         except CommandError as exc:
             self.reply_error(ident, m.req, exc.code, str(exc))
             return
@@ -699,7 +745,7 @@ class Coordinator:
 
     def cmd_info(self, args: dict[str, Any], now: float) -> Any:
         return {"sdfs": self.master.info(), "members": len(self.registry.alive()), "term": self.term,
-                "role": self.role, "failures_detected": self.failures_detected,
+                "role": self.role, "failures_detected": self.failures_detected, "dropped": dict(self.dropped),
                 "loop_stall_max": round(self.max_stall, 3), "heartbeat_gap_max": round(self.registry.max_gap(), 3),
                 "slowest_message": {"type": self.slowest[0], "seconds": round(self.slowest[1], 4)}}
 
@@ -735,21 +781,26 @@ class Coordinator:
         pattern = args.get("inputs")
         if not isinstance(model, str) or not model.strip():
             raise CommandError(ErrorCode.BAD_REQUEST, "submit needs a model name")
+        try:  # now, not when every query fails at the workers
+            model = resolve_model(model, self.models)
+        except ValueError as exc:
+            raise CommandError(ErrorCode.BAD_REQUEST, str(exc)) from None
         if not isinstance(pattern, str) or not pattern:
             raise CommandError(ErrorCode.BAD_REQUEST, "submit needs an SDFS glob or prefix of inputs")
-        batch = int(args.get("batch") or self.cfg.default_batch_size)
+        # Defaults only for what was not given: 0 is an error, not "use the default".
+        batch = args.get("batch")
+        batch = self.cfg.default_batch_size if batch is None else batch
         if not 1 <= batch <= self.cfg.max_batch_size:
             raise CommandError(ErrorCode.BAD_REQUEST, f"batch size must be 1..{self.cfg.max_batch_size}")
-        weight = float(args.get("weight") or 1.0)
-        if not 0 < weight <= 1000:
-            raise CommandError(ErrorCode.BAD_REQUEST, "weight must be in (0, 1000]")
+        weight = args.get("weight")
+        weight = 1.0 if weight is None else weight
         files = self.master.ls(pattern)
         inputs = [(f["name"], f["versions"][0]["version"]) for f in files if f["versions"]]
         inputs = [i for i in inputs if not i[0].startswith("results/")]
         if not inputs:
             raise CommandError(ErrorCode.NOT_FOUND, f"no input files match {pattern!r} in SDFS; `put` them first")
-        job_id = self.jobs.new_job_id(model.strip())
-        job = Job(job_id, model.strip(), inputs, batch, weight, submitted=self.clock())
+        job_id = self.jobs.new_job_id(model)
+        job = Job(job_id, model, inputs, batch, weight, submitted=self.clock())
         self.emit("job.add", job.snapshot(), now)
         self.event("job_added", job_id, now)
         if args.get("start") or self.jobs.running():
@@ -781,7 +832,7 @@ class Coordinator:
 
     def cmd_set_batch_size(self, args: dict[str, Any], now: float) -> Any:
         job = self._job(args)
-        n = int(args["n"])
+        n = args["n"]
         if not 1 <= n <= self.cfg.max_batch_size:
             raise CommandError(ErrorCode.BAD_REQUEST, f"batch size must be 1..{self.cfg.max_batch_size}")
         self.emit("job.batch", {"job_id": job.job_id, "batch_size": n}, now)
@@ -789,7 +840,7 @@ class Coordinator:
 
     def cmd_results(self, args: dict[str, Any], now: float) -> Any:
         job = self._job(args)
-        limit = int(args.get("limit") or 0)
+        limit = args.get("limit") or 0
         items = [job.results[i] | {"qid": job.qid(i)} for i in sorted(job.results)]
         return {"job": job.describe(), "results": items[:limit] if limit > 0 else items,
                 "sdfs_name": f"results/{job.job_id}"}
@@ -850,6 +901,7 @@ class Coordinator:
             "loop_stall_max": self.max_stall,
             "slowest_message": self.slowest,
             "heartbeat_gap_max": self.registry.max_gap(),
+            "dropped": dict(self.dropped),
             "sdfs": self.master.info(),
             "role": self.role,
             "term": self.term,

@@ -8,6 +8,7 @@ result is dropped, so every input gets exactly one result.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -101,6 +102,51 @@ class Job:
         # Whatever was in flight at the old primary is pending again (its late results still count once).
         job.pending = deque(i for i in range(job.total) if i not in job.results)
         return job
+
+
+MAX_TOP = 1000  # labels per answer: the worker sends 5; anything this long is not an answer
+
+
+def _check_answer(r: Any) -> tuple[list[list[Any]], str | None]:
+    """The (top5, error) of one result entry, or ValueError if it is not what a worker sends."""
+    top, error = r.get("top5"), r.get("error")
+    if error is not None and not isinstance(error, str):
+        raise ValueError("error is not text")
+    if top is None:
+        top = []
+    if not isinstance(top, list) or len(top) > MAX_TOP:
+        raise ValueError("top5 is not a list of [label, probability]")
+    for pair in top:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+                and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool) and math.isfinite(pair[1])):
+            raise ValueError("top5 is not a list of [label, finite probability]")
+    return top, error
+
+
+def parse_answers(job: Job, task: TaskInfo | None, entries: list[Any]) -> dict[int, tuple[list[list[Any]], str | None]]:
+    """Check a TaskResult's entries against the job and the task they answer: ``{index: (top5, error)}``.
+
+    Every entry must name a query of this job (``<job_id>:<index>``), and of the task when it is
+    known, at most once, with a well-formed answer. Anything else raises ValueError: a worker
+    never sends it, so the whole result is not trusted.
+    """
+    allowed = set(task.indexes) if task is not None else None
+    prefix = f"{job.job_id}:"
+    out: dict[int, tuple[list[list[Any]], str | None]] = {}
+    for r in entries:
+        if not isinstance(r, dict):
+            raise ValueError("result entry is not a map")
+        qid = r.get("qid")
+        if not isinstance(qid, str) or not qid.startswith(prefix) or not qid[len(prefix):].isascii() \
+                or not qid[len(prefix):].isdigit():
+            raise ValueError(f"query id {qid!r:.60} is not a query of {job.job_id}")
+        idx = int(qid[len(prefix):])
+        if not 0 <= idx < job.total or (allowed is not None and idx not in allowed):
+            raise ValueError(f"query {qid!r:.60} is not part of this task")
+        if idx in out:
+            raise ValueError(f"query {qid!r:.60} answered twice")
+        out[idx] = _check_answer(r)
+    return out
 
 
 class JobTable:

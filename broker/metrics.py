@@ -67,6 +67,12 @@ class CoordinatorCollector(Collector):
         yield GaugeMetricFamily("idunno_heartbeat_gap_max_seconds",
                                 "Longest heartbeat silence a live member recovered from",
                                 value=snap["heartbeat_gap_max"])
+        dropped = CounterMetricFamily("idunno_messages_dropped",
+                                      "Messages refused: forged sender, result not answering its task",
+                                      labels=["reason"])
+        for reason, n in snap.get("dropped", {}).items():
+            dropped.add_metric([reason], n)
+        yield dropped
         sdfs = snap["sdfs"]
         yield GaugeMetricFamily("idunno_sdfs_files", "Files in SDFS", value=sdfs["files"])
         yield GaugeMetricFamily("idunno_sdfs_under_replicated", "Versions below the replication target",

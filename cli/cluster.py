@@ -1,23 +1,27 @@
 """A local cluster on loopback: coordinator, standby and N workers as separate processes.
 
 Used by ``idunno up/down/demo``, the benchmarks and the multi-process tests. The cluster's
-addresses and pids are written to ``<data_dir>/cluster.json`` so other commands find it.
+addresses and pids are written to ``<data_dir>/cluster.json`` so other commands find it, with each
+process's start time and command line: ``idunno down`` signals a pid only while it is still that
+process (a stale file must never kill whatever reused the pid).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.commands import COMMANDS
+from common.commands import COMMANDS, check_args
 from common.config import Config
 from common.protocol import Command
 from common.rpc import RpcClient, RpcError
@@ -53,6 +57,7 @@ def ctl(cfg: Config, name: str, timeout: float | None = None, **args: Any) -> An
     """One command to the coordinators (raises RpcError on failure)."""
     if name not in COMMANDS:
         raise ValueError(f"unknown command {name}")
+    args = check_args(name, args)  # a clear error here, not an overflow in the encoder
     client = RpcClient(cfg.coordinators, cfg)
     try:
         return client.call(Command(0, name, args), timeout=timeout).data  # type: ignore[attr-defined]
@@ -225,7 +230,8 @@ class LocalCluster:
             "coordinator": self.coordinator,
             "standby": self.standby_addr,
             "data_dir": self.data_dir,
-            "procs": [{"role": p.role, "pid": p.popen.pid, "addr": p.addr} for p in self.procs],
+            "procs": [{"role": p.role, "pid": p.popen.pid, "addr": p.addr, **_recorded_identity(p.popen)}
+                      for p in self.procs],
         }
         (Path(self.data_dir) / STATE_FILE).write_text(json.dumps(state, indent=2))
 
@@ -237,31 +243,113 @@ def load_state(data_dir: str) -> dict[str, Any] | None:
         return None
 
 
-def stop_from_state(data_dir: str, grace: float = 5.0) -> int:
-    """``idunno down``: stop every process recorded by ``idunno up``; return how many were stopped."""
+def proc_identity(pid: int) -> dict[str, Any] | None:
+    """What tells a process apart from a later one with the same pid: its start time (clock ticks
+    after boot, field 22 of ``/proc/PID/stat``) and its command line. None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        fields = stat[stat.rindex(b")") + 2:].split()  # the name in (...) may hold spaces
+        start = int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+    if fields[0] == b"Z":
+        return None  # exited (a zombie not reaped yet): nothing left to stop
+    return {"start": start, "cmdline": [a.decode(errors="surrogateescape") for a in cmdline.split(b"\0")[:-1]]}
+
+
+def _recorded_identity(popen: subprocess.Popen) -> dict[str, Any]:
+    """What `up` records of a process it started: its start time, and the command line it was given.
+
+    The command line is the argv we passed, not /proc's: right after spawn the kernel may not have
+    set up the new program's arguments yet (the parent resumes mid-exec), and /proc shows none.
+    """
+    ident = proc_identity(popen.pid)
+    if ident is None or not isinstance(popen.args, (list, tuple)):
+        return {}  # exited already, or a shell string: nothing `down` could verify
+    return {"start": ident["start"], "cmdline": [os.fsdecode(a) for a in popen.args]}
+
+
+def _warn(message: str) -> None:
+    print(f"idunno: {message}", file=sys.stderr)
+
+
+class _Target:
+    """A verified process to stop: through a pidfd where the kernel has them, so that the process
+    checked is the process signalled even if it exits and its pid is reused in between."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd: int | None = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                self.fd = os.pidfd_open(pid)
+            except OSError:
+                self.fd = None
+
+    def signal(self, sig: int) -> bool:
+        try:
+            if self.fd is not None:
+                signal.pidfd_send_signal(self.fd, sig)
+            else:
+                os.kill(self.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def wait(self, timeout: float) -> bool:
+        """True once the process has exited (within ``timeout`` seconds)."""
+        if self.fd is not None:
+            return bool(select.select([self.fd], [], [], max(0.0, timeout))[0])  # readable on exit
+        deadline = time.monotonic() + timeout
+        while _exists(self.pid):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)  # no pidfd: polling another process's existence is all there is
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def stop_from_state(data_dir: str, grace: float = 5.0, warn: Callable[[str], None] = _warn) -> int:
+    """``idunno down``: stop every process recorded by ``idunno up``; return how many were stopped.
+
+    A pid is signalled only if it is still the process that was recorded (same start time and
+    command line): after a reboot or a crash the pid may belong to something else by now.
+    """
     state = load_state(data_dir)
     if state is None:
         return 0
-    pids = [p["pid"] for p in state.get("procs", [])]
-    alive = []
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGCONT)
-            os.kill(pid, signal.SIGTERM)
-            alive.append(pid)
-        except ProcessLookupError:
-            pass
+    targets: list[_Target] = []
+    for rec in state.get("procs", []):
+        pid, role = rec.get("pid"), rec.get("role", "process")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+            warn(f"{STATE_FILE} lists an invalid pid {pid!r:.40}; ignored")
+            continue
+        target = _Target(pid)
+        now = proc_identity(pid)
+        if now is None:
+            target.close()
+            continue  # already gone
+        if "start" not in rec or "cmdline" not in rec:
+            warn(f"pid {pid} ({role}): {STATE_FILE} does not record its start time and command line, "
+                 f"so it cannot be told from an unrelated process; not signalled")
+        elif now["start"] != rec["start"] or now["cmdline"] != rec["cmdline"]:
+            warn(f"pid {pid} ({role}) is no longer the process `idunno up` started (it exited and the pid "
+                 f"was reused by: {' '.join(now['cmdline'])[:80] or '?'}); not signalled")
+        elif target.signal(signal.SIGCONT) and target.signal(signal.SIGTERM):
+            targets.append(target)
+            continue
+        target.close()
     deadline = time.monotonic() + grace
-    for pid in alive:
-        while time.monotonic() < deadline and _exists(pid):
-            time.sleep(0.05)  # waiting for another process to exit: no event available
-        if _exists(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    for target in targets:
+        if not target.wait(deadline - time.monotonic()):
+            target.signal(signal.SIGKILL)
+        target.close()
     (Path(data_dir) / STATE_FILE).unlink(missing_ok=True)
-    return len(alive)
+    return len(targets)
 
 
 def _exists(pid: int) -> bool:

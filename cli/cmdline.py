@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.commands import CLIENT_ONLY, COMMANDS
+from common.commands import CLIENT_ONLY, COMMANDS, Arg
 
 
 class UsageError(ValueError):
@@ -21,7 +21,17 @@ def _convert(kind: type, raw: str, name: str) -> Any:
     try:
         return kind(raw)
     except ValueError:
-        raise UsageError(f"{name} must be {kind.__name__}, not {raw!r}") from None
+        raise UsageError(f"{name} must be {kind.__name__}, not {raw!r:.40}") from None
+
+
+def convert(arg: Arg, raw: str) -> Any:
+    """A command-line word as ``arg``'s type, range-checked (UsageError with a clear message)."""
+    try:
+        return arg.check(_convert(arg.kind, raw, arg.name))
+    except UsageError:
+        raise
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_command(tokens: list[str]) -> tuple[str, dict[str, Any]]:
@@ -49,13 +59,13 @@ def parse_command(tokens: list[str]) -> tuple[str, dict[str, Any]]:
                 continue
             if i + 1 >= len(rest):
                 raise UsageError(f"{name}: {tok} needs a value; usage: {spec.usage()}")
-            args[key] = _convert(arg.kind, rest[i + 1], key)
+            args[key] = convert(arg, rest[i + 1])
             i += 2
             continue
         free = [a for a in positional if a.name not in args]
         if not free:
             raise UsageError(f"{name}: too many arguments; usage: {spec.usage()}")
-        args[free[0].name] = _convert(free[0].kind, tok, free[0].name)
+        args[free[0].name] = convert(free[0], tok)
         i += 1
     missing = [a.name for a in spec.args if a.required and a.name not in args]
     if missing:

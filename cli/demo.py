@@ -32,7 +32,8 @@ def run_demo(ns: argparse.Namespace, console: Console) -> int:
     data_dir = ns.data_dir or tempfile.mkdtemp(prefix="idunno-demo-")
     t0 = time.monotonic()
     console.rule("[bold]IDunno demo")
-    console.print(f"starting a local cluster: coordinator + hot standby + {ns.workers} workers (data in {data_dir})")
+    console.print(render.plain(f"starting a local cluster: coordinator + hot standby + {ns.workers} workers "
+                               f"(data in {data_dir})"))
     cluster = LocalCluster(workers=ns.workers, standby=True, data_dir=data_dir,
                            env={"IDUNNO_PRELOAD_MODELS": ",".join(models)})
     try:
@@ -49,7 +50,8 @@ def run_demo(ns: argparse.Namespace, console: Console) -> int:
         for model in models:
             job = cluster.ctl("submit", model=model, inputs="data/", batch=ns.batch)
             jobs.append(job["job_id"])
-            console.print(f"submitted {job['job_id']}: {model} over {job['total']} images, batch {ns.batch}")
+            console.print(render.plain(f"submitted {job['job_id']}: {model} over {job['total']} images, "
+                                       f"batch {ns.batch}"))
         cluster.ctl("start")
         live_view(cfg, console, until_done=jobs)
         console.print()
@@ -60,16 +62,17 @@ def run_demo(ns: argparse.Namespace, console: Console) -> int:
         for job in jobs:
             sample = cluster.ctl("results", job=job, limit=3)
             render.show(console, "results", sample)
-        console.print("results are in SDFS: " + ", ".join(f"results/{j}" for j in jobs)
-                      + "  (read them with `idunno ctl results JOB` or `idunno sdfs get results/JOB out.json`)")
+        console.print(render.plain("results are in SDFS: " + ", ".join(f"results/{j}" for j in jobs)
+                                   + "  (read them with `idunno ctl results JOB` or "
+                                   "`idunno sdfs get results/JOB out.json`)"))
         if ns.report:
             try:
                 from cli.report import write_report  # noqa: PLC0415
 
                 path = write_report(cluster.ctl("timeline"), ns.report)
-                console.print(f"run report written to {os.path.abspath(path)}")
+                console.print(render.plain(f"run report written to {os.path.abspath(path)}"))
             except ImportError as exc:
-                console.print(f"[yellow]no report: {exc}[/]")
+                console.print(render.plain((f"no report: {exc}", "yellow")))
     finally:
         cluster.stop()
         if own_dir:

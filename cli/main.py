@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
+from cli.render import plain
 from common.config import Config, load_config
 
 DEFAULT_DATA_DIR = "var"
@@ -200,7 +201,7 @@ def dispatch(ns: argparse.Namespace) -> int:
             if missing:
                 raise ValueError(f"no such job: {', '.join(missing)}")
             timeline["jobs"] = {j: timeline["jobs"][j] for j in ns.jobs}
-        console.print(f"report written to {write_report(timeline, ns.out)}")
+        console.print(plain(f"report written to {write_report(timeline, ns.out)}"))
         return 0
     if cmd == "demo":
         from cli.demo import run_demo  # noqa: PLC0415
@@ -267,7 +268,7 @@ def cmd_up(ns: argparse.Namespace, console: Console) -> int:
     if load_state(data_dir):
         from cli.cluster import stop_from_state  # noqa: PLC0415
 
-        console.print(f"a cluster from an earlier `idunno up` is recorded in {data_dir}; stopping it first")
+        console.print(plain(f"a cluster from an earlier `idunno up` is recorded in {data_dir}; stopping it first"))
         stop_from_state(data_dir)
     if ns.workers < 1:
         raise ValueError("--workers must be >= 1")
@@ -281,8 +282,8 @@ def cmd_up(ns: argparse.Namespace, console: Console) -> int:
     console.print(f"IDunno cluster up: coordinator {cluster.coordinator}"
                   f"{f', standby {cluster.standby_addr}' if cluster.standby_addr else ''}, {ns.workers} workers")
     for p in cluster.procs:
-        console.print(f"  {p.role:<12} pid {p.popen.pid:<8} {p.addr}   log {p.log_path}")
-    console.print(f"attach a shell: idunno shell        (or: idunno shell --coordinator {coords})")
+        console.print(plain(f"  {p.role:<12} pid {p.popen.pid:<8} {p.addr}   log {p.log_path}"))
+    console.print(plain(f"attach a shell: idunno shell        (or: idunno shell --coordinator {coords})"))
     console.print("SDFS shell:     idunno sdfs         logs: idunno logs         stop: idunno down")
     if ns.detach:
         return 0

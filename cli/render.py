@@ -1,4 +1,9 @@
-"""Render command results as rich tables (one function per command, shared by shell and ctl)."""
+"""Render command results as rich tables (one function per command, shared by shell and ctl).
+
+Display never interprets user data: model, job, SDFS and node names and error texts come from
+other users (or hostile peers), so everything shown through rich goes through :func:`plain`,
+which makes literal text (no markup such as ``[/x]``, no emoji codes such as ``:warning:``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,22 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+
+def plain(*parts: Any) -> Text:
+    """Literal text for display: each part is shown as ``str(part)``, or ``(value, style)`` styled.
+
+    The one way user-supplied strings reach rich (tables, titles, messages): a ``str`` given to
+    rich is parsed as markup, so a name like ``m/x[/bad]`` would raise MarkupError for every later
+    viewer and ``[bold red]SPOOF[/bold red]`` would be shown as something it is not.
+    """
+    return Text.assemble(*((str(p[0]), p[1]) if isinstance(p, tuple) else str(p) for p in parts))
+
+
+def _row(t: Table, *cells: Any) -> None:
+    """Add a table row: plain values become literal text; renderables (progress bars, Text) stay."""
+    t.add_row(*(c if hasattr(c, "__rich_console__") or hasattr(c, "__rich__") else plain(c) for c in cells))
 
 
 def _f(x: Any, digits: int = 3) -> str:
@@ -26,12 +47,12 @@ def _ts(x: float | None) -> str:
 def members(data: dict[str, Any]) -> Table:
     c = data.get("coordinator", {})
     coord = f"{c.get('addr')} {c.get('role')} term {c.get('term')}"
-    t = Table(title=f"members (epoch {data['epoch']}; coordinator {coord})")
+    t = Table(title=plain(f"members (epoch {data['epoch']}; coordinator {coord})"))
     for col in ("node", "role", "state", "data address", "joined", "busy"):
         t.add_column(col)
     for m in data["members"]:
         style = {"alive": "green", "failed": "red", "left": "yellow"}.get(m["state"], "")
-        t.add_row(m["node_id"], m["role"], f"[{style}]{m['state']}[/]", m["data_addr"] or "-", _ts(m["joined_at"]),
+        _row(t, m["node_id"], m["role"], plain((m["state"], style)), m["data_addr"] or "-", _ts(m["joined_at"]),
                   str(m.get("busy", 0)))
     return t
 
@@ -41,7 +62,7 @@ def jobs(data: list[dict[str, Any]]) -> Table:
     for col in ("job", "model", "state", "done/total", "pending", "batch", "weight", "started", "finished"):
         t.add_column(col)
     for j in data:
-        t.add_row(j["job_id"], j["model"], j["state"], f"{j['completed']}/{j['total']}", str(j["pending"]),
+        _row(t, j["job_id"], j["model"], j["state"], f"{j['completed']}/{j['total']}", str(j["pending"]),
                   str(j["batch_size"]), _f(j["weight"], 1), _ts(j["started"]), _ts(j["finished"]))
     return t
 
@@ -51,7 +72,7 @@ def query_rate(data: dict[str, Any]) -> Table:
     for col in ("job", "model", "state", "rate (img/s)", "window (s)", "avg since start", "completed"):
         t.add_column(col)
     for job, r in data["jobs"].items():
-        t.add_row(job, r["model"], r.get("state", ""), _f(r["rate"], 2), _f(r["window"], 0),
+        _row(t, job, r["model"], r.get("state", ""), _f(r["rate"], 2), _f(r["window"], 0),
                   _f(r.get("overall"), 2), str(r["count"]))
     return t
 
@@ -63,7 +84,7 @@ def query_time(data: dict[str, Any]) -> Table:
     for job, d in data.items():
         for kind in ("latency", "compute"):
             s = d[kind]
-            t.add_row(job, kind, str(s["count"]), *(_f(s[k]) for k in ("avg", "std", "median", "p90", "p95", "p99")))
+            _row(t, job, kind, str(s["count"]), *(_f(s[k]) for k in ("avg", "std", "median", "p90", "p95", "p99")))
     return t
 
 
@@ -72,7 +93,7 @@ def pending(data: dict[str, Any]) -> Table:
     for col in ("job", "state", "pending", "in flight", "first pending"):
         t.add_column(col)
     for job, d in data.items():
-        t.add_row(job, d["state"], str(d["pending_count"]), str(d["in_flight"]), ", ".join(d["pending"][:5]) or "-")
+        _row(t, job, d["state"], str(d["pending_count"]), str(d["in_flight"]), ", ".join(d["pending"][:5]) or "-")
     return t
 
 
@@ -81,7 +102,7 @@ def completed(data: dict[str, Any]) -> Table:
     for col in ("job", "model", "state", "completed", "total", "errors"):
         t.add_column(col)
     for job, d in data.items():
-        t.add_row(job, d["model"], d["state"], str(d["completed"]), str(d["total"]), str(d["errors"]))
+        _row(t, job, d["model"], d["state"], str(d["completed"]), str(d["total"]), str(d["errors"]))
     return t
 
 
@@ -91,28 +112,31 @@ def vm_info(data: dict[str, Any]) -> Table:
         t.add_column(col)
     for node, d in data.items():
         running = "; ".join(f"{x['job']}: {', '.join(q.split(':')[-1] for q in x['queries'])}" for x in d["tasks"])
-        t.add_row(node, ", ".join(d["models"]) or "-", str(d["credit"]), _f(d["cost_per_image"]), running or "idle")
+        _row(t, node, ", ".join(d["models"]) or "-", str(d["credit"]), _f(d["cost_per_image"]), running or "idle")
     return t
 
 
 def results(data: dict[str, Any]) -> Table:
     job = data["job"]
-    t = Table(title=f"results of {job['job_id']} ({job['completed']}/{job['total']}; SDFS {data['sdfs_name']})")
+    t = Table(title=plain(f"results of {job['job_id']} ({job['completed']}/{job['total']}; SDFS {data['sdfs_name']})"))
     for col in ("query", "input", "top-1", "p", "worker", "error"):
         t.add_column(col)
     for r in data["results"]:
         top = r.get("top5") or []
-        t.add_row(r["qid"], r["input"], top[0][0] if top else "-", _f(top[0][1]) if top else "-",
+        _row(t, r["qid"], r["input"], top[0][0] if top else "-", _f(top[0][1]) if top else "-",
                   r.get("worker", "-"), r.get("error") or "")
     return t
 
 
 def info(data: dict[str, Any]) -> Table:
-    t = Table(title=f"SDFS metadata (coordinator {data['role']}, term {data['term']}, {data['members']} members)")
+    t = Table(title=plain(f"SDFS metadata (coordinator {data['role']}, term {data['term']}, "
+                          f"{data['members']} members)"))
     t.add_column("key")
     t.add_column("value")
     for k, v in data["sdfs"].items():
-        t.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+        _row(t, k, json.dumps(v) if isinstance(v, dict) else str(v))
+    for reason, n in sorted(data.get("dropped", {}).items()):
+        _row(t, f"messages dropped ({reason})", str(n))
     return t
 
 
@@ -129,11 +153,16 @@ RENDERERS = {
 def show(console: Console, command: str, data: Any) -> None:
     fn = RENDERERS.get(command)
     if command == "submit" and isinstance(data, dict):
-        console.print(f"submitted {data['job_id']}: {data['model']} over {data['total']} inputs, "
-                      f"batch {data['batch_size']}, state {data['state']}")
+        console.print(plain(f"submitted {data['job_id']}: {data['model']} over {data['total']} inputs, "
+                            f"batch {data['batch_size']}, state {data['state']}"))
     elif command == "start":
-        console.print(f"started: {', '.join(data['started']) or 'nothing queued'}")
+        console.print(plain(f"started: {', '.join(data['started']) or 'nothing queued'}"))
     elif fn is None:
-        console.print(simple(data))
+        console.print(plain(simple(data)))
     else:
         console.print(fn(data))
+
+
+def error(console: Console, message: Any) -> None:
+    """``error: <message>`` in red, the message shown literally (it often quotes user input)."""
+    console.print(plain(("error:", "red"), " ", message))

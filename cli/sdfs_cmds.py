@@ -9,7 +9,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from cli.cmdline import UsageError
+from cli.cmdline import UsageError, convert
+from cli.render import plain
+from common.commands import Arg
 from sdfs.client import SdfsClient
 
 SDFS_COMMANDS = {
@@ -20,6 +22,9 @@ SDFS_COMMANDS = {
     "ls": "ls [sdfsname|glob|prefix]: replicas of each version of matching files",
     "store": "store [node-data-addr]: files and versions stored on a node (default: this node / every node)",
 }
+
+
+VERSIONS_ARG = Arg("k", int, lo=1)
 
 
 def _ts(x: float) -> str:
@@ -46,52 +51,53 @@ def run_sdfs(client: SdfsClient, console: Console, tokens: list[str], node: str 
             if not items:
                 raise UsageError(f"no files under {root}")
             versions = client.put_many(items)
-            console.print(f"put {len(versions)} files under {prefix}")
+            console.print(plain(f"put {len(versions)} files under {prefix}"))
             return
         if len(args) != 2:
             raise UsageError(SDFS_COMMANDS["put"])
         if not os.path.isfile(args[0]):
             raise UsageError(f"local file not found: {args[0]}")
         v = client.put(args[0], args[1])
-        console.print(f"put {args[1]} version {v}")
+        console.print(plain(f"put {args[1]} version {v}"))
     elif cmd == "get":
         if len(args) != 2:
             raise UsageError(SDFS_COMMANDS["get"])
         v = client.get(args[0], args[1])
-        console.print(f"got {args[0]} version {v['version']} ({v['size']} bytes) -> {args[1]}")
+        console.print(plain(f"got {args[0]} version {v['version']} ({v['size']} bytes) -> {args[1]}"))
     elif cmd == "delete":
         if len(args) != 1:
             raise UsageError(SDFS_COMMANDS["delete"])
         d = client.delete(args[0])
-        console.print(f"deleted {args[0]} ({d['deleted_versions']} versions)")
+        console.print(plain(f"deleted {args[0]} ({d['deleted_versions']} versions)"))
     elif cmd == "get_versions":
-        if len(args) != 3 or not args[1].isdigit():
+        if len(args) != 3:
             raise UsageError(SDFS_COMMANDS["get_versions"])
-        vs = client.get_versions(args[0], int(args[1]), args[2])
+        vs = client.get_versions(args[0], convert(VERSIONS_ARG, args[1]), args[2])
         numbers = ", ".join(str(v["version"]) for v in vs)
-        console.print(f"wrote {len(vs)} versions of {args[0]} ({numbers}) -> {args[2]}")
+        console.print(plain(f"wrote {len(vs)} versions of {args[0]} ({numbers}) -> {args[2]}"))
     elif cmd == "ls":
         if len(args) > 1:
             raise UsageError(SDFS_COMMANDS["ls"])
         files = client.ls(args[0] if args else "")
         if args and not files:
             raise UsageError(f"no SDFS file matches {args[0]!r}")
-        t = Table(title=f"sdfs ls {args[0] if args else ''}".strip())
+        t = Table(title=plain(f"sdfs ls {args[0] if args else ''}".strip()))
         for col in ("name", "version", "size", "time", "replicas"):
             t.add_column(col)
         for f in files:
             for v in f["versions"]:
-                t.add_row(f["name"], str(v["version"]), str(v["size"]), _ts(v["mtime"]),
-                          ", ".join(r["node_id"] for r in v["replicas"]) or "[red]none alive[/]")
+                replicas = ", ".join(r["node_id"] for r in v["replicas"])
+                t.add_row(plain(f["name"]), str(v["version"]), str(v["size"]), _ts(v["mtime"]),
+                          plain(replicas or ("none alive", "red")))
         console.print(t)
     elif cmd == "store":
         targets = args[:1] or ([node] if node else list(nodes or []))
         if not targets:
             raise UsageError("store needs a node data address (host:port)")
         for addr in targets:
-            t = Table(title=f"stored on {addr}")
+            t = Table(title=plain(f"stored on {addr}"))
             for col in ("name", "version", "size", "checksum"):
                 t.add_column(col)
             for name, version, size, checksum, _mtime in client.store(addr):
-                t.add_row(name, str(version), str(size), checksum[:16])
+                t.add_row(plain(name), str(version), str(size), plain(str(checksum)[:16]))
             console.print(t)

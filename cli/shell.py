@@ -128,7 +128,7 @@ def run_coordinator_line(line: str, call: Callable[[str, dict[str, Any]], Any], 
     try:
         tokens = shlex.split(line)
     except ValueError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        render.error(console, exc)
         return True
     if not tokens:
         return True
@@ -136,15 +136,15 @@ def run_coordinator_line(line: str, call: Callable[[str, dict[str, Any]], Any], 
         return False
     try:
         if tokens[0] == "help":
-            console.print(help_text(tokens[1] if len(tokens) > 1 else None))
+            console.print(render.plain(help_text(tokens[1] if len(tokens) > 1 else None)))
             return True
         name, args = parse_command(tokens)
         render.show(console, name, call(name, args))
     except UsageError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        console.print(help_text(tokens[0]) if tokens[0] in COMMANDS else help_text())
+        render.error(console, exc)
+        console.print(render.plain(help_text(tokens[0]) if tokens[0] in COMMANDS else help_text()))
     except RpcError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        render.error(console, exc)
     return True
 
 
@@ -166,7 +166,8 @@ def sdfs_shell(cfg: Config, node: str | None, console: Console | None = None, hi
 
     session = _session("sdfs", CommandCompleter([*SDFS_COMMANDS, "help", "quit"], arg_values), history_dir,
                        **session_kw)
-    console.print(f"IDunno SDFS shell{f' on {node}' if node else ''}. `help` lists commands, `quit` leaves.")
+    where = f" on {node}" if node else ""
+    console.print(render.plain(f"IDunno SDFS shell{where}. `help` lists commands, `quit` leaves."))
     try:
         while True:
             try:
@@ -178,19 +179,19 @@ def sdfs_shell(cfg: Config, node: str | None, console: Console | None = None, hi
             try:
                 tokens = shlex.split(line)
             except ValueError as exc:
-                console.print(f"[red]error:[/] {exc}")
+                render.error(console, exc)
                 continue
             if not tokens:
                 continue
             if tokens[0] in ("quit", "exit"):
                 break
             if tokens[0] == "help":
-                console.print("\n".join(SDFS_COMMANDS.values()))
+                console.print(render.plain("\n".join(SDFS_COMMANDS.values())))
                 continue
             try:
                 run_sdfs(client, console, tokens, node=node)
             except (UsageError, SdfsError, RpcError, BadName, OSError) as exc:
-                console.print(f"[red]error:[/] {exc}")
+                render.error(console, exc)
     finally:
         client.close()
     return 0

@@ -26,8 +26,8 @@ def jobs_panel(status: dict[str, Any]) -> Table:
         jid = j["job_id"]
         lat = times[jid]["latency"]
         bar = ProgressBar(total=max(1, j["total"]), completed=j["completed"], width=30)
-        t.add_row(jid, j["state"], bar, f"{j['completed']}/{j['total']}", f"{rates[jid]['rate']:.2f}",
-                  render._f(lat["median"], 2), render._f(lat["p95"], 2), render._f(lat["p99"], 2))
+        render._row(t, jid, j["state"], bar, f"{j['completed']}/{j['total']}", f"{rates[jid]['rate']:.2f}",
+                    render._f(lat["median"], 2), render._f(lat["p95"], 2), render._f(lat["p99"], 2))
     return t
 
 
@@ -46,7 +46,7 @@ def live_view(cfg: Config, console: Console, until_done: list[str] | None = None
                 try:
                     status = ctl(cfg, "status", timeout=2.0)
                 except RpcError as exc:
-                    live.update(f"[red]coordinator unreachable: {exc}[/]")
+                    live.update(render.plain((f"coordinator unreachable: {exc}", "red")))
                     time.sleep(refresh)  # display refresh cadence
                     continue
                 live.update(view(status))

@@ -6,7 +6,13 @@ uses the table for autocomplete and ``help``; ``idunno ctl`` for argument parsin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
+
+# The largest integer any command takes: counts far beyond anything real, and well inside the
+# wire's (msgpack) and the coordinator's range, so no number can overflow on the way.
+MAX_INT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -16,6 +22,41 @@ class Arg:
     required: bool = True
     help: str = ""
     default: object = None
+    lo: float | None = None  # inclusive bounds of a numeric argument (ints are also capped at MAX_INT)
+    hi: float | None = None
+
+    def check(self, value: Any) -> Any:
+        """The value if it has this argument's type and range, else ValueError with a clear message.
+
+        Strict: an int is not a bool, a float is finite (an int is accepted and converted), a bool
+        is a bool. The same check runs at the client's edge and in the coordinator's handlers.
+        """
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{self.name} must be true or false, not {value!r:.40}")
+            return value
+        if self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{self.name} must be an integer, not {value!r:.40}")
+            hi = MAX_INT if self.hi is None else self.hi
+        elif self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{self.name} must be a finite number, not {value!r:.40}")
+            value, hi = float(value), self.hi
+        else:
+            if not isinstance(value, self.kind):
+                raise ValueError(f"{self.name} must be {self.kind.__name__}, not {type(value).__name__}")
+            return value
+        if self.lo is not None and value < self.lo:
+            raise ValueError(f"{self.name} must be at least {_num(self.lo)}, not {_num(value)}")
+        if hi is not None and value > hi:
+            raise ValueError(f"{self.name} must be at most {_num(hi)}, not {_num(value)}")
+        return value
+
+
+def _num(x: float) -> str:
+    text = f"{x:g}" if isinstance(x, float) else str(x)
+    return text if len(text) <= 24 else f"{text[:10]}...({len(text)} digits)"
 
 
 @dataclass(frozen=True)
@@ -47,21 +88,47 @@ COMMANDS: dict[str, CommandSpec] = {
             (
                 Arg("model", help="torchvision classifier name, e.g. alexnet, resnet50"),
                 Arg("inputs", help="SDFS glob or prefix, e.g. 'data/*.jpg'"),
-                Arg("batch", int, False, "queries per batch", 0),
-                Arg("weight", float, False, "share relative to other jobs", 1.0),
+                Arg("batch", int, False, "queries per batch (default: the coordinator's)", 0, lo=1),
+                Arg("weight", float, False, "share relative to other jobs", 1.0, lo=0.001, hi=1000),
                 Arg("start", bool, False, "start right away", False),
             ),
         ),
         CommandSpec("jobs", "list jobs with state and progress"),
         CommandSpec("query_rate", "images/s over the last window and count since start", (OPT_JOB,)),
         CommandSpec("query_time", "query latency: avg, std, median, p90, p95, p99", (OPT_JOB,)),
-        CommandSpec("set_batch_size", "change a job's batch size (takes effect live)", (JOB, Arg("n", int))),
-        CommandSpec("results", "results of a job", (JOB, Arg("limit", int, False, "at most this many", 0))),
+        CommandSpec("set_batch_size", "change a job's batch size (takes effect live)", (JOB, Arg("n", int, lo=1))),
+        CommandSpec("results", "results of a job",
+                    (JOB, Arg("limit", int, False, "at most this many (0: all)", 0, lo=0))),
         CommandSpec("vm_info", "which worker runs which queries of which job now"),
         CommandSpec("members", "membership table"),
         CommandSpec("timeline", "per-job rate series, latencies and worker spans (used by report)", (OPT_JOB,)),
         CommandSpec("status", "everything at once (used by top, metrics and report)"),
     ]
 }
+
+def arg_spec(command: str, name: str) -> Arg:
+    """The declared argument ``name`` of ``command`` (KeyError if there is none)."""
+    for a in COMMANDS[command].args:
+        if a.name == name:
+            return a
+    raise KeyError(name)
+
+
+def check_args(command: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Check every given argument of ``command`` against its declared type and range (ValueError).
+
+    ``None`` means "not given" and is left for the handler's default.
+    """
+    spec = COMMANDS[command]
+    known = {a.name: a for a in spec.args}
+    for name, value in args.items():
+        if value is None:
+            continue
+        arg = known.get(name)
+        if arg is None:
+            raise ValueError(f"{command} has no argument {name!r}; usage: {spec.usage()}")
+        args[name] = arg.check(value)
+    return args
+
 
 CLIENT_ONLY = {"help": "help [command]: describe commands", "quit": "leave the shell"}

@@ -17,8 +17,7 @@ import torch
 import torchvision
 from torchvision.models import WeightsEnum
 
-# Short names kept from the original IDunno API.
-ALIASES: dict[str, str] = {"resnet": "resnet50"}
+from common.modelnames import ALIASES  # short names kept from the original IDunno API (one list)
 
 # Old DenseNet checkpoints (the ones torchvision publishes) use "norm.1"-style
 # keys that current module names cannot have; torchvision renames them on load.

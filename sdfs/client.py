@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import zmq
 
+from common.commands import MAX_INT
 from common.config import Config
 from common.protocol import (
     ChunkData,
@@ -116,6 +117,25 @@ class _Put:
             self.first_done = now
         if self.quorum_at is None and self.stored >= self.quorum:
             self.quorum_at = now
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (no window for other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, dest: Path) -> None:
+    """Move a finished download into place with the mode a new file gets (mkstemp made it 0600)."""
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, dest)
 
 
 class SdfsClient:
@@ -367,7 +387,7 @@ class SdfsClient:
         try:
             with os.fdopen(fd, "wb") as out:
                 self._download(name, v, out)
-            os.replace(tmp, dest)
+            _publish(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -381,8 +401,8 @@ class SdfsClient:
 
     def get_versions(self, name: str, count: int, local: str | os.PathLike[str]) -> list[dict[str, Any]]:
         """Write the newest ``count`` versions, newest first, each behind a delimiter line."""
-        if count < 1:
-            raise SdfsError("number of versions must be >= 1")
+        if not 1 <= count <= MAX_INT:
+            raise SdfsError(f"number of versions must be 1..{MAX_INT}")
         versions = self.locate(name, count)
         dest = Path(local)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -396,7 +416,7 @@ class SdfsClient:
                     )
                     self._download(name, v, out)
                     out.write(b"\n")
-            os.replace(tmp, dest)
+            _publish(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

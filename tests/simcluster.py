@@ -13,6 +13,7 @@ from typing import Any
 
 from broker.coordinator import Coordinator
 from common.config import Config
+from common.modelnames import MODEL_NAMES
 from common.protocol import Command, Heartbeat, Join, Message, Ok, Ready, Task, TaskResult, decode
 
 
@@ -55,7 +56,8 @@ class SimCluster:
         self.t = 0.0
         self.cfg = cfg or Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2)
         self.net = MemoryNet()
-        self.core = Coordinator(self.cfg, "sim:1", self.net, clock=lambda: self.t)
+        # The simulated models (any names) are accepted beside the real ones.
+        self.core = Coordinator(self.cfg, "sim:1", self.net, clock=lambda: self.t, models=MODEL_NAMES | costs.keys())
         self.costs = costs  # seconds per image per model on a speed-1 worker
         self.workers: dict[str, SimWorker] = {}
         self.events: list[_Event] = []

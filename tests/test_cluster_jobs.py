@@ -119,16 +119,17 @@ def test_corrupt_inputs_yield_error_results_and_empty_jobs_are_refused(make_clus
     # A job over nothing, and an unknown model, give clear errors.
     with pytest.raises(RpcError, match="no input files match"):
         c.ctl("submit", model="alexnet", inputs="empty/")
-    bad = c.ctl("submit", model="no_such_net", inputs="in/img_000", start=True)["job_id"]
-    wait_done(c, [bad])
-    (r,) = c.ctl("results", job=bad)["results"]
-    assert "cannot load model" in r["error"]
+    with pytest.raises(RpcError, match="unknown model 'no_such_net'"):  # refused at submit, not per query
+        c.ctl("submit", model="no_such_net", inputs="in/img_000", start=True)
     env = dict(os.environ, IDUNNO_COORDINATOR=c.coordinator)
     cli = [sys.executable, "-m", "cli.main", "ctl"]
     for args, msg, code in [
         (["submit", "alexnet", "missing/*"], "no input files match", 1),
         (["submit", "alexnet"], "missing inputs", 2),
         (["submit", "alexnet", "in/", "--batch", "100000"], "batch size must be", 1),
+        (["submit", "alexnett", "in/"], "did you mean: alexnet", 1),
+        (["submit", "get_model", "in/"], "unknown model", 1),
+        (["submit", "alexnet", "in/", "--batch", "0"], "batch must be at least 1", 2),
         (["query_rate", "job404"], "no such job", 1),
         (["set_batch_size", job, "lots"], "n must be int", 2),
         (["explode"], "unknown command", 2),

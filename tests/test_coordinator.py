@@ -242,9 +242,9 @@ def test_handler_errors_and_non_requests_never_kill_the_coordinator():
     sim.deliver(node, TaskResult("t?", job, node, 0.0, [{"qid": "garbage"}, {"qid": f"{job}:999"}, {}]))
     from common.protocol import Join  # noqa: PLC0415
 
-    sim.core.handle(b"bad", decode(Join("no-incarnation", "worker", "").encode()), sim.t)
+    sim.core.handle(b"no-incarnation", decode(Join("no-incarnation", "worker", "").encode()), sim.t)
     replies = sim.net.take()
-    assert [(i, type(m)) for i, m in replies] == [(b"bad", Error)]  # a clear refusal, nothing else
+    assert [(i, type(m)) for i, m in replies] == [(b"no-incarnation", Error)]  # a clear refusal, nothing else
     assert "malformed node id" in replies[0][1].message
     assert "no-incarnation" not in {m.node_id for m in sim.core.registry.members.values()}
     assert isinstance(sim.command("jobs"), list)

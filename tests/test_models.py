@@ -267,3 +267,15 @@ def test_noop_model_labels_anything_without_computing() -> None:
     assert not clf.decodes_input and not clf.pretrained
     assert clf.predict_batch([b"raw bytes", None]) == [[("noop", 1.0)], [("noop", 1.0)]]
     assert models.get_classifier(SMALL).decodes_input
+
+
+def test_the_coordinators_model_list_is_torchvisions() -> None:
+    """The coordinator resolves names without torch, from a static list: it must not drift."""
+    from common.modelnames import ALIASES, MODEL_NAMES, NOOP  # noqa: PLC0415
+
+    assert set(MODEL_NAMES) == {*models.list_models(), NOOP}
+    assert ALIASES == models.ALIASES
+    for name in ("resnet", " AlexNet ", "vit_b_16"):
+        from common.modelnames import resolve_model  # noqa: PLC0415
+
+        assert resolve_model(name) == models.resolve_name(name)

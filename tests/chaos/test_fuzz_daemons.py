@@ -1,4 +1,4 @@
-"""Every listening socket of every daemon gets >= 10k hostile frames; nobody dies or bloats."""
+"""Every listening socket of every daemon gets >= 10k hostile frames; nobody dies or bloats; nobody is impersonated."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from conftest import wait_for
+from conftest import DATA, wait_for
 
 from cli.logs import stream_logs
 from common import protocol as P
@@ -64,9 +64,57 @@ def hostile_frames(rnd: random.Random, n: int) -> list[bytes]:
     return frames
 
 
-def blast(addr: str, kind: int, frames: list[bytes], probe: P.Message, timeout: float = 60.0) -> P.Message:
+def forged_identity_frames(rnd: random.Random, node_ids: list[str], job: str, total: int,
+                           n: int) -> list[bytes]:
+    """Well-formed messages of every type that names a node, each naming a node that is not the sender."""
+    def result(node: str) -> P.Message:
+        return P.TaskResult(f"t1.{rnd.randint(1, 50)}-{job}", job, node, rnd.random(),
+                            [{"qid": f"{job}:{i}", "input": "x", "top5": [["FORGED", 1.0]], "error": None}
+                             for i in range(total)])
+
+    makers = [
+        result,
+        lambda node: P.Leave(node),
+        lambda node: P.Heartbeat(node, busy=rnd.randint(0, 99)),
+        lambda node: P.Ready(node, rnd.randint(0, 64), ["noop"]),
+        lambda node: P.Stored(node, "in/forged.jpg", 1, 10, "00" * 32, ok=rnd.random() < 0.5, error="forged"),
+        lambda node: P.Join(node, "worker", "127.0.0.1:1", inflight=[f"t1.1-{job}"]),
+    ]
+    return [rnd.choice(makers)(rnd.choice(node_ids)).encode() for _ in range(n)]
+
+
+def test_messages_naming_another_node_are_all_refused(make_cluster):
+    """Every message type that carries a node id, sent with a real worker's id from another sender."""
+    c = make_cluster(workers=2)
+    rnd = random.Random(13)
+    with SdfsClient(c.config()) as client:
+        client.put_many([(str(p), f"in/{p.name}") for p in sorted(DATA.glob("*.jpg"))[:4]])
+    job = c.ctl("submit", model="noop", inputs="in/", batch=1)["job_id"]  # queued: no task is out yet
+    members = {m["node_id"]: m for m in c.alive_workers()}
+    assert len(members) == 2
+    sent, counted = [], []
+    # Senders: anonymous DEALERs, and one whose identity is a node id that is not a member.
+    for identity in (None, b"127.0.0.1:1@1", None):
+        frames = forged_identity_frames(rnd, list(members), job, 4, 1000)
+        reply = blast(c.coordinator, zmq.DEALER, frames, P.Command(779, "info"), identity=identity)
+        assert isinstance(reply, P.Ok)
+        sent.append(len(frames) + (sent[-1] if sent else 0))
+        counted.append(reply.data.get("dropped", {}).get("forged_sender"))
+    assert c.ctl("completed", job=job)[job]["completed"] == 0  # 0 forged results accepted
+    assert {m["node_id"]: m for m in c.alive_workers()} == members  # no forged Leave/Join/Heartbeat took
+    assert all(p.popen.poll() is None for p in c.procs)
+    assert counted == sent  # each one refused, and counted (visible in `info`)
+    c.ctl("start")
+    wait_for(lambda: c.ctl("completed", job=job)[job]["completed"] == 4, timeout=60, what="the real results")
+    results = c.ctl("results", job=job)["results"]
+    assert sorted(r["qid"] for r in results) == [f"{job}:{i}" for i in range(4)]
+    assert all(r["top5"] == [["noop", 1.0]] for r in results)
+
+
+def blast(addr: str, kind: int, frames: list[bytes], probe: P.Message, timeout: float = 60.0,
+          identity: bytes | None = None) -> P.Message:
     """Send every frame, then a well-formed probe on the same pipe; its reply proves all were processed."""
-    s = make_socket(zmq.Context.instance(), kind, 8 << 20)
+    s = make_socket(zmq.Context.instance(), kind, 8 << 20, identity=identity)
     s.setsockopt(zmq.SNDHWM, 0)
     s.connect(tcp(addr))
     try:
