@@ -101,3 +101,11 @@ def help_text(name: str | None = None) -> str:
     rows = [f"  {s.usage():<{width}} {s.help}" for s in specs]
     rows += [f"  {k:<{width}} {v}" for k, v in CLIENT_ONLY.items()]
     return "commands (`help <command>` for details):\n" + "\n".join(rows)
+
+
+def run_command(client: Any, name: str, args: dict[str, Any]) -> Any:
+    """Run one parsed command through an ``idunno.Client``: the coordinator's commands and the client's
+    own (``wait``). The CLI and the shell both come here."""
+    if name == "wait":
+        return client.job(args["job"]).wait(timeout=args.get("timeout") or None)
+    return client.command(name, **args)

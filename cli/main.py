@@ -1,4 +1,8 @@
-"""The ``idunno`` command: daemons, the local cluster launcher, shells and one-shot commands."""
+"""The ``idunno`` command: daemons, the local cluster launcher, shells and one-shot commands.
+
+Start-up time matters (scripts poll ``idunno ctl``): this module imports only the standard library
+and the config; rich, torch, matplotlib and the daemons are imported by the commands that use them.
+"""
 
 from __future__ import annotations
 
@@ -7,43 +11,80 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from common.config import Config
 
-from common.config import Config, load_config
+if TYPE_CHECKING:
+    from rich.console import Console
 
 DEFAULT_DATA_DIR = "var"
+# Options every cluster command takes; accepted anywhere on the line (before or after the command and
+# its arguments): `idunno ctl results job1 --json`, `idunno --coordinator h:p ctl jobs`.
+GLOBAL_VALUE_OPTIONS = ("--config", "--coordinator", "--data-dir", "--host", "--log-level")
+GLOBAL_FLAG_OPTIONS = ("--json",)
+# Commands whose arguments are free text (argparse REMAINDER) and their own options.
+REMAINDER_OPTIONS = {"ctl": ((), ()), "sdfs": (("--node",), ())}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--config", help="TOML config file (also IDUNNO_CONFIG)")
     g.add_argument("--coordinator", help="coordinator address(es) host:port[,host:port] (primary first)")
-    g.add_argument("--data-dir", help="where daemons keep their data and `up` its state (default ./var)")
+    g.add_argument("--data-dir", help="where daemons keep their data and `up` its state "
+                                      "(default $IDUNNO_DATA_DIR or ./var)")
     g.add_argument("--host", help="address to bind and advertise (default 127.0.0.1)")
     g.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    g.add_argument("--json", action="store_true", help="print strict JSON instead of tables (where there are)")
+
+
+def data_dir_of(ns: argparse.Namespace) -> str:
+    return ns.data_dir or os.environ.get("IDUNNO_DATA_DIR") or DEFAULT_DATA_DIR
 
 
 def resolve_config(ns: argparse.Namespace, **overrides: Any) -> Config:
-    from cli.cluster import load_state  # noqa: PLC0415
+    from idunno.client import resolve_config as resolve  # noqa: PLC0415
 
-    coord = standby = None
-    if ns.coordinator:
-        parts = [a.strip() for a in ns.coordinator.split(",") if a.strip()]
-        coord, standby = parts[0], (parts[1] if len(parts) > 1 else "")
-    data_dir = ns.data_dir or os.environ.get("IDUNNO_DATA_DIR") or DEFAULT_DATA_DIR
-    if coord is None and "IDUNNO_COORDINATOR" not in os.environ:
-        state = load_state(data_dir)  # the cluster `idunno up` started here
-        if state:
-            coord, standby = state["coordinator"], state.get("standby", "")
-    cfg = load_config(ns.config, coordinator=coord, standby=standby, data_dir=data_dir, host=ns.host,
-                      log_level=ns.log_level, **overrides)
-    if cfg.curve_dir:
-        from common import security  # noqa: PLC0415
+    return resolve(ns.coordinator, config=ns.config, data_dir=data_dir_of(ns), host=ns.host,
+                   log_level=ns.log_level, **overrides)
 
-        security.enable(cfg.curve_dir)
-    return cfg
+
+def normalize_argv(argv: list[str], commands: set[str]) -> list[str]:
+    """Move the global options (and a free-text command's own options) to just after the command name,
+    where argparse expects them. Everything after ``--`` stays as it is."""
+    lead: list[str] = []
+    i = 0
+    while i < len(argv) and argv[i] not in commands:
+        if argv[i] in GLOBAL_VALUE_OPTIONS and i + 1 < len(argv):
+            lead += argv[i : i + 2]
+            i += 2
+            continue
+        lead.append(argv[i])
+        i += 1
+    if i == len(argv):
+        return list(argv)
+    cmd, rest = argv[i], argv[i + 1 :]
+    own_values, own_flags = REMAINDER_OPTIONS.get(cmd, ((), ()))
+    values, flags = (*GLOBAL_VALUE_OPTIONS, *own_values), (*GLOBAL_FLAG_OPTIONS, *own_flags)
+    moved: list[str] = []
+    kept: list[str] = []
+    j = 0
+    while j < len(rest):
+        tok = rest[j]
+        name = tok.split("=", 1)[0]
+        if tok == "--":
+            kept += rest[j + 1 :] if cmd in REMAINDER_OPTIONS else rest[j:]
+            break
+        if tok in values and j + 1 < len(rest):
+            moved += rest[j : j + 2]
+            j += 2
+        elif tok in flags or ("=" in tok and name in values):
+            moved.append(tok)
+            j += 1
+        else:
+            kept.append(tok)
+            j += 1
+    return [*lead, cmd, *moved, *kept]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--no-standby", action="store_true")
+    p.add_argument("--preload", default="", metavar="MODEL,...",
+                   help="models every worker loads at start (the first batch then does not wait for them)")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this HTTP port")
     p.add_argument("--detach", action="store_true", help="return once ready; stop later with `idunno down`")
     p.add_argument("--timeout", type=float, default=30.0)
 
@@ -81,7 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ctl", help="run one coordinator command (see `idunno ctl help`)")
     _common(p)
-    p.add_argument("--json", action="store_true", help="print raw JSON instead of tables")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="command and arguments")
 
     p = sub.add_parser("shell", help="attach the coordinator shell to a running cluster")
@@ -125,25 +168,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    commands = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    ns = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, commands))
     try:
         return dispatch(ns)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one-shot commands: a clear message and a non-zero exit
         from common.rpc import RpcError  # noqa: PLC0415
-        from sdfs.client import SdfsError  # noqa: PLC0415
-        from sdfs.names import BadName  # noqa: PLC0415
+        from idunno.client import IdunnoError  # noqa: PLC0415
 
-        if isinstance(exc, (RpcError, SdfsError, BadName, ValueError, OSError, TimeoutError, RuntimeError)):
+        if isinstance(exc, (IdunnoError, RpcError, ValueError, OSError, TimeoutError, RuntimeError)):
             print(f"idunno: error: {exc}", file=sys.stderr)
             return 1
         raise
 
 
+class _LazyConsole:
+    """The rich Console, made on first use: commands that print JSON never import rich."""
+
+    def __init__(self) -> None:
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console  # noqa: PLC0415
+
+            # Scripts and pipes get full-width lines instead of tables squeezed to 80 columns.
+            self._console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
+        return getattr(self._console, name)
+
+
 def dispatch(ns: argparse.Namespace) -> int:
-    # Scripts and pipes get full-width lines instead of tables squeezed to 80 columns.
-    console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
+    console: Any = _LazyConsole()
     cmd = ns.command
     if cmd == "coordinator":
         from cli.daemons import run_coordinator  # noqa: PLC0415
@@ -161,8 +218,9 @@ def dispatch(ns: argparse.Namespace) -> int:
     if cmd == "down":
         from cli.cluster import stop_from_state  # noqa: PLC0415
 
-        n = stop_from_state(ns.data_dir or DEFAULT_DATA_DIR)
-        console.print(f"stopped {n} processes" if n else "no running cluster found")
+        data_dir = data_dir_of(ns)
+        n = stop_from_state(data_dir)
+        console.print(f"stopped {n} processes" if n else f"no running cluster recorded in {data_dir}")
         return 0
     if cmd in ("members", "ctl"):
         return cmd_ctl(ns, console, ["members"] if cmd == "members" else ns.cmd)
@@ -190,11 +248,11 @@ def dispatch(ns: argparse.Namespace) -> int:
                       f"(or curve_dir in the config). Add a client's public key to {d / 'authorized'} to admit it.")
         return 0
     if cmd == "report":
-        from cli.cluster import ctl  # noqa: PLC0415
         from cli.report import write_report  # noqa: PLC0415
+        from idunno.client import Client  # noqa: PLC0415
 
-        cfg = resolve_config(ns)
-        timeline = ctl(cfg, "timeline")
+        with Client(cfg=resolve_config(ns)) as client:
+            timeline = client.command("timeline")
         if ns.jobs:
             missing = [j for j in ns.jobs if j not in timeline["jobs"]]
             if missing:
@@ -210,24 +268,27 @@ def dispatch(ns: argparse.Namespace) -> int:
 
 
 def cmd_ctl(ns: argparse.Namespace, console: Console, tokens: list[str]) -> int:
-    import json  # noqa: PLC0415
+    from cli.cmdline import UsageError, help_text, parse_command, run_command, wants_help  # noqa: PLC0415
+    from idunno.client import Client, dumps  # noqa: PLC0415
 
-    from cli import render  # noqa: PLC0415
-    from cli.cluster import ctl  # noqa: PLC0415
-    from cli.cmdline import UsageError, help_text, parse_command  # noqa: PLC0415
-
-    if not tokens or tokens[0] in ("help", "-h", "--help"):
-        print(help_text(tokens[1] if len(tokens) > 1 else None))
-        return 0 if tokens else 2
     try:
+        if not tokens or tokens[0] in ("help", "-h", "--help"):
+            print(help_text(tokens[1] if len(tokens) > 1 else None))
+            return 0 if tokens else 2
+        if wants_help(tokens):
+            print(help_text(tokens[0]))
+            return 0
         name, args = parse_command(tokens)
     except UsageError as exc:
         print(f"idunno: error: {exc}", file=sys.stderr)
         return 2
-    data = ctl(resolve_config(ns), name, **args)
-    if getattr(ns, "json", False):
-        print(json.dumps(data, indent=2, default=str))
+    with Client(cfg=resolve_config(ns)) as client:
+        data = run_command(client, name, args)
+    if ns.json:
+        print(dumps(data, indent=2))
     else:
+        from cli import render  # noqa: PLC0415
+
         render.show(console, name, data)
     return 0
 
@@ -235,35 +296,43 @@ def cmd_ctl(ns: argparse.Namespace, console: Console, tokens: list[str]) -> int:
 def cmd_sdfs(ns: argparse.Namespace, console: Console) -> int:
     from cli.cmdline import UsageError  # noqa: PLC0415
     from cli.sdfs_cmds import SDFS_COMMANDS, run_sdfs  # noqa: PLC0415
-    from sdfs.client import SdfsClient  # noqa: PLC0415
+    from idunno.client import Client  # noqa: PLC0415
 
     cfg = resolve_config(ns)
     if not ns.cmd:
         from cli.shell import sdfs_shell  # noqa: PLC0415
 
         return sdfs_shell(cfg, ns.node)
-    if ns.cmd[0] in ("help", "-h", "--help"):
+    if ns.cmd[0] in ("help", "-h", "--help") or any(t in ("-h", "--help") for t in ns.cmd[1:]):
         print("\n".join(SDFS_COMMANDS.values()))
         return 0
-    with SdfsClient(cfg) as client:
+    with Client(cfg=cfg) as client:
         nodes = None
         if ns.cmd[0] == "store" and not ns.node and len(ns.cmd) == 1:
-            from cli.cluster import ctl  # noqa: PLC0415
-
-            members = ctl(cfg, "members")["members"]
+            members = client.members()
             nodes = [m["data_addr"] for m in members if m["state"] == "alive" and m["data_addr"]]
         try:
-            run_sdfs(client, console, ns.cmd, node=ns.node, nodes=nodes)
+            run_sdfs(client.sdfs, console, ns.cmd, node=ns.node, nodes=nodes)
         except UsageError as exc:
             print(f"idunno: error: {exc}", file=sys.stderr)
             return 2
     return 0
 
 
+def preload_list(spec: str) -> list[str]:
+    """``--preload alexnet,resnet50``: checked before anything starts (a typo fails here, with suggestions)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        return []
+    from models import is_noop, resolve_name  # noqa: PLC0415 - torchvision: only when preloading
+
+    return [n if is_noop(n) else resolve_name(n) for n in names]
+
+
 def cmd_up(ns: argparse.Namespace, console: Console) -> int:
     from cli.cluster import LocalCluster, load_state  # noqa: PLC0415
 
-    data_dir = ns.data_dir or DEFAULT_DATA_DIR
+    data_dir = data_dir_of(ns)
     if load_state(data_dir):
         from cli.cluster import stop_from_state  # noqa: PLC0415
 
@@ -271,7 +340,12 @@ def cmd_up(ns: argparse.Namespace, console: Console) -> int:
         stop_from_state(data_dir)
     if ns.workers < 1:
         raise ValueError("--workers must be >= 1")
-    cluster = LocalCluster(workers=ns.workers, standby=not ns.no_standby, data_dir=data_dir)
+    env = {}
+    preload = preload_list(ns.preload)
+    if preload:
+        env["IDUNNO_PRELOAD_MODELS"] = ",".join(preload)
+    cluster = LocalCluster(workers=ns.workers, standby=not ns.no_standby, data_dir=data_dir, env=env,
+                           metrics_port=ns.metrics_port)
     try:
         cluster.start(timeout=ns.timeout)
     except BaseException:
@@ -279,7 +353,9 @@ def cmd_up(ns: argparse.Namespace, console: Console) -> int:
         raise
     coords = ",".join(a for a in (cluster.coordinator, cluster.standby_addr) if a)
     console.print(f"IDunno cluster up: coordinator {cluster.coordinator}"
-                  f"{f', standby {cluster.standby_addr}' if cluster.standby_addr else ''}, {ns.workers} workers")
+                  f"{f', standby {cluster.standby_addr}' if cluster.standby_addr else ''}, {ns.workers} workers"
+                  f"{(', preloading ' + ', '.join(preload)) if preload else ''}"
+                  f"{f', metrics on http://{cluster.host}:{ns.metrics_port}/metrics' if ns.metrics_port else ''}")
     for p in cluster.procs:
         console.print(f"  {p.role:<12} pid {p.popen.pid:<8} {p.addr}   log {p.log_path}")
     console.print(f"attach a shell: idunno shell        (or: idunno shell --coordinator {coords})")

@@ -8,7 +8,13 @@ import math
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+
+def _e(x: Any) -> str:
+    """User-supplied text (job ids carry model names, SDFS names, error messages) shown literally."""
+    return escape(str(x)) if x is not None else "-"
 
 
 def _f(x: Any, digits: int = 3) -> str:
@@ -23,6 +29,10 @@ def _ts(x: float | None) -> str:
     return dt.datetime.fromtimestamp(x).strftime("%H:%M:%S") if x else "-"
 
 
+def _ts_ms(x: float | None) -> str:
+    return dt.datetime.fromtimestamp(x).strftime("%H:%M:%S.%f")[:-3] if x else "-"
+
+
 def members(data: dict[str, Any]) -> Table:
     c = data.get("coordinator", {})
     coord = f"{c.get('addr')} {c.get('role')} term {c.get('term')}"
@@ -31,7 +41,8 @@ def members(data: dict[str, Any]) -> Table:
         t.add_column(col)
     for m in data["members"]:
         style = {"alive": "green", "failed": "red", "left": "yellow"}.get(m["state"], "")
-        t.add_row(m["node_id"], m["role"], f"[{style}]{m['state']}[/]", m["data_addr"] or "-", _ts(m["joined_at"]),
+        t.add_row(_e(m["node_id"]), m["role"], f"[{style}]{m['state']}[/]", _e(m["data_addr"] or "-"),
+                  _ts(m["joined_at"]),
                   str(m.get("busy", 0)))
     return t
 
@@ -41,18 +52,19 @@ def jobs(data: list[dict[str, Any]]) -> Table:
     for col in ("job", "model", "state", "done/total", "pending", "batch", "weight", "started", "finished"):
         t.add_column(col)
     for j in data:
-        t.add_row(j["job_id"], j["model"], j["state"], f"{j['completed']}/{j['total']}", str(j["pending"]),
+        t.add_row(_e(j["job_id"]), _e(j["model"]), j["state"], f"{j['completed']}/{j['total']}", str(j["pending"]),
                   str(j["batch_size"]), _f(j["weight"], 1), _ts(j["started"]), _ts(j["finished"]))
     return t
 
 
 def query_rate(data: dict[str, Any]) -> Table:
     t = Table(title=f"query rate (images/s over the last window); rate gap between running jobs {data['gap']:.1%}")
-    for col in ("job", "model", "state", "rate (img/s)", "window (s)", "avg since start", "completed"):
+    for col in ("job", "model", "state", "rate (img/s)", "window (s)", "avg since start", "completed",
+                "duplicates dropped"):
         t.add_column(col)
     for job, r in data["jobs"].items():
-        t.add_row(job, r["model"], r.get("state", ""), _f(r["rate"], 2), _f(r["window"], 0),
-                  _f(r.get("overall"), 2), str(r["count"]))
+        t.add_row(_e(job), _e(r["model"]), r.get("state", ""), _f(r["rate"], 2), _f(r["window"], 0),
+                  _f(r.get("overall"), 2), str(r["count"]), str(r.get("duplicates", 0)))
     return t
 
 
@@ -63,7 +75,8 @@ def query_time(data: dict[str, Any]) -> Table:
     for job, d in data.items():
         for kind in ("latency", "compute"):
             s = d[kind]
-            t.add_row(job, kind, str(s["count"]), *(_f(s[k]) for k in ("avg", "std", "median", "p90", "p95", "p99")))
+            t.add_row(_e(job), kind, str(s["count"]),
+                      *(_f(s[k]) for k in ("avg", "std", "median", "p90", "p95", "p99")))
     return t
 
 
@@ -72,7 +85,8 @@ def pending(data: dict[str, Any]) -> Table:
     for col in ("job", "state", "pending", "in flight", "first pending"):
         t.add_column(col)
     for job, d in data.items():
-        t.add_row(job, d["state"], str(d["pending_count"]), str(d["in_flight"]), ", ".join(d["pending"][:5]) or "-")
+        t.add_row(_e(job), d["state"], str(d["pending_count"]), str(d["in_flight"]),
+                  _e(", ".join(d["pending"][:5]) or "-"))
     return t
 
 
@@ -81,7 +95,7 @@ def completed(data: dict[str, Any]) -> Table:
     for col in ("job", "model", "state", "completed", "total", "errors"):
         t.add_column(col)
     for job, d in data.items():
-        t.add_row(job, d["model"], d["state"], str(d["completed"]), str(d["total"]), str(d["errors"]))
+        t.add_row(_e(job), _e(d["model"]), d["state"], str(d["completed"]), str(d["total"]), str(d["errors"]))
     return t
 
 
@@ -91,19 +105,21 @@ def vm_info(data: dict[str, Any]) -> Table:
         t.add_column(col)
     for node, d in data.items():
         running = "; ".join(f"{x['job']}: {', '.join(q.split(':')[-1] for q in x['queries'])}" for x in d["tasks"])
-        t.add_row(node, ", ".join(d["models"]) or "-", str(d["credit"]), _f(d["cost_per_image"]), running or "idle")
+        t.add_row(_e(node), _e(", ".join(d["models"]) or "-"), str(d["credit"]), _f(d["cost_per_image"]),
+                  _e(running or "idle"))
     return t
 
 
 def results(data: dict[str, Any]) -> Table:
     job = data["job"]
-    t = Table(title=f"results of {job['job_id']} ({job['completed']}/{job['total']}; SDFS {data['sdfs_name']})")
-    for col in ("query", "input", "top-1", "p", "worker", "error"):
+    t = Table(title=_e(f"results of {job['job_id']} ({job['completed']}/{job['total']}; SDFS {data['sdfs_name']})"))
+    for col in ("query", "input", "top-1", "p", "worker", "latency (s)", "completed", "sent", "error"):
         t.add_column(col)
     for r in data["results"]:
         top = r.get("top5") or []
-        t.add_row(r["qid"], r["input"], top[0][0] if top else "-", _f(top[0][1]) if top else "-",
-                  r.get("worker", "-"), r.get("error") or "")
+        t.add_row(_e(r["qid"]), _e(r["input"]), _e(top[0][0]) if top else "-", _f(top[0][1]) if top else "-",
+                  _e(r.get("worker", "-")), _f(r.get("latency")), _ts_ms(r.get("completed_at")),
+                  str(r.get("dispatches", 1)), _e(r.get("error") or ""))
     return t
 
 
@@ -117,7 +133,9 @@ def info(data: dict[str, Any]) -> Table:
 
 
 def simple(data: Any) -> str:
-    return json.dumps(data, indent=2, default=str)
+    from idunno.client import dumps  # noqa: PLC0415
+
+    return escape(dumps(data, indent=2))
 
 
 RENDERERS = {
@@ -129,10 +147,17 @@ RENDERERS = {
 def show(console: Console, command: str, data: Any) -> None:
     fn = RENDERERS.get(command)
     if command == "submit" and isinstance(data, dict):
-        console.print(f"submitted {data['job_id']}: {data['model']} over {data['total']} inputs, "
+        console.print(f"submitted {_e(data['job_id'])}: {_e(data['model'])} over {data['total']} inputs, "
                       f"batch {data['batch_size']}, state {data['state']}")
     elif command == "start":
-        console.print(f"started: {', '.join(data['started']) or 'nothing queued'}")
+        console.print(f"started: {_e(', '.join(data['started']) or 'nothing queued')}")
+    elif command == "cancel":
+        console.print(f"{_e(data['job_id'])} {data['state']}: {data['dropped']} pending queries dropped, "
+                      f"{data['in_flight']} in flight will finish; {data['completed']}/{data['total']} results kept")
+    elif command == "wait":
+        took = (data["finished"] - data["started"]) if data.get("started") and data.get("finished") else None
+        console.print(f"{_e(data['job_id'])} {data['state']}: {data['completed']}/{data['total']} results"
+                      f"{f' in {took:.1f}s' if took is not None else ''}")
     elif fn is None:
         console.print(simple(data))
     else:
