@@ -21,8 +21,7 @@ from common.commands import COMMANDS
 from common.config import Config
 from common.protocol import Command
 from common.rpc import RpcClient, RpcError
-
-STATE_FILE = "cluster.json"
+from idunno.client import STATE_FILE, read_cluster_state
 
 
 def free_port_block(host: str = Config.host, size: int = 3) -> int:
@@ -231,10 +230,7 @@ class LocalCluster:
 
 
 def load_state(data_dir: str) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(data_dir) / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    return read_cluster_state(data_dir)
 
 
 def stop_from_state(data_dir: str, grace: float = 5.0) -> int:

@@ -53,20 +53,23 @@ def normalize_argv(argv: list[str], commands: set[str]) -> list[str]:
     """Move the global options (and a free-text command's own options) to just after the command name,
     where argparse expects them. Everything after ``--`` stays as it is."""
     lead: list[str] = []
+    moved: list[str] = []
     i = 0
     while i < len(argv) and argv[i] not in commands:
         if argv[i] in GLOBAL_VALUE_OPTIONS and i + 1 < len(argv):
-            lead += argv[i : i + 2]
+            moved += argv[i : i + 2]
             i += 2
             continue
-        lead.append(argv[i])
+        if argv[i] in GLOBAL_FLAG_OPTIONS or argv[i].split("=", 1)[0] in GLOBAL_VALUE_OPTIONS:
+            moved.append(argv[i])
+        else:
+            lead.append(argv[i])
         i += 1
     if i == len(argv):
         return list(argv)
     cmd, rest = argv[i], argv[i + 1 :]
     own_values, own_flags = REMAINDER_OPTIONS.get(cmd, ((), ()))
     values, flags = (*GLOBAL_VALUE_OPTIONS, *own_values), (*GLOBAL_FLAG_OPTIONS, *own_flags)
-    moved: list[str] = []
     kept: list[str] = []
     j = 0
     while j < len(rest):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import selectors
 import socket
 import time
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from common.rpc import RpcClient, RpcError, Unavailable
 
 STATE_FILE = "cluster.json"  # written by `idunno up` into its data directory
 DEFAULT_DATA_DIR = "var"
-PROBE_TIMEOUT = 0.5  # TCP connect probe per coordinator before the first request
+PROBE_TIMEOUT = 1.0  # for the ZeroMQ greeting of any coordinator, before the first request
 NO_CLUSTER_HINT = ("is the cluster running? Start one here with `idunno up --detach`, or say where it is with "
                    "--coordinator HOST:PORT[,STANDBY] (or IDUNNO_COORDINATOR, or Client(coordinator=...))")
 TERMINAL = ("done", "cancelled")
@@ -74,6 +75,49 @@ def _command_error(exc: RpcError) -> IdunnoError:
         return ClusterUnavailable(f"{exc}; {NO_CLUSTER_HINT}")
     cls = {ErrorCode.NOT_FOUND: NotFound, ErrorCode.BAD_REQUEST: BadRequest}.get(exc.code, CommandFailed)
     return cls(exc.code, str(exc))
+
+
+def probe_zmq(endpoints: list[str], timeout: float) -> list[str]:
+    """Connect to every ``host:port`` at once and wait (at most ``timeout`` in all) for a ZeroMQ peer's
+    greeting (it starts with byte 0xFF, sent by libzmq's I/O thread as soon as it accepts). Return []
+    when one greeted, else the reason for each: refused in microseconds when nothing listens, and no
+    false "alive" from a middlebox that accepts any TCP connection."""
+    reasons: dict[str, str] = {}
+    sel = selectors.DefaultSelector()
+    try:
+        for addr in endpoints:
+            host, _, port = addr.rpartition(":")
+            try:
+                family, kind, proto, _, sockaddr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+                sock = socket.socket(family, kind, proto)
+                sock.setblocking(False)
+                sock.connect_ex(sockaddr)
+                sel.register(sock, selectors.EVENT_READ, addr)
+            except (OSError, ValueError) as exc:
+                reasons[addr] = f"{addr}: {getattr(exc, 'strerror', None) or exc}"
+        deadline = time.monotonic() + timeout
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for key, _ in sel.select(left):
+                sock, addr = key.fileobj, key.data
+                try:
+                    data = sock.recv(16)  # type: ignore[union-attr]
+                except OSError as exc:
+                    data, reasons[addr] = b"", f"{addr}: {exc.strerror or exc}"
+                if data[:1] == b"\xff":
+                    return []
+                reasons.setdefault(addr, f"{addr}: not a ZeroMQ endpoint")
+                sel.unregister(sock)
+                sock.close()  # type: ignore[union-attr]
+        for key in list(sel.get_map().values()):
+            reasons[key.data] = f"{key.data}: no greeting within {timeout:g}s"
+    finally:
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        sel.close()
+    return [reasons[a] for a in endpoints if a in reasons]
 
 
 def read_cluster_state(data_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -319,23 +363,17 @@ class Client:
         self._probed = False
 
     # -- plumbing ---------------------------------------------------------------------------------------
-    def _probe(self) -> None:
-        """Fail fast when nothing listens at any coordinator address (the common "no cluster" case):
-        a refused TCP connect answers in microseconds, where a request would wait out its retries."""
-        reasons = []
-        for addr in self.cfg.coordinators:
-            host, _, port = addr.rpartition(":")
-            try:
-                with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT):
-                    return
-            except (OSError, ValueError) as exc:
-                reasons.append(f"{addr}: {getattr(exc, 'strerror', None) or exc}")
-        raise ClusterUnavailable(f"no coordinator at {', '.join(reasons)}; {NO_CLUSTER_HINT}")
+    def _probe(self, what: str) -> None:
+        """Fail fast when no coordinator is there (the common "no cluster" case), instead of waiting out
+        a request's retries: see :func:`probe_zmq`."""
+        reasons = probe_zmq(self.cfg.coordinators, PROBE_TIMEOUT)
+        if reasons:
+            raise ClusterUnavailable(f"{what}: no coordinator answers ({'; '.join(reasons)}); {NO_CLUSTER_HINT}")
 
     def command(self, name: str, timeout: float | None = None, **args: Any) -> Any:
         """Run one coordinator command (see `idunno ctl help`) and return its data."""
         if not self._probed:
-            self._probe()
+            self._probe(name)
             self._probed = True
         if self._rpc is None:
             self._rpc = RpcClient(self.cfg.coordinators, self.cfg)
@@ -391,7 +429,7 @@ class Client:
     def sdfs(self) -> Sdfs:
         if self._sdfs is None:
             if not self._probed:
-                self._probe()
+                self._probe("sdfs")
                 self._probed = True
             self._sdfs = Sdfs(self)
         return self._sdfs
