@@ -169,10 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_names(parser: argparse.ArgumentParser) -> set[str]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    commands = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
-    ns = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, commands))
+    ns = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, command_names(parser)))
     try:
         return dispatch(ns)
     except KeyboardInterrupt:

@@ -19,13 +19,13 @@ from rich.console import Console
 
 from cli.cluster import STATE_FILE, free_port_block
 from cli.cmdline import UsageError, help_text, parse_command
-from cli.main import build_parser, normalize_argv
+from cli.main import build_parser, command_names, normalize_argv
 from cli.shell import run_coordinator_line
 from idunno import Client, ClusterUnavailable
 from idunno.client import dumps, json_safe
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+COMMANDS = command_names(build_parser())
 
 
 def idunno(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
