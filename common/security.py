@@ -9,7 +9,6 @@ with an authorized key, so a stranger cannot join, submit, read or write anythin
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +45,8 @@ def init_keys(directory: str | Path, overwrite: bool = False) -> Path:
     authorized.mkdir(exist_ok=True)
     zmq.auth.create_certificates(str(d), "server")
     zmq.auth.create_certificates(str(d), "client")
+    import shutil  # noqa: PLC0415 - keys are made once; shutil pulls in the compression modules
+
     shutil.copy(d / "client.key", authorized / "client.key")
     for p in d.glob("*.key_secret"):
         p.chmod(0o600)

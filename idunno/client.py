@@ -88,7 +88,9 @@ def probe_zmq(endpoints: list[str], timeout: float) -> list[str]:
         for addr in endpoints:
             host, _, port = addr.rpartition(":")
             try:
-                family, kind, proto, _, sockaddr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+                # An ASCII name as bytes: a str would be IDNA-encoded, importing the codec (start-up time).
+                name = host.encode("ascii") if host.isascii() else host
+                family, kind, proto, _, sockaddr = socket.getaddrinfo(name, int(port), type=socket.SOCK_STREAM)[0]
                 sock = socket.socket(family, kind, proto)
                 sock.setblocking(False)
                 sock.connect_ex(sockaddr)
