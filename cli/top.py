@@ -26,7 +26,7 @@ def jobs_panel(status: dict[str, Any]) -> Table:
         jid = j["job_id"]
         lat = times[jid]["latency"]
         bar = ProgressBar(total=max(1, j["total"]), completed=j["completed"], width=30)
-        t.add_row(jid, j["state"], bar, f"{j['completed']}/{j['total']}", f"{rates[jid]['rate']:.2f}",
+        t.add_row(render._e(jid), j["state"], bar, f"{j['completed']}/{j['total']}", f"{rates[jid]['rate']:.2f}",
                   render._f(lat["median"], 2), render._f(lat["p95"], 2), render._f(lat["p99"], 2))
     return t
 
@@ -46,12 +46,12 @@ def live_view(cfg: Config, console: Console, until_done: list[str] | None = None
                 try:
                     status = ctl(cfg, "status", timeout=2.0)
                 except RpcError as exc:
-                    live.update(f"[red]coordinator unreachable: {exc}[/]")
+                    live.update(f"[red]coordinator unreachable: {render._e(exc)}[/]")
                     time.sleep(refresh)  # display refresh cadence
                     continue
                 live.update(view(status))
                 if until_done and all(
-                    j["state"] == "done" for j in status["jobs"] if j["job_id"] in until_done
+                    j["state"] in ("done", "cancelled") for j in status["jobs"] if j["job_id"] in until_done
                 ):
                     break
                 time.sleep(refresh)  # display refresh cadence
