@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.commands import CLIENT_COMMANDS, CLIENT_ONLY, COMMANDS, CommandSpec
+from common.commands import CLIENT_COMMANDS, CLIENT_ONLY, COMMANDS, Arg, CommandSpec
 
 HELP_FLAGS = ("-h", "--help")
 BOOL_WORDS = ("1", "0", "true", "false", "yes", "no", "on", "off")
@@ -50,17 +50,24 @@ def parse_command(tokens: list[str]) -> tuple[str, dict[str, Any]]:
         raise UsageError(f"unknown command {name!r}; commands: {', '.join(known_commands())}")
     by_name = {a.name: a for a in spec.args}
     args: dict[str, Any] = {}
+
+    def value(arg: Arg, raw: str) -> Any:
+        try:
+            return _convert(arg.kind, raw, arg.name)
+        except UsageError as exc:
+            raise UsageError(f"{name}: {exc}; usage: {spec.usage()}") from None
+
     i = 0
     while i < len(rest):
         tok = rest[i]
         if tok.startswith("--") and len(tok) > 2:
-            key, eq, value = tok[2:].partition("=")
+            key, eq, raw = tok[2:].partition("=")
             key = key.replace("-", "_")
             arg = by_name.get(key)
             if arg is None:
                 raise UsageError(f"{name}: unknown option --{key}; usage: {spec.usage()}")
             if eq:
-                args[key] = _convert(arg.kind, value, key)
+                args[key] = value(arg, raw)
                 i += 1
                 continue
             if arg.kind is bool and (i + 1 >= len(rest) or rest[i + 1].lower() not in BOOL_WORDS):
@@ -69,14 +76,14 @@ def parse_command(tokens: list[str]) -> tuple[str, dict[str, Any]]:
                 continue
             if i + 1 >= len(rest):
                 raise UsageError(f"{name}: --{key} needs a value; usage: {spec.usage()}")
-            args[key] = _convert(arg.kind, rest[i + 1], key)
+            args[key] = value(arg, rest[i + 1])
             i += 2
             continue
         # Positional: the arguments in their declared order (options too, as older scripts wrote them).
         free = [a for a in spec.args if a.name not in args]
         if not free:
             raise UsageError(f"{name}: too many arguments ({tok!r}); usage: {spec.usage()}")
-        args[free[0].name] = _convert(free[0].kind, tok, free[0].name)
+        args[free[0].name] = value(free[0], tok)
         i += 1
     missing = [a.name for a in spec.args if a.required and a.name not in args]
     if missing:

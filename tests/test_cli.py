@@ -78,7 +78,7 @@ def test_help_and_shell_show_the_option_forms():
         "model": "m", "inputs": "in/", "batch": 3, "weight": 2.0, "start": True}
     with pytest.raises(UsageError, match=r"submit: unknown option --size; usage: submit <model>"):
         parse_command(["submit", "m", "in/", "--size", "3"])
-    with pytest.raises(UsageError, match="batch must be a whole number"):
+    with pytest.raises(UsageError, match="submit: batch must be a whole number, not 'many'; usage: submit"):
         parse_command(["submit", "m", "in/", "--batch", "many"])
 
 
