@@ -90,9 +90,30 @@ def normalize_argv(argv: list[str], commands: set[str]) -> list[str]:
     return [*lead, cmd, *moved, *kept]
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMAND_NAMES = ("coordinator", "worker", "up", "down", "members", "ctl", "shell", "sdfs", "logs", "top", "report",
+                 "keys", "demo")
+
+
+class _Skipped:
+    """Stands in for the sub-parser of a command that is not on this command line: building all of them
+    (argparse runs gettext for every parser) is a fair part of a short CLI call's start-up."""
+
+    def add_argument(self, *a: Any, **kw: Any) -> None:
+        pass
+
+    def add_argument_group(self, *a: Any, **kw: Any) -> _Skipped:
+        return self
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, just that command's sub-parser (enough to parse it)."""
     parser = argparse.ArgumentParser(prog="idunno", description="IDunno distributed ML inference")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    class sub:  # noqa: N801 - stands for `subparsers`, skipping the commands not asked for
+        @staticmethod
+        def add_parser(name: str, **kw: Any) -> Any:
+            return subparsers.add_parser(name, **kw) if only is None or name == only else _Skipped()
 
     p = sub.add_parser("coordinator", help="run a coordinator (primary or hot standby)")
     _common(p)
@@ -175,8 +196,11 @@ def command_names(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, command_names(parser)))
+    argv = normalize_argv(sys.argv[1:] if argv is None else argv, set(COMMAND_NAMES))
+    # Only the command's own parser, unless the top level is asked for help or has no command.
+    command = next((a for a in argv if a in COMMAND_NAMES), None)
+    top_help = command is None or any(a in ("-h", "--help") for a in argv[: argv.index(command)])
+    ns = build_parser(None if top_help else command).parse_args(argv)
     try:
         return dispatch(ns)
     except KeyboardInterrupt:

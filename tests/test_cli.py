@@ -28,6 +28,15 @@ REPO = Path(__file__).resolve().parent.parent
 COMMANDS = command_names(build_parser())
 
 
+def test_the_command_list_matches_the_parser():
+    from cli.main import COMMAND_NAMES  # noqa: PLC0415
+
+    assert set(COMMAND_NAMES) == COMMANDS
+    # Parsing with only the command's sub-parser gives what the whole parser gives.
+    argv = ["ctl", "--json", "submit", "m", "in/", "--batch", "2"]
+    assert vars(build_parser("ctl").parse_args(argv)) == vars(build_parser().parse_args(argv))
+
+
 def idunno(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
     """Run the CLI as a user would: a new interpreter, this tree first on the path."""
     full = dict(os.environ)
