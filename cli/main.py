@@ -215,24 +215,17 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-class _LazyConsole:
-    """The rich Console, made on first use: commands that print JSON never import rich."""
+def make_console() -> Console:
+    from rich.console import Console  # noqa: PLC0415 - not imported by calls that print JSON
 
-    def __init__(self) -> None:
-        self._console: Console | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self._console is None:
-            from rich.console import Console  # noqa: PLC0415
-
-            # Scripts and pipes get full-width lines instead of tables squeezed to 80 columns.
-            self._console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
-        return getattr(self._console, name)
+    # Scripts and pipes get full-width lines instead of tables squeezed to 80 columns.
+    return Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
 
 
 def dispatch(ns: argparse.Namespace) -> int:
-    console: Any = _LazyConsole()
     cmd = ns.command
+    quiet = cmd in ("coordinator", "worker") or (cmd in ("ctl", "members") and ns.json)
+    console: Any = None if quiet else make_console()
     if cmd == "coordinator":
         from cli.daemons import run_coordinator  # noqa: PLC0415
 

@@ -146,6 +146,8 @@ def run_coordinator_line(line: str, call: Callable[[str, dict[str, Any]], Any], 
         console.print(escape(help_text(tokens[0]) if spec_of(tokens[0]) else help_text()))
     except (IdunnoError, RpcError) as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}")
+    except KeyboardInterrupt:  # Ctrl-C during a long command (`wait`): back to the prompt
+        console.print("interrupted")
     return True
 
 
