@@ -20,13 +20,20 @@
     ``common.rpc.RpcClient`` against the primary, against a bare pyzmq DEALER->ROUTER echo (msgpack
     decode + encode of a reply of the same size, server in its own process).
 
-    .venv/bin/python bench/throughput.py [--quick] [--images 300] [--round-trips 10000]
+(d) CLI round trip: wall time of a whole ``idunno ctl jobs`` process (interpreter start, imports,
+    finding the cluster, one request, output), ``--json`` and the table form, against
+    ``python -c pass`` in the same run (the three alternate, N times each, after one untimed run of
+    each so the bytecode cache is warm as on a user's machine). Goal: at most 0.15 s over the baseline.
+
+    .venv/bin/python bench/throughput.py [--quick] [--images 300] [--round-trips 10000] [--cli-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -34,7 +41,7 @@ import time
 
 import msgpack
 import zmq
-from benchlib import console, headline, images, put_copies, running, table, temp_dir, wait_models, wait_until
+from benchlib import ROOT, console, headline, images, put_copies, running, table, temp_dir, wait_models, wait_until
 
 from cli.cluster import LocalCluster
 from common.protocol import Command, Task, TaskResult
@@ -232,6 +239,64 @@ def rpc_round_trips(cluster: LocalCluster, n: int) -> tuple[float, int]:
         client.close()
 
 
+# -- (d) ------------------------------------------------------------------------------------------
+CLI_GOAL = 0.15  # seconds over `python -c pass`
+
+
+def cli_round_trips(cluster: LocalCluster, n: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall seconds and CPU seconds (user + system, which a busy shared machine inflates less) of whole
+    processes: the baseline interpreter and two `idunno ctl jobs` forms."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDUNNO_") and k != "PYTHONDONTWRITEBYTECODE"}
+    ctl = [sys.executable, "-m", "cli.main", "ctl", "jobs", "--coordinator", cluster.coordinator]
+    cmds = {"python -c pass": [sys.executable, "-c", "pass"], "idunno ctl jobs --json": [*ctl, "--json"],
+            "idunno ctl jobs (table)": ctl}
+    for argv in cmds.values():  # untimed: writes the bytecode cache, as any first run on a machine does
+        subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, check=True)
+    times: dict[str, list[float]] = {k: [] for k in cmds}
+    cpu: dict[str, list[float]] = {k: [] for k in cmds}
+    for _ in range(n):
+        for name, argv in cmds.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            r = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True)
+            times[name].append(time.perf_counter() - t0)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+            if r.returncode != 0:
+                raise RuntimeError(f"{name} failed: {r.stderr.decode()}")
+    return times, cpu
+
+
+def cli_table(times: dict[str, list[float]], cpu: dict[str, list[float]]) -> tuple[float, float]:
+    base = statistics.median(times["python -c pass"])
+    base_cpu = statistics.median(cpu["python -c pass"])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append([name, len(ts), med, min(ts), max(ts), med - base, statistics.median(cpu[name]),
+                     statistics.median(cpu[name]) - base_cpu,
+                     "baseline" if name == "python -c pass" else ("yes" if med - base <= CLI_GOAL else "NO")])
+    table(f"(d) CLI round trip: seconds of a whole process (median of {len(times['python -c pass'])}, "
+          f"alternating); goal: wall time <= {CLI_GOAL} s over `python -c pass`",
+          ["command", "runs", "wall median", "wall min", "wall max", "wall over baseline", "CPU median",
+           "CPU over baseline", "within goal"], rows,
+          caption=f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    return base, statistics.median(times["idunno ctl jobs --json"]) - base
+
+
+def cli_only(n: int) -> int:
+    with temp_dir("idunno-bench-cli-") as tmp:
+        cluster = LocalCluster(workers=1, standby=True, data_dir=str(tmp), torch_threads=1)
+        with running(cluster, timeout=120):
+            console.print(f"(d) {n} x (python -c pass, idunno ctl jobs --json, idunno ctl jobs) against a 1-worker "
+                          f"cluster with standby")
+            times, cpu = cli_round_trips(cluster, n)
+    base, over = cli_table(times, cpu)
+    headline(f"CLI round trip `idunno ctl jobs --json` {base + over:.3f} s = python -c pass ({base:.3f} s) "
+             f"+ {over:.3f} s (goal <= +{CLI_GOAL} s)")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 100 images, 2000 round trips")
@@ -242,7 +307,12 @@ def main() -> int:
                     help="(b) queries in each noop job, a multiple of 100 (default 1000, quick 200)")
     ap.add_argument("--repeat", type=int, default=None, help="(a) rounds of native + cluster (default 3, quick 1)")
     ap.add_argument("--standby", action="store_true", help="run the cluster with a hot standby (default: none)")
+    ap.add_argument("--cli-runs", type=int, default=None, help="(d) runs of each process (default 30, quick 10)")
+    ap.add_argument("--cli-only", action="store_true", help="only (d), on a small cluster of its own")
     args = ap.parse_args()
+    cli_runs = args.cli_runs or (10 if args.quick else 30)
+    if args.cli_only:
+        return cli_only(cli_runs)
     n_images = args.images or (100 if args.quick else 300)
     copies = max(1, math.ceil(n_images / 100))
     round_trips = args.round_trips or (2000 if args.quick else 10_000)
@@ -291,6 +361,8 @@ def main() -> int:
             console.print(f"(c) {round_trips} round trips: pyzmq+msgpack echo, then RpcClient 'members'")
             echo_s, echo_size = echo_round_trips(round_trips, members_data)
             rpc_s, rpc_size = rpc_round_trips(cluster, round_trips)
+            console.print(f"(d) {cli_runs} x (python -c pass, idunno ctl jobs --json, idunno ctl jobs)")
+            cli_times, cli_cpu = cli_round_trips(cluster, cli_runs)
 
     nat_rates = [n / sec for sec, n in nat_runs]
     clu_rates = [r["n"] / r["seconds"] for r in clu_runs]
@@ -333,10 +405,13 @@ def main() -> int:
              rpc_s / round_trips * 1e6, rpc_size, rpc_rate / echo_rate],
         ],
     )
+    cli_base, cli_over = cli_table(cli_times, cli_cpu)
     headline(f"cluster {MODEL} {clu_rate:.1f} images/s = {clu_rate / nat_rate:.2f}x native single process "
              f"({nat_rate:.1f} images/s, 2 threads; goal >= 0.95x); noop dispatch {noop_rate:,.0f} queries/s = "
              f"{noop_rate / raw_rate:.2f}x raw ROUTER-DEALER ({raw_rate:,.0f}/s; goal >= 0.5x); 'members' RPC "
-             f"{rpc_rate:,.0f} round trips/s = {rpc_rate / echo_rate:.2f}x raw echo ({echo_rate:,.0f}/s)")
+             f"{rpc_rate:,.0f} round trips/s = {rpc_rate / echo_rate:.2f}x raw echo ({echo_rate:,.0f}/s); CLI "
+             f"`ctl jobs --json` {cli_base + cli_over:.3f} s = python -c pass + {cli_over:.3f} s "
+             f"(goal <= +{CLI_GOAL} s)")
     return 0
 
 

@@ -172,6 +172,7 @@ class Coordinator:
             "job.add": self._op_job_add,
             "job.start": self._op_job_start,
             "job.batch": self._op_job_batch,
+            "job.cancel": self._op_job_cancel,
             "task.dispatch": self._op_task_dispatch,
             "task.result": self._op_task_result,
             "task.requeue": self._op_task_requeue,
@@ -519,9 +520,12 @@ class Coordinator:
         if slot is not None:
             slot.outstanding.pop(m.task_id, None)
         results: dict[str, dict[str, Any]] = {}
+        duplicates = 0
+        completed_at = self.clock()
         for idx, (top5, error) in answers.items():
             if idx in job.results:
-                continue  # a duplicate (re-dispatched query): exactly one result per input
+                duplicates += 1  # a re-dispatched query answered twice: exactly one result per input
+                continue
             results[str(idx)] = {
                 "input": job.inputs[idx][0],
                 "model": job.model,
@@ -529,6 +533,8 @@ class Coordinator:
                 "error": error,
                 "worker": m.node_id,
                 "batch": len(m.results),
+                "completed_at": completed_at,
+                "dispatches": job.dispatches.get(idx, 1),
             }
         # A batch cannot have computed for longer than it has been out: the worker's figure feeds
         # the task timeouts (and the standby's copy of them), so it is held to what we saw.
@@ -548,7 +554,7 @@ class Coordinator:
         self.emit(
             "task.result",
             {"task_id": m.task_id, "job_id": job.job_id, "results": results, "latency": latency,
-             "elapsed": elapsed, "ts": self.clock(), "worker": m.node_id},
+             "elapsed": elapsed, "ts": completed_at, "worker": m.node_id, "duplicates": duplicates},
             now,
         )
         self.dispatch(now)
@@ -609,10 +615,12 @@ class Coordinator:
         else:
             task = None
         fresh = self.jobs.record(job, {int(k): v for k, v in d["results"].items()}, task)
+        # Results dropped here (not this task's queries any more) count as duplicates too.
+        job.stats.duplicates += int(d.get("duplicates", 0)) + len(d["results"]) - len(fresh)
         if task is not None:
             # A result that does not answer every query of its task must not lose the rest.
             missing = [i for i in task.indexes if i not in job.results]
-            if missing:
+            if missing and job.state is not JobState.CANCELLED:
                 job.pending.extendleft(reversed(missing))
             self._refund(task.task_id, job, len(missing))
         errors = sum(1 for r in fresh.values() if r.get("error"))
@@ -621,6 +629,17 @@ class Coordinator:
         if self.jobs.maybe_finish(job, d["ts"]):
             log.info("job %s finished: %d results", job.job_id, len(job.results))
             self.scheduler.forget(job.job_id)
+            self.events.append({"ts": d["ts"], "kind": "job_done", "detail": job.job_id})
+            if self.role == PRIMARY:
+                self.on_job_done(job)
+
+    def _op_job_cancel(self, d: dict[str, Any], now: float) -> None:
+        job = self.jobs.jobs.get(d["job_id"])
+        if job is None or job.state in (JobState.DONE, JobState.CANCELLED):
+            return
+        self.jobs.cancel(job, d["ts"])
+        self.scheduler.forget(job.job_id)
+        if self.jobs.maybe_finish(job, d["ts"]):  # nothing in flight: finished at once
             self.events.append({"ts": d["ts"], "kind": "job_done", "detail": job.job_id})
             if self.role == PRIMARY:
                 self.on_job_done(job)
@@ -636,6 +655,10 @@ class Coordinator:
         self.jobs.requeue(d["task_id"])
         if job is not None:
             self._refund(d["task_id"], job, len(job.pending) - before)
+            if self.jobs.maybe_finish(job, self.clock()):  # a cancelled job's last task was lost: it is over
+                self.events.append({"ts": self.clock(), "kind": "job_done", "detail": job.job_id})
+                if self.role == PRIMARY:
+                    self.on_job_done(job)
 
     def _refund(self, task_id: str, job: Job, requeued: int) -> None:
         """The job was charged when these queries went out; charging their re-dispatch again would
@@ -684,6 +707,8 @@ class Coordinator:
             self.jobs.add(Job.restore(jd))
         for t in state["tasks"]:
             self._op_task_dispatch(t, now)
+        for jd in state["jobs"]:  # replaying the in-flight tasks above counted their dispatch a second time
+            self.jobs.jobs[jd["job_id"]].dispatches = {int(k): int(v) for k, v in (jd.get("dispatches") or {}).items()}
         self.events = list(state.get("events", []))
         self.cost = dict(state.get("cost", {}))
         self.state_seq = seq
@@ -818,7 +843,8 @@ class Coordinator:
     def cmd_query_rate(self, args: dict[str, Any], now: float) -> Any:
         jobs = self._jobs(args)
         rates = {j.job_id: {"rate": self._rate(j), "count": len(j.results), "window": self.cfg.rate_window,
-                            "model": j.model, "overall": j.stats.overall_rate(), "state": str(j.state)}
+                            "model": j.model, "overall": j.stats.overall_rate(), "state": str(j.state),
+                            "duplicates": j.stats.duplicates}
                  for j in jobs}
         running = [r["rate"] for j, r in zip(jobs, rates.values(), strict=True) if j.state is JobState.RUNNING]
         return {"jobs": rates, "gap": rate_gap(running)}
@@ -840,10 +866,28 @@ class Coordinator:
 
     def cmd_results(self, args: dict[str, Any], now: float) -> Any:
         job = self._job(args)
-        limit = args.get("limit") or 0
-        items = [job.results[i] | {"qid": job.qid(i)} for i in sorted(job.results)]
-        return {"job": job.describe(), "results": items[:limit] if limit > 0 else items,
-                "sdfs_name": f"results/{job.job_id}"}
+        limit = int(args.get("limit") or 0)
+        after = args.get("after")
+        if after is None:  # by query index
+            items = [job.results[i] | {"qid": job.qid(i)} for i in sorted(job.results)]
+            items = items[:limit] if limit > 0 else items
+            return {"job": job.describe(), "results": items, "sdfs_name": f"results/{job.job_id}"}
+        # In completion order from a cursor: results are only ever appended, on the standby in the
+        # same order, so a client resumes with ``next`` after a failover without gaps or repeats.
+        after = max(0, int(after))
+        end = len(job.results) if limit <= 0 else min(len(job.results), after + limit)
+        keys = list(itertools.islice(job.results, after, end))
+        items = [job.results[i] | {"qid": job.qid(i)} for i in keys]
+        return {"job": job.describe(), "results": items, "sdfs_name": f"results/{job.job_id}",
+                "next": after + len(items), "in_flight": self.jobs.in_flight(job.job_id)}
+
+    def cmd_cancel(self, args: dict[str, Any], now: float) -> Any:
+        job = self._job(args)
+        dropped = len(job.pending) if job.state in (JobState.QUEUED, JobState.RUNNING) else 0
+        if job.state in (JobState.QUEUED, JobState.RUNNING):
+            self.emit("job.cancel", {"job_id": job.job_id, "ts": self.clock()}, now)
+            self.event("job_cancelled", job.job_id, now)
+        return job.describe() | {"dropped": dropped, "in_flight": self.jobs.in_flight(job.job_id)}
 
     def cmd_vm_info(self, args: dict[str, Any], now: float) -> Any:
         out = {}
@@ -891,6 +935,7 @@ class Coordinator:
                     "pending": len(j.pending),
                     "in_flight": sum(len(t.indexes) for t in self.jobs.tasks.values() if t.job_id == j.job_id),
                     "batch_size": j.batch_size,
+                    "duplicates": j.stats.duplicates,
                     "latencies": list(j.stats.latencies),
                 }
                 for j in self.jobs.jobs.values()

@@ -22,6 +22,7 @@ class JobState(StrEnum):
     QUEUED = "queued"  # submitted, waits for `start`
     RUNNING = "running"
     DONE = "done"
+    CANCELLED = "cancelled"  # pending queries dropped; in-flight ones finish (``finished`` set when they have)
 
 
 @dataclass
@@ -46,8 +47,9 @@ class Job:
     started: float | None = None
     finished: float | None = None
     pending: deque[int] = field(default_factory=deque)
-    results: dict[int, dict[str, Any]] = field(default_factory=dict)
+    results: dict[int, dict[str, Any]] = field(default_factory=dict)  # insertion order = completion order
     stats: JobStats | None = None
+    dispatches: dict[int, int] = field(default_factory=dict)  # query index -> times it was sent to a worker
 
     def __post_init__(self) -> None:
         if self.stats is None:
@@ -82,6 +84,7 @@ class Job:
         d["inputs"] = [list(i) for i in self.inputs]
         d["results"] = {str(k): v for k, v in self.results.items()}
         d["stats"] = self.stats.snapshot() if self.stats else None
+        d["dispatches"] = {str(k): v for k, v in self.dispatches.items()}
         return d
 
     @classmethod
@@ -98,9 +101,14 @@ class Job:
             finished=d.get("finished"),
             results={int(k): v for k, v in d.get("results", {}).items()},
             stats=JobStats.restore(d["stats"]) if d.get("stats") else None,
+            dispatches={int(k): int(v) for k, v in (d.get("dispatches") or {}).items()},
         )
-        # Whatever was in flight at the old primary is pending again (its late results still count once).
-        job.pending = deque(i for i in range(job.total) if i not in job.results)
+        # Whatever was in flight at the old primary is pending again (its late results still count once);
+        # a cancelled job has nothing pending.
+        if job.state is not JobState.CANCELLED:
+            job.pending = deque(i for i in range(job.total) if i not in job.results)
+        else:
+            job.pending = deque()
         return job
 
 
@@ -195,6 +203,8 @@ class JobTable:
                 job.pending.popleft()
         else:
             job.pending = deque(i for i in job.pending if i not in taken)
+        for i in indexes:
+            job.dispatches[i] = job.dispatches.get(i, 0) + 1
         task = TaskInfo(task_id, job.job_id, worker, indexes, dispatched, deadline)
         self.tasks[task_id] = task
         return task
@@ -205,10 +215,20 @@ class JobTable:
         if task is None:
             return None
         job = self.jobs.get(task.job_id)
-        if job is not None:
+        if job is not None and job.state is not JobState.CANCELLED:  # a cancelled job's queries are dropped
             todo = [i for i in task.indexes if i not in job.results and i not in job.pending]
             job.pending.extendleft(reversed(todo))
         return task
+
+    def in_flight(self, job_id: str) -> int:
+        return sum(len(t.indexes) for t in self.tasks.values() if t.job_id == job_id)
+
+    def cancel(self, job: Job, now: float) -> int:
+        """Drop the job's pending queries (in-flight ones still finish); return how many were dropped."""
+        dropped = len(job.pending)
+        job.pending.clear()
+        job.state = JobState.CANCELLED
+        return dropped
 
     def tasks_of(self, worker: str) -> list[TaskInfo]:
         return [t for t in self.tasks.values() if t.worker == worker]
@@ -237,5 +257,8 @@ class JobTable:
         if job.state is JobState.RUNNING and len(job.results) == job.total:
             job.state = JobState.DONE
             job.finished = now
+            return True
+        if job.state is JobState.CANCELLED and job.finished is None and not self.in_flight(job.job_id):
+            job.finished = now  # the last in-flight query of a cancelled job came back
             return True
         return False

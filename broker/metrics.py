@@ -28,6 +28,8 @@ class CoordinatorCollector(Collector):
         completed = CounterMetricFamily("idunno_queries_completed", "Queries completed per job",
                                         labels=["job", "model"])
         errors = CounterMetricFamily("idunno_query_errors", "Queries answered with an error", labels=["job", "model"])
+        duplicates = CounterMetricFamily("idunno_duplicate_results", "Results dropped because their query already "
+                                         "had one (re-dispatched after a failure or timeout)", labels=["job", "model"])
         rate = GaugeMetricFamily("idunno_query_rate", "Images per second over the rate window", labels=["job", "model"])
         pending = GaugeMetricFamily("idunno_pending_queries", "Queries waiting for a worker", labels=["job"])
         inflight = GaugeMetricFamily("idunno_inflight_queries", "Queries at workers now", labels=["job"])
@@ -37,6 +39,7 @@ class CoordinatorCollector(Collector):
         for job, j in snap["jobs"].items():
             completed.add_metric([job, j["model"]], j["completed"])
             errors.add_metric([job, j["model"]], j["errors"])
+            duplicates.add_metric([job, j["model"]], j.get("duplicates", 0))
             rate.add_metric([job, j["model"]], snap["rates"][job]["rate"])
             pending.add_metric([job], j["pending"])
             inflight.add_metric([job], j["in_flight"])
@@ -45,7 +48,7 @@ class CoordinatorCollector(Collector):
             buckets = [(str(b), bisect.bisect_right(values, b)) for b in LATENCY_BUCKETS]
             buckets.append(("+Inf", len(values)))
             latency.add_metric([job, j["model"]], buckets, sum(values))
-        yield from (completed, errors, rate, pending, inflight, batch, latency)
+        yield from (completed, errors, duplicates, rate, pending, inflight, batch, latency)
 
         members = GaugeMetricFamily("idunno_members", "Members by role and state", labels=["role", "state"])
         for (role, state), n in Counter((m["role"], m["state"]) for m in snap["members"]).items():

@@ -44,6 +44,7 @@ class JobStats:
     history: deque[Completion] = field(default_factory=lambda: deque(maxlen=100_000))
     spans: deque[Span] = field(default_factory=lambda: deque(maxlen=20_000))
     started: float | None = None  # first dispatch
+    duplicates: int = 0  # results dropped because their query already had one (re-dispatched queries)
 
     def record(self, n: int, errors: int, latency: float, elapsed: float, now: float, worker: str = "") -> None:
         if n <= 0:
@@ -102,6 +103,7 @@ class JobStats:
             "history": [[c.start, c.end, c.n] for c in list(self.history)[-5_000:]],
             "spans": [[sp.worker, sp.start, sp.end, sp.n] for sp in list(self.spans)[-5_000:]],
             "started": self.started,
+            "duplicates": self.duplicates,
         }
 
     @classmethod
@@ -112,6 +114,7 @@ class JobStats:
         s.history.extend(Completion(float(a), float(b), int(n)) for a, b, n in d.get("history", []))
         s.spans.extend(Span(str(w), float(a), float(b), int(n)) for w, a, b, n in d.get("spans", []))
         s.started = d.get("started")
+        s.duplicates = int(d.get("duplicates", 0))
         return s
 
 

@@ -25,8 +25,7 @@ from common.commands import COMMANDS, check_args
 from common.config import Config
 from common.protocol import Command
 from common.rpc import RpcClient, RpcError
-
-STATE_FILE = "cluster.json"
+from idunno.client import STATE_FILE, read_cluster_state
 
 
 def free_port_block(host: str = Config.host, size: int = 3) -> int:
@@ -237,10 +236,7 @@ class LocalCluster:
 
 
 def load_state(data_dir: str) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(data_dir) / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    return read_cluster_state(data_dir)
 
 
 def proc_identity(pid: int) -> dict[str, Any] | None:

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.commands import CLIENT_ONLY, COMMANDS, Arg
+from common.commands import CLIENT_COMMANDS, CLIENT_ONLY, COMMANDS, Arg, CommandSpec
+
+HELP_FLAGS = ("-h", "--help")
+BOOL_WORDS = ("1", "0", "true", "false", "yes", "no", "on", "off")
 
 
 class UsageError(ValueError):
     pass
+
+
+def spec_of(name: str) -> CommandSpec | None:
+    return COMMANDS.get(name) or CLIENT_COMMANDS.get(name)
+
+
+def known_commands() -> list[str]:
+    return sorted([*COMMANDS, *CLIENT_COMMANDS, *CLIENT_ONLY])
 
 
 def _convert(kind: type, raw: str, name: str) -> Any:
@@ -17,11 +28,12 @@ def _convert(kind: type, raw: str, name: str) -> Any:
             return True
         if raw.lower() in ("0", "false", "no", "off"):
             return False
-        raise UsageError(f"{name} must be true or false, not {raw!r}")
+        raise UsageError(f"--{name} must be true or false, not {raw!r}")
     try:
         return kind(raw)
     except ValueError:
-        raise UsageError(f"{name} must be {kind.__name__}, not {raw!r:.40}") from None
+        what = {int: "a whole number", float: "a number"}.get(kind, kind.__name__)
+        raise UsageError(f"{name} must be {what}, not {raw!r:.40}") from None
 
 
 def convert(arg: Arg, raw: str) -> Any:
@@ -34,38 +46,54 @@ def convert(arg: Arg, raw: str) -> Any:
         raise UsageError(str(exc)) from None
 
 
+def wants_help(tokens: list[str]) -> bool:
+    """``submit --help``, ``submit -h``: describe the command instead of running it."""
+    return any(t in HELP_FLAGS for t in tokens[1:])
+
+
 def parse_command(tokens: list[str]) -> tuple[str, dict[str, Any]]:
     if not tokens:
-        raise UsageError("no command given")
+        raise UsageError("no command given; `help` lists the commands")
     name, rest = tokens[0], tokens[1:]
-    spec = COMMANDS.get(name)
+    spec = spec_of(name)
     if spec is None:
-        known = sorted([*COMMANDS, *CLIENT_ONLY])
-        raise UsageError(f"unknown command {name!r}; commands: {', '.join(known)}")
+        raise UsageError(f"unknown command {name!r}; commands: {', '.join(known_commands())}")
     by_name = {a.name: a for a in spec.args}
     args: dict[str, Any] = {}
-    positional = [a for a in spec.args]
+
+    def value(arg: Arg, raw: str) -> Any:
+        try:
+            return convert(arg, raw)
+        except UsageError as exc:
+            raise UsageError(f"{name}: {exc}; usage: {spec.usage()}") from None
+
     i = 0
     while i < len(rest):
         tok = rest[i]
-        if tok.startswith("--"):
-            key = tok[2:].replace("-", "_")
+        if tok.startswith("--") and len(tok) > 2:
+            key, eq, raw = tok[2:].partition("=")
+            key = key.replace("-", "_")
             arg = by_name.get(key)
             if arg is None:
-                raise UsageError(f"{name}: unknown option {tok}; usage: {spec.usage()}")
-            if arg.kind is bool and (i + 1 >= len(rest) or rest[i + 1].startswith("--")):
+                raise UsageError(f"{name}: unknown option --{key}; usage: {spec.usage()}")
+            if eq:
+                args[key] = value(arg, raw)
+                i += 1
+                continue
+            if arg.kind is bool and (i + 1 >= len(rest) or rest[i + 1].lower() not in BOOL_WORDS):
                 args[key] = True
                 i += 1
                 continue
             if i + 1 >= len(rest):
-                raise UsageError(f"{name}: {tok} needs a value; usage: {spec.usage()}")
-            args[key] = convert(arg, rest[i + 1])
+                raise UsageError(f"{name}: --{key} needs a value; usage: {spec.usage()}")
+            args[key] = value(arg, rest[i + 1])
             i += 2
             continue
-        free = [a for a in positional if a.name not in args]
+        # Positional: the arguments in their declared order (options too, as older scripts wrote them).
+        free = [a for a in spec.args if a.name not in args]
         if not free:
-            raise UsageError(f"{name}: too many arguments; usage: {spec.usage()}")
-        args[free[0].name] = convert(free[0], tok)
+            raise UsageError(f"{name}: too many arguments ({tok!r}); usage: {spec.usage()}")
+        args[free[0].name] = value(free[0], tok)
         i += 1
     missing = [a.name for a in spec.args if a.required and a.name not in args]
     if missing:
@@ -75,14 +103,26 @@ def parse_command(tokens: list[str]) -> tuple[str, dict[str, Any]]:
 
 def help_text(name: str | None = None) -> str:
     if name:
-        spec = COMMANDS.get(name)
+        spec = spec_of(name)
         if spec is None:
             if name in CLIENT_ONLY:
                 return CLIENT_ONLY[name]
-            raise UsageError(f"unknown command {name!r}")
-        lines = [f"{spec.usage()}  —  {spec.help}"]
-        lines += [f"    {a.name}: {a.help or a.kind.__name__}{'' if a.required else ' (optional)'}" for a in spec.args]
+            raise UsageError(f"unknown command {name!r}; commands: {', '.join(known_commands())}")
+        lines = [f"usage: {spec.usage()}", f"  {spec.help}"]
+        for a in spec.args:
+            shown = a.usage().strip("[]")
+            lines.append(f"  {shown:<22} {a.help or a.kind.__name__}{'' if a.required else ' (optional)'}")
         return "\n".join(lines)
-    rows = [f"  {s.usage():<40} {s.help}" for s in COMMANDS.values()]
-    rows += [f"  {k:<40} {v}" for k, v in CLIENT_ONLY.items()]
-    return "commands:\n" + "\n".join(rows)
+    specs = [*COMMANDS.values(), *CLIENT_COMMANDS.values()]
+    width = max(len(s.usage()) for s in specs) + 2
+    rows = [f"  {s.usage():<{width}} {s.help}" for s in specs]
+    rows += [f"  {k:<{width}} {v}" for k, v in CLIENT_ONLY.items()]
+    return "commands (`help <command>` for details):\n" + "\n".join(rows)
+
+
+def run_command(client: Any, name: str, args: dict[str, Any]) -> Any:
+    """Run one parsed command through an ``idunno.Client``: the coordinator's commands and the client's
+    own (``wait``). The CLI and the shell both come here."""
+    if name == "wait":
+        return client.job(args["job"]).wait(timeout=args.get("timeout") or None)
+    return client.command(name, **args)

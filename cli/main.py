@@ -1,4 +1,8 @@
-"""The ``idunno`` command: daemons, the local cluster launcher, shells and one-shot commands."""
+"""The ``idunno`` command: daemons, the local cluster launcher, shells and one-shot commands.
+
+Start-up time matters (scripts poll ``idunno ctl``): this module imports only the standard library
+and the config; rich, torch, matplotlib and the daemons are imported by the commands that use them.
+"""
 
 from __future__ import annotations
 
@@ -7,49 +11,109 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from common.config import Config
 
-from cli.render import plain
-from common.config import Config, load_config
+if TYPE_CHECKING:
+    from rich.console import Console
 
 DEFAULT_DATA_DIR = "var"
+# Options every cluster command takes; accepted anywhere on the line (before or after the command and
+# its arguments): `idunno ctl results job1 --json`, `idunno --coordinator h:p ctl jobs`.
+GLOBAL_VALUE_OPTIONS = ("--config", "--coordinator", "--data-dir", "--host", "--log-level")
+GLOBAL_FLAG_OPTIONS = ("--json",)
+# Commands whose arguments are free text (argparse REMAINDER) and their own options.
+REMAINDER_OPTIONS = {"ctl": ((), ()), "sdfs": (("--node",), ())}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--config", help="TOML config file (also IDUNNO_CONFIG)")
     g.add_argument("--coordinator", help="coordinator address(es) host:port[,host:port] (primary first)")
-    g.add_argument("--data-dir", help="where daemons keep their data and `up` its state (default ./var)")
+    g.add_argument("--data-dir", help="where daemons keep their data and `up` its state "
+                                      "(default $IDUNNO_DATA_DIR or ./var)")
     g.add_argument("--host", help="address to bind and advertise (default 127.0.0.1)")
     g.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    g.add_argument("--json", action="store_true", help="print strict JSON instead of tables (where there are)")
+
+
+def data_dir_of(ns: argparse.Namespace) -> str:
+    return ns.data_dir or os.environ.get("IDUNNO_DATA_DIR") or DEFAULT_DATA_DIR
 
 
 def resolve_config(ns: argparse.Namespace, **overrides: Any) -> Config:
-    from cli.cluster import load_state  # noqa: PLC0415
+    from idunno.client import resolve_config as resolve  # noqa: PLC0415
 
-    coord = standby = None
-    if ns.coordinator:
-        parts = [a.strip() for a in ns.coordinator.split(",") if a.strip()]
-        coord, standby = parts[0], (parts[1] if len(parts) > 1 else "")
-    data_dir = ns.data_dir or os.environ.get("IDUNNO_DATA_DIR") or DEFAULT_DATA_DIR
-    if coord is None and "IDUNNO_COORDINATOR" not in os.environ:
-        state = load_state(data_dir)  # the cluster `idunno up` started here
-        if state:
-            coord, standby = state["coordinator"], state.get("standby", "")
-    cfg = load_config(ns.config, coordinator=coord, standby=standby, data_dir=data_dir, host=ns.host,
-                      log_level=ns.log_level, **overrides)
-    if cfg.curve_dir:
-        from common import security  # noqa: PLC0415
-
-        security.enable(cfg.curve_dir)
-    return cfg
+    return resolve(ns.coordinator, config=ns.config, data_dir=data_dir_of(ns), host=ns.host,
+                   log_level=ns.log_level, **overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def normalize_argv(argv: list[str], commands: set[str]) -> list[str]:
+    """Move the global options (and a free-text command's own options) to just after the command name,
+    where argparse expects them. Everything after ``--`` stays as it is."""
+    lead: list[str] = []
+    moved: list[str] = []
+    i = 0
+    while i < len(argv) and argv[i] not in commands:
+        if argv[i] in GLOBAL_VALUE_OPTIONS and i + 1 < len(argv):
+            moved += argv[i : i + 2]
+            i += 2
+            continue
+        if argv[i] in GLOBAL_FLAG_OPTIONS or argv[i].split("=", 1)[0] in GLOBAL_VALUE_OPTIONS:
+            moved.append(argv[i])
+        else:
+            lead.append(argv[i])
+        i += 1
+    if i == len(argv):
+        return list(argv)
+    cmd, rest = argv[i], argv[i + 1 :]
+    own_values, own_flags = REMAINDER_OPTIONS.get(cmd, ((), ()))
+    values, flags = (*GLOBAL_VALUE_OPTIONS, *own_values), (*GLOBAL_FLAG_OPTIONS, *own_flags)
+    kept: list[str] = []
+    j = 0
+    while j < len(rest):
+        tok = rest[j]
+        name = tok.split("=", 1)[0]
+        if tok == "--":
+            kept += rest[j + 1 :] if cmd in REMAINDER_OPTIONS else rest[j:]
+            break
+        if tok in values and j + 1 < len(rest):
+            moved += rest[j : j + 2]
+            j += 2
+        elif tok in flags or ("=" in tok and name in values):
+            moved.append(tok)
+            j += 1
+        else:
+            kept.append(tok)
+            j += 1
+    return [*lead, cmd, *moved, *kept]
+
+
+COMMAND_NAMES = ("coordinator", "worker", "up", "down", "members", "ctl", "shell", "sdfs", "logs", "top", "report",
+                 "keys", "demo")
+
+
+class _Skipped:
+    """Stands in for the sub-parser of a command that is not on this command line: building all of them
+    (argparse runs gettext for every parser) is a fair part of a short CLI call's start-up."""
+
+    def add_argument(self, *a: Any, **kw: Any) -> None:
+        pass
+
+    def add_argument_group(self, *a: Any, **kw: Any) -> _Skipped:
+        return self
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, just that command's sub-parser (enough to parse it)."""
     parser = argparse.ArgumentParser(prog="idunno", description="IDunno distributed ML inference")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    class sub:  # noqa: N801 - stands for `subparsers`, skipping the commands not asked for
+        @staticmethod
+        def add_parser(name: str, **kw: Any) -> Any:
+            return subparsers.add_parser(name, **kw) if only is None or name == only else _Skipped()
 
     p = sub.add_parser("coordinator", help="run a coordinator (primary or hot standby)")
     _common(p)
@@ -71,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--no-standby", action="store_true")
+    p.add_argument("--preload", default="", metavar="MODEL,...",
+                   help="models every worker loads at start (the first batch then does not wait for them)")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this HTTP port")
     p.add_argument("--detach", action="store_true", help="return once ready; stop later with `idunno down`")
     p.add_argument("--timeout", type=float, default=30.0)
 
@@ -82,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ctl", help="run one coordinator command (see `idunno ctl help`)")
     _common(p)
-    p.add_argument("--json", action="store_true", help="print raw JSON instead of tables")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="command and arguments")
 
     p = sub.add_parser("shell", help="attach the coordinator shell to a running cluster")
@@ -124,28 +190,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_names(parser: argparse.ArgumentParser) -> set[str]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    argv = normalize_argv(sys.argv[1:] if argv is None else argv, set(COMMAND_NAMES))
+    # Only the command's own parser, unless the top level is asked for help or has no command.
+    command = next((a for a in argv if a in COMMAND_NAMES), None)
+    top_help = command is None or any(a in ("-h", "--help") for a in argv[: argv.index(command)])
+    ns = build_parser(None if top_help else command).parse_args(argv)
     try:
         return dispatch(ns)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one-shot commands: a clear message and a non-zero exit
         from common.rpc import RpcError  # noqa: PLC0415
-        from sdfs.client import SdfsError  # noqa: PLC0415
-        from sdfs.names import BadName  # noqa: PLC0415
+        from idunno.client import IdunnoError  # noqa: PLC0415
 
-        if isinstance(exc, (RpcError, SdfsError, BadName, ValueError, OSError, TimeoutError, RuntimeError)):
+        if isinstance(exc, (IdunnoError, RpcError, ValueError, OSError, TimeoutError, RuntimeError)):
             print(f"idunno: error: {exc}", file=sys.stderr)
             return 1
         raise
 
 
-def dispatch(ns: argparse.Namespace) -> int:
+def plain(*parts: Any) -> Any:
+    """:func:`cli.render.plain` (literal text, never markup), importing rich only when something is shown."""
+    from cli.render import plain as literal  # noqa: PLC0415
+
+    return literal(*parts)
+
+
+def make_console() -> Console:
+    from rich.console import Console  # noqa: PLC0415 - not imported by calls that print JSON
+
     # Scripts and pipes get full-width lines instead of tables squeezed to 80 columns.
-    console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
+    return Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
+
+
+def dispatch(ns: argparse.Namespace) -> int:
     cmd = ns.command
+    quiet = cmd in ("coordinator", "worker") or (cmd in ("ctl", "members") and ns.json)
+    console: Any = None if quiet else make_console()
     if cmd == "coordinator":
         from cli.daemons import run_coordinator  # noqa: PLC0415
 
@@ -162,8 +249,9 @@ def dispatch(ns: argparse.Namespace) -> int:
     if cmd == "down":
         from cli.cluster import stop_from_state  # noqa: PLC0415
 
-        n = stop_from_state(ns.data_dir or DEFAULT_DATA_DIR)
-        console.print(f"stopped {n} processes" if n else "no running cluster found")
+        data_dir = data_dir_of(ns)
+        n = stop_from_state(data_dir)
+        console.print(plain(f"stopped {n} processes" if n else f"no running cluster found in {data_dir}"))
         return 0
     if cmd in ("members", "ctl"):
         return cmd_ctl(ns, console, ["members"] if cmd == "members" else ns.cmd)
@@ -187,15 +275,16 @@ def dispatch(ns: argparse.Namespace) -> int:
         from common.security import init_keys  # noqa: PLC0415
 
         d = init_keys(ns.dir, overwrite=ns.force)
-        console.print(f"keys written to {d}; start every node and client with IDUNNO_CURVE_DIR={d.resolve()} "
-                      f"(or curve_dir in the config). Add a client's public key to {d / 'authorized'} to admit it.")
+        console.print(plain(f"keys written to {d}; start every node and client with IDUNNO_CURVE_DIR={d.resolve()} "
+                            f"(or curve_dir in the config). Add a client's public key to {d / 'authorized'} "
+                            f"to admit it."))
         return 0
     if cmd == "report":
-        from cli.cluster import ctl  # noqa: PLC0415
         from cli.report import write_report  # noqa: PLC0415
+        from idunno.client import Client  # noqa: PLC0415
 
-        cfg = resolve_config(ns)
-        timeline = ctl(cfg, "timeline")
+        with Client(cfg=resolve_config(ns)) as client:
+            timeline = client.command("timeline")
         if ns.jobs:
             missing = [j for j in ns.jobs if j not in timeline["jobs"]]
             if missing:
@@ -211,24 +300,27 @@ def dispatch(ns: argparse.Namespace) -> int:
 
 
 def cmd_ctl(ns: argparse.Namespace, console: Console, tokens: list[str]) -> int:
-    import json  # noqa: PLC0415
+    from cli.cmdline import UsageError, help_text, parse_command, run_command, wants_help  # noqa: PLC0415
+    from idunno.client import Client, dumps  # noqa: PLC0415
 
-    from cli import render  # noqa: PLC0415
-    from cli.cluster import ctl  # noqa: PLC0415
-    from cli.cmdline import UsageError, help_text, parse_command  # noqa: PLC0415
-
-    if not tokens or tokens[0] in ("help", "-h", "--help"):
-        print(help_text(tokens[1] if len(tokens) > 1 else None))
-        return 0 if tokens else 2
     try:
+        if not tokens or tokens[0] in ("help", "-h", "--help"):
+            print(help_text(tokens[1] if len(tokens) > 1 else None))
+            return 0 if tokens else 2
+        if wants_help(tokens):
+            print(help_text(tokens[0]))
+            return 0
         name, args = parse_command(tokens)
     except UsageError as exc:
         print(f"idunno: error: {exc}", file=sys.stderr)
         return 2
-    data = ctl(resolve_config(ns), name, **args)
-    if getattr(ns, "json", False):
-        print(json.dumps(data, indent=2, default=str))
+    with Client(cfg=resolve_config(ns)) as client:
+        data = run_command(client, name, args)
+    if ns.json:
+        print(dumps(data, indent=2))
     else:
+        from cli import render  # noqa: PLC0415
+
         render.show(console, name, data)
     return 0
 
@@ -236,35 +328,48 @@ def cmd_ctl(ns: argparse.Namespace, console: Console, tokens: list[str]) -> int:
 def cmd_sdfs(ns: argparse.Namespace, console: Console) -> int:
     from cli.cmdline import UsageError  # noqa: PLC0415
     from cli.sdfs_cmds import SDFS_COMMANDS, run_sdfs  # noqa: PLC0415
-    from sdfs.client import SdfsClient  # noqa: PLC0415
+    from idunno.client import Client  # noqa: PLC0415
 
     cfg = resolve_config(ns)
     if not ns.cmd:
         from cli.shell import sdfs_shell  # noqa: PLC0415
 
         return sdfs_shell(cfg, ns.node)
-    if ns.cmd[0] in ("help", "-h", "--help"):
+    if ns.cmd[0] in ("help", "-h", "--help") or any(t in ("-h", "--help") for t in ns.cmd[1:]):
         print("\n".join(SDFS_COMMANDS.values()))
         return 0
-    with SdfsClient(cfg) as client:
+    with Client(cfg=cfg) as client:
         nodes = None
         if ns.cmd[0] == "store" and not ns.node and len(ns.cmd) == 1:
-            from cli.cluster import ctl  # noqa: PLC0415
-
-            members = ctl(cfg, "members")["members"]
+            members = client.members()
             nodes = [m["data_addr"] for m in members if m["state"] == "alive" and m["data_addr"]]
+
+        class LazySdfs:  # the cluster is contacted only once the arguments are checked (bad ones: exit 2)
+            def __getattr__(self, name: str) -> Any:
+                return getattr(client.sdfs, name)
+
         try:
-            run_sdfs(client, console, ns.cmd, node=ns.node, nodes=nodes)
+            run_sdfs(LazySdfs(), console, ns.cmd, node=ns.node, nodes=nodes)  # type: ignore[arg-type]
         except UsageError as exc:
             print(f"idunno: error: {exc}", file=sys.stderr)
             return 2
     return 0
 
 
+def preload_list(spec: str) -> list[str]:
+    """``--preload alexnet,resnet50``: checked before anything starts (a typo fails here, with suggestions)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        return []
+    from models import is_noop, resolve_name  # noqa: PLC0415 - torchvision: only when preloading
+
+    return [n if is_noop(n) else resolve_name(n) for n in names]
+
+
 def cmd_up(ns: argparse.Namespace, console: Console) -> int:
     from cli.cluster import LocalCluster, load_state  # noqa: PLC0415
 
-    data_dir = ns.data_dir or DEFAULT_DATA_DIR
+    data_dir = data_dir_of(ns)
     if load_state(data_dir):
         from cli.cluster import stop_from_state  # noqa: PLC0415
 
@@ -272,15 +377,22 @@ def cmd_up(ns: argparse.Namespace, console: Console) -> int:
         stop_from_state(data_dir)
     if ns.workers < 1:
         raise ValueError("--workers must be >= 1")
-    cluster = LocalCluster(workers=ns.workers, standby=not ns.no_standby, data_dir=data_dir)
+    env = {}
+    preload = preload_list(ns.preload)
+    if preload:
+        env["IDUNNO_PRELOAD_MODELS"] = ",".join(preload)
+    cluster = LocalCluster(workers=ns.workers, standby=not ns.no_standby, data_dir=data_dir, env=env,
+                           metrics_port=ns.metrics_port)
     try:
         cluster.start(timeout=ns.timeout)
     except BaseException:
         cluster.stop()
         raise
     coords = ",".join(a for a in (cluster.coordinator, cluster.standby_addr) if a)
-    console.print(f"IDunno cluster up: coordinator {cluster.coordinator}"
-                  f"{f', standby {cluster.standby_addr}' if cluster.standby_addr else ''}, {ns.workers} workers")
+    metrics = f", metrics on http://{cluster.host}:{ns.metrics_port}/metrics" if ns.metrics_port else ""
+    console.print(plain(f"IDunno cluster up: coordinator {cluster.coordinator}"
+                        f"{f', standby {cluster.standby_addr}' if cluster.standby_addr else ''}, {ns.workers} workers"
+                        f"{(', preloading ' + ', '.join(preload)) if preload else ''}{metrics}"))
     for p in cluster.procs:
         console.print(plain(f"  {p.role:<12} pid {p.popen.pid:<8} {p.addr}   log {p.log_path}"))
     console.print(plain(f"attach a shell: idunno shell        (or: idunno shell --coordinator {coords})"))

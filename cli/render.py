@@ -44,6 +44,10 @@ def _ts(x: float | None) -> str:
     return dt.datetime.fromtimestamp(x).strftime("%H:%M:%S") if x else "-"
 
 
+def _ts_ms(x: float | None) -> str:
+    return dt.datetime.fromtimestamp(x).strftime("%H:%M:%S.%f")[:-3] if x else "-"
+
+
 def members(data: dict[str, Any]) -> Table:
     c = data.get("coordinator", {})
     coord = f"{c.get('addr')} {c.get('role')} term {c.get('term')}"
@@ -69,11 +73,12 @@ def jobs(data: list[dict[str, Any]]) -> Table:
 
 def query_rate(data: dict[str, Any]) -> Table:
     t = Table(title=f"query rate (images/s over the last window); rate gap between running jobs {data['gap']:.1%}")
-    for col in ("job", "model", "state", "rate (img/s)", "window (s)", "avg since start", "completed"):
+    for col in ("job", "model", "state", "rate (img/s)", "window (s)", "avg since start", "completed",
+                "duplicates dropped"):
         t.add_column(col)
     for job, r in data["jobs"].items():
         _row(t, job, r["model"], r.get("state", ""), _f(r["rate"], 2), _f(r["window"], 0),
-                  _f(r.get("overall"), 2), str(r["count"]))
+             _f(r.get("overall"), 2), str(r["count"]), str(r.get("duplicates", 0)))
     return t
 
 
@@ -119,12 +124,13 @@ def vm_info(data: dict[str, Any]) -> Table:
 def results(data: dict[str, Any]) -> Table:
     job = data["job"]
     t = Table(title=plain(f"results of {job['job_id']} ({job['completed']}/{job['total']}; SDFS {data['sdfs_name']})"))
-    for col in ("query", "input", "top-1", "p", "worker", "error"):
+    for col in ("query", "input", "top-1", "p", "worker", "latency (s)", "completed", "sent", "error"):
         t.add_column(col)
     for r in data["results"]:
         top = r.get("top5") or []
         _row(t, r["qid"], r["input"], top[0][0] if top else "-", _f(top[0][1]) if top else "-",
-                  r.get("worker", "-"), r.get("error") or "")
+             r.get("worker") or "-", _f(r.get("latency")), _ts_ms(r.get("completed_at")),
+             str(r.get("dispatches", 1)), r.get("error") or "")
     return t
 
 
@@ -141,7 +147,9 @@ def info(data: dict[str, Any]) -> Table:
 
 
 def simple(data: Any) -> str:
-    return json.dumps(data, indent=2, default=str)
+    from idunno.client import dumps  # noqa: PLC0415
+
+    return dumps(data, indent=2)
 
 
 RENDERERS = {
@@ -157,6 +165,14 @@ def show(console: Console, command: str, data: Any) -> None:
                             f"batch {data['batch_size']}, state {data['state']}"))
     elif command == "start":
         console.print(plain(f"started: {', '.join(data['started']) or 'nothing queued'}"))
+    elif command == "cancel":
+        console.print(plain(f"{data['job_id']} {data['state']}: {data['dropped']} pending queries dropped, "
+                            f"{data['in_flight']} in flight will finish; {data['completed']}/{data['total']} "
+                            f"results kept"))
+    elif command == "wait":
+        took = (data["finished"] - data["started"]) if data.get("started") and data.get("finished") else None
+        console.print(plain(f"{data['job_id']} {data['state']}: {data['completed']}/{data['total']} results"
+                            f"{f' in {took:.1f}s' if took is not None else ''}"))
     elif fn is None:
         console.print(plain(simple(data)))
     else:

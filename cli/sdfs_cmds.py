@@ -12,7 +12,7 @@ from rich.table import Table
 from cli.cmdline import UsageError, convert
 from cli.render import plain
 from common.commands import Arg
-from sdfs.client import SdfsClient
+from idunno.client import Sdfs
 
 SDFS_COMMANDS = {
     "put": "put <localfile> <sdfsname>  |  put -r <localdir> <prefix/>: insert or update (new version)",
@@ -31,9 +31,9 @@ def _ts(x: float) -> str:
     return dt.datetime.fromtimestamp(x).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def run_sdfs(client: SdfsClient, console: Console, tokens: list[str], node: str | None = None,
+def run_sdfs(client: Sdfs, console: Console, tokens: list[str], node: str | None = None,
              nodes: list[str] | None = None) -> None:
-    """Run one SDFS command; raise UsageError / SdfsError / RpcError / BadName on failure."""
+    """Run one SDFS command through the Python client; raise UsageError / IdunnoError on failure."""
     if not tokens:
         raise UsageError("no command")
     cmd, args = tokens[0], tokens[1:]
@@ -67,12 +67,13 @@ def run_sdfs(client: SdfsClient, console: Console, tokens: list[str], node: str 
     elif cmd == "delete":
         if len(args) != 1:
             raise UsageError(SDFS_COMMANDS["delete"])
-        d = client.delete(args[0])
-        console.print(plain(f"deleted {args[0]} ({d['deleted_versions']} versions)"))
+        n = client.delete(args[0])
+        console.print(plain(f"deleted {args[0]} ({n} versions)"))
     elif cmd == "get_versions":
         if len(args) != 3:
             raise UsageError(SDFS_COMMANDS["get_versions"])
-        vs = client.get_versions(args[0], convert(VERSIONS_ARG, args[1]), args[2])
+        k = convert(VERSIONS_ARG, args[1])  # before the client is touched: a bad count never reaches the cluster
+        vs = client.get_versions(args[0], k, args[2])
         numbers = ", ".join(str(v["version"]) for v in vs)
         console.print(plain(f"wrote {len(vs)} versions of {args[0]} ({numbers}) -> {args[2]}"))
     elif cmd == "ls":

@@ -19,14 +19,11 @@ from prompt_toolkit.history import FileHistory, InMemoryHistory
 from rich.console import Console
 
 from cli import render
-from cli.cmdline import UsageError, help_text, parse_command
+from cli.cmdline import UsageError, help_text, known_commands, parse_command, run_command, spec_of, wants_help
 from cli.sdfs_cmds import SDFS_COMMANDS, run_sdfs
-from common.commands import CLIENT_ONLY, COMMANDS
 from common.config import Config
-from common.protocol import Command
-from common.rpc import RpcClient, RpcError
-from sdfs.client import SdfsClient, SdfsError
-from sdfs.names import BadName
+from common.rpc import RpcError
+from idunno.client import Client, IdunnoError
 
 COMMON_MODELS = ["alexnet", "resnet50", "resnet18", "mobilenet_v3_small", "mobilenet_v3_large", "vgg16",
                  "efficientnet_b0", "squeezenet1_0", "densenet121", "shufflenet_v2_x1_0"]
@@ -85,17 +82,17 @@ def _session(name: str, completer: Completer, history_dir: Path | None, **kw: An
 def coordinator_shell(cfg: Config, console: Console | None = None, history_dir: Path | None = None,
                       **session_kw: Any) -> int:
     console = console or Console()
-    rpc = RpcClient(cfg.coordinators, cfg)
+    client = Client(cfg=cfg)
 
     def call(name: str, args: dict[str, Any]) -> Any:
-        return rpc.call(Command(0, name, args)).data  # type: ignore[attr-defined]
+        return run_command(client, name, args)
 
     jobs = _Cached(lambda: [j["job_id"] for j in call("jobs", {})])
 
     def arg_values(cmd: str, index: int) -> list[str] | None:
-        spec = COMMANDS.get(cmd)
+        spec = spec_of(cmd)
         if cmd == "help":
-            return sorted([*COMMANDS, *CLIENT_ONLY])
+            return known_commands()
         if spec is None or index - 1 >= len(spec.args):
             return []
         arg = spec.args[index - 1]
@@ -105,7 +102,7 @@ def coordinator_shell(cfg: Config, console: Console | None = None, history_dir: 
             return COMMON_MODELS
         return []
 
-    session = _session("coordinator", CommandCompleter([*COMMANDS, *CLIENT_ONLY], arg_values), history_dir,
+    session = _session("coordinator", CommandCompleter(known_commands(), arg_values), history_dir,
                        **session_kw)
     console.print("IDunno coordinator shell. `help` lists commands, Tab completes, `quit` leaves.")
     try:
@@ -119,7 +116,7 @@ def coordinator_shell(cfg: Config, console: Console | None = None, history_dir: 
             if not run_coordinator_line(line, call, console):
                 break
     finally:
-        rpc.close()
+        client.close()
     return 0
 
 
@@ -138,21 +135,26 @@ def run_coordinator_line(line: str, call: Callable[[str, dict[str, Any]], Any], 
         if tokens[0] == "help":
             console.print(render.plain(help_text(tokens[1] if len(tokens) > 1 else None)))
             return True
+        if wants_help(tokens):
+            console.print(render.plain(help_text(tokens[0])))
+            return True
         name, args = parse_command(tokens)
         render.show(console, name, call(name, args))
     except UsageError as exc:
         render.error(console, exc)
-        console.print(render.plain(help_text(tokens[0]) if tokens[0] in COMMANDS else help_text()))
-    except RpcError as exc:
+        console.print(render.plain(help_text(tokens[0]) if spec_of(tokens[0]) else help_text()))
+    except (IdunnoError, RpcError) as exc:
         render.error(console, exc)
+    except KeyboardInterrupt:  # Ctrl-C during a long command (`wait`): back to the prompt
+        console.print("interrupted")
     return True
 
 
 def sdfs_shell(cfg: Config, node: str | None, console: Console | None = None, history_dir: Path | None = None,
                **session_kw: Any) -> int:
     console = console or Console()
-    client = SdfsClient(cfg)
-    names = _Cached(lambda: [f["name"] for f in client.ls("")])
+    client = Client(cfg=cfg)
+    names = _Cached(lambda: [f["name"] for f in client.sdfs.ls("")])
 
     def arg_values(cmd: str, index: int) -> list[str] | None:
         if cmd == "help":
@@ -189,8 +191,8 @@ def sdfs_shell(cfg: Config, node: str | None, console: Console | None = None, hi
                 console.print(render.plain("\n".join(SDFS_COMMANDS.values())))
                 continue
             try:
-                run_sdfs(client, console, tokens, node=node)
-            except (UsageError, SdfsError, RpcError, BadName, OSError) as exc:
+                run_sdfs(client.sdfs, console, tokens, node=node)
+            except (UsageError, IdunnoError, RpcError, OSError) as exc:
                 render.error(console, exc)
     finally:
         client.close()

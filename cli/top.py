@@ -51,7 +51,7 @@ def live_view(cfg: Config, console: Console, until_done: list[str] | None = None
                     continue
                 live.update(view(status))
                 if until_done and all(
-                    j["state"] == "done" for j in status["jobs"] if j["job_id"] in until_done
+                    j["state"] in ("done", "cancelled") for j in status["jobs"] if j["job_id"] in until_done
                 ):
                     break
                 time.sleep(refresh)  # display refresh cadence

@@ -24,6 +24,16 @@ class Arg:
     default: object = None
     lo: float | None = None  # inclusive bounds of a numeric argument (ints are also capped at MAX_INT)
     hi: float | None = None
+    option: bool = False  # written ``--name VALUE`` (``--name`` alone for a bool); otherwise positional
+    metavar: str = "N"
+
+    def usage(self) -> str:
+        if self.option:
+            text = f"--{self.name}" if self.kind is bool else f"--{self.name} {self.metavar}"
+        else:
+            text = f"<{self.name}>" if self.required else f"[{self.name}]"
+            return text
+        return text if self.required else f"[{text}]"
 
     def check(self, value: Any) -> Any:
         """The value if it has this argument's type and range, else ValueError with a clear message.
@@ -66,10 +76,7 @@ class CommandSpec:
     args: tuple[Arg, ...] = ()
 
     def usage(self) -> str:
-        parts = [self.name]
-        for a in self.args:
-            parts.append(f"<{a.name}>" if a.required else f"[{a.name}]")
-        return " ".join(parts)
+        return " ".join([self.name, *(a.usage() for a in self.args)])
 
 
 JOB = Arg("job", help="job id (see `jobs`)")
@@ -88,17 +95,30 @@ COMMANDS: dict[str, CommandSpec] = {
             (
                 Arg("model", help="torchvision classifier name, e.g. alexnet, resnet50"),
                 Arg("inputs", help="SDFS glob or prefix, e.g. 'data/*.jpg'"),
-                Arg("batch", int, False, "queries per batch (default: the coordinator's)", 0, lo=1),
-                Arg("weight", float, False, "share relative to other jobs", 1.0, lo=0.001, hi=1000),
-                Arg("start", bool, False, "start right away", False),
+                Arg("batch", int, False, "queries per batch (default: the cluster's default_batch_size)", 0,
+                    lo=1, option=True),
+                Arg("weight", float, False, "share relative to other jobs", 1.0, lo=0.001, hi=1000, option=True,
+                    metavar="W"),
+                Arg("start", bool, False, "start right away (a job submitted while others run starts anyway)",
+                    False, option=True),
             ),
         ),
         CommandSpec("jobs", "list jobs with state and progress"),
         CommandSpec("query_rate", "images/s over the last window and count since start", (OPT_JOB,)),
         CommandSpec("query_time", "query latency: avg, std, median, p90, p95, p99", (OPT_JOB,)),
         CommandSpec("set_batch_size", "change a job's batch size (takes effect live)", (JOB, Arg("n", int, lo=1))),
-        CommandSpec("results", "results of a job",
-                    (JOB, Arg("limit", int, False, "at most this many (0: all)", 0, lo=0))),
+        CommandSpec(
+            "results",
+            "results of a job: per input top-5, worker, latency, completion time, times dispatched",
+            (
+                JOB,
+                Arg("limit", int, False, "at most this many (0: all)", 0, lo=0, option=True),
+                Arg("after", int, False, "in completion order, skipping the first N (a cursor: the reply's `next`)",
+                    None, lo=0, option=True),
+            ),
+        ),
+        CommandSpec("cancel", "cancel a job: pending queries are dropped, in-flight ones finish, results are kept",
+                    (JOB,)),
         CommandSpec("vm_info", "which worker runs which queries of which job now"),
         CommandSpec("members", "membership table"),
         CommandSpec("timeline", "per-job rate series, latencies and worker spans (used by report)", (OPT_JOB,)),
@@ -106,9 +126,14 @@ COMMANDS: dict[str, CommandSpec] = {
     ]
 }
 
+
+def _spec(command: str) -> CommandSpec:
+    return COMMANDS[command] if command in COMMANDS else CLIENT_COMMANDS[command]
+
+
 def arg_spec(command: str, name: str) -> Arg:
     """The declared argument ``name`` of ``command`` (KeyError if there is none)."""
-    for a in COMMANDS[command].args:
+    for a in _spec(command).args:
         if a.name == name:
             return a
     raise KeyError(name)
@@ -119,7 +144,7 @@ def check_args(command: str, args: dict[str, Any]) -> dict[str, Any]:
 
     ``None`` means "not given" and is left for the handler's default.
     """
-    spec = COMMANDS[command]
+    spec = _spec(command)
     known = {a.name: a for a in spec.args}
     for name, value in args.items():
         if value is None:
@@ -130,5 +155,18 @@ def check_args(command: str, args: dict[str, Any]) -> dict[str, Any]:
         args[name] = arg.check(value)
     return args
 
+
+# Commands run by the client itself (on top of the coordinator's): parsed and described like the rest.
+CLIENT_COMMANDS: dict[str, CommandSpec] = {
+    c.name: c
+    for c in [
+        CommandSpec(
+            "wait",
+            "wait until a job is finished (done, or cancelled with nothing left in flight); exit 1 on timeout",
+            (JOB, Arg("timeout", float, False, "give up after this many seconds (default: no limit)", 0.0,
+                      lo=0, option=True, metavar="SECONDS")),
+        ),
+    ]
+}
 
 CLIENT_ONLY = {"help": "help [command]: describe commands", "quit": "leave the shell"}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -125,6 +124,8 @@ def load_config(path: str | None = None, env: dict[str, str] | None = None, **ov
     path = path or env.get("IDUNNO_CONFIG")
     if path:
         with open(path, "rb") as fh:
+            import tomllib  # noqa: PLC0415 - only when there is a file (CLI start-up time)
+
             doc = tomllib.load(fh)
         values.update(doc.get("idunno", doc))
     known = {f.name: f for f in fields(Config) if f.name != "extra"}

@@ -77,6 +77,7 @@ class RpcClient:
         timeout = self.cfg.request_timeout if timeout is None else timeout
         attempts = (self.cfg.request_retries if retries is None else retries) * len(self.endpoints)
         last = "no attempt"
+        started = time.monotonic()
         for attempt in range(max(1, attempts)):
             # With a standby configured, the first round probes each endpoint briefly.
             wait = min(timeout, PROBE_TIMEOUT) if len(self.endpoints) > 1 and attempt < len(self.endpoints) else timeout
@@ -104,7 +105,9 @@ class RpcClient:
                 raise RpcError(reply.code, reply.message)
             _last_good[tuple(self.endpoints)] = self.current
             return reply
-        raise Unavailable(f"request {msg.TYPE} failed: {last}")
+        what = getattr(msg, "name", None) or msg.TYPE  # a Command by its name: "jobs", not "cmd"
+        raise Unavailable(f"{what}: no answer from {', '.join(self.endpoints)} after {max(1, attempts)} attempts "
+                          f"in {time.monotonic() - started:.1f}s (last: {last})")
 
     def _wait(self, sock: zmq.Socket, req: int, timeout: float) -> Message | None:
         deadline = time.monotonic() + timeout

@@ -9,13 +9,13 @@ with an authorized key, so a stranger cannot join, submit, read or write anythin
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
+
+# zmq.auth (and its thread authenticator, which pulls in asyncio) is imported where keys are used:
+# a client without CURVE should not pay for it at start-up.
 
 log = logging.getLogger("idunno.security")
 
@@ -30,11 +30,13 @@ class Curve:
 
 
 CURRENT: Curve | None = None
-_authenticator: ThreadAuthenticator | None = None
+_authenticator = None  # zmq.auth.thread.ThreadAuthenticator once this process serves securely
 
 
 def init_keys(directory: str | Path, overwrite: bool = False) -> Path:
     """Create the cluster's key directory: server.key(_secret), client.key(_secret), authorized/."""
+    import zmq.auth  # noqa: PLC0415
+
     d = Path(directory)
     if (d / "server.key_secret").exists() and not overwrite:
         raise FileExistsError(f"keys already exist in {d} (use --force to replace them)")
@@ -43,6 +45,8 @@ def init_keys(directory: str | Path, overwrite: bool = False) -> Path:
     authorized.mkdir(exist_ok=True)
     zmq.auth.create_certificates(str(d), "server")
     zmq.auth.create_certificates(str(d), "client")
+    import shutil  # noqa: PLC0415 - keys are made once; shutil pulls in the compression modules
+
     shutil.copy(d / "client.key", authorized / "client.key")
     for p in d.glob("*.key_secret"):
         p.chmod(0o600)
@@ -52,6 +56,8 @@ def init_keys(directory: str | Path, overwrite: bool = False) -> Path:
 def enable(directory: str | Path, serve: bool = True) -> Curve:
     """Turn CURVE on for every socket this process makes from now on (``serve=False``: client sockets only)."""
     global CURRENT, _authenticator
+    import zmq.auth  # noqa: PLC0415
+
     d = Path(directory)
     server_public, _ = zmq.auth.load_certificate(str(d / "server.key"))
     server_secret = None
@@ -60,6 +66,8 @@ def enable(directory: str | Path, serve: bool = True) -> Curve:
     client_public, client_secret = zmq.auth.load_certificate(str(d / "client.key_secret"))
     CURRENT = Curve(server_public, server_secret, client_public, client_secret, d / "authorized")
     if server_secret is not None and _authenticator is None:
+        from zmq.auth.thread import ThreadAuthenticator  # noqa: PLC0415
+
         _authenticator = ThreadAuthenticator(zmq.Context.instance())
         _authenticator.start()
         _authenticator.configure_curve(domain="*", location=str(d / "authorized"))

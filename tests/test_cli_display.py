@@ -51,10 +51,13 @@ def command_data(v: str) -> dict[str, Any]:
         "completed": {job: {"model": v, "state": "done", "completed": 1, "total": 1, "errors": 0}},
         "vm_info": vm,
         "results": {"job": jobs[0], "sdfs_name": f"results/{job}",
-                    "results": [{"qid": f"{job}:0", "input": v, "top5": [[v, 0.5]], "worker": v, "error": v}]},
+                    "results": [{"qid": f"{job}:0", "input": v, "top5": [[v, 0.5]], "worker": v, "error": v,
+                                 "latency": 0.5, "completed_at": 1.7e9, "dispatches": 2}], "next": 1, "in_flight": 0},
         "info": {"role": "primary", "term": 1, "members": 2, "sdfs": {"files": 1, v: {"k": v}}, "dropped": {v: 1}},
         "submit": jobs[0],
         "start": {"started": [job]},
+        "cancel": jobs[0] | {"state": "cancelled", "dropped": 1, "in_flight": 0},
+        "wait": jobs[0] | {"state": "done", "started": 1.0, "finished": 2.5},
         "status": {"members": members, "jobs": jobs, "rates": rates, "times": times, "vm_info": vm},
         "timeline": {"jobs": {job: {"model": v}}, "events": [{"kind": "job_added", "detail": v}]},
     }
@@ -112,8 +115,8 @@ class FakeSdfs:
     def get(self, name: str, local: str) -> dict[str, Any]:
         return {"version": 1, "size": 3}
 
-    def delete(self, name: str) -> dict[str, Any]:
-        return {"deleted_versions": 1}
+    def delete(self, name: str) -> int:
+        return 1
 
     def get_versions(self, name: str, k: int, local: str) -> list[dict[str, Any]]:
         return [{"version": 1}]

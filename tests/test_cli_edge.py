@@ -121,3 +121,16 @@ def test_down_stops_the_processes_up_recorded(tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait(timeout=10)
+
+
+def test_the_python_client_checks_numbers_before_sending():
+    from idunno import Client  # noqa: PLC0415
+    from idunno.client import BadRequest  # noqa: PLC0415
+
+    with Client(coordinator=NOWHERE) as client:  # nothing listens there: a check after the probe would fail otherwise
+        with pytest.raises(BadRequest, match="batch must be at most"):
+            client.submit("alexnet", "in/", batch=10**30)
+        with pytest.raises(BadRequest, match="after must be at least 0"):
+            client.command("results", job="job1-alexnet", after=-1)
+        with pytest.raises(BadRequest, match="weight must be a finite number"):
+            client.command("submit", model="alexnet", inputs="in/", weight=float("nan"))

@@ -131,7 +131,7 @@ def test_corrupt_inputs_yield_error_results_and_empty_jobs_are_refused(make_clus
         (["submit", "get_model", "in/"], "unknown model", 1),
         (["submit", "alexnet", "in/", "--batch", "0"], "batch must be at least 1", 2),
         (["query_rate", "job404"], "no such job", 1),
-        (["set_batch_size", job, "lots"], "n must be int", 2),
+        (["set_batch_size", job, "lots"], "set_batch_size: n must be a whole number, not 'lots'; usage: ", 2),
         (["explode"], "unknown command", 2),
     ]:
         r = subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=60)

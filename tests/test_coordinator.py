@@ -165,7 +165,8 @@ def test_every_command_has_a_handler_and_answers():
     assert sim.command("start")["started"] == [job]
     sim.run_until(5.0)
     args = {"query_rate": {"job": job}, "query_time": {"job": job}, "results": {"job": job},
-            "set_batch_size": {"job": job, "n": 2}, "submit": {"model": CHEAP, "inputs": "in/"}}
+            "set_batch_size": {"job": job, "n": 2}, "submit": {"model": CHEAP, "inputs": "in/"},
+            "cancel": {"job": job}}
     for name in COMMANDS:
         data = sim.command(name, **args.get(name, {}))
         assert data is not None, name
@@ -344,3 +345,90 @@ def test_an_unknown_task_listed_at_reattach_frees_its_slot_after_the_task_timeou
     assert sim.core.slots[node].credit == 1
     sim.run_until(31.0)
     assert sim.core.slots[node].credit == 2
+
+
+def test_results_carry_completion_time_and_dispatch_count_and_duplicates_are_counted():
+    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2)
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1], cfg=cfg)
+    sim.add_inputs("in", 4)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    node = next(iter(sim.workers))
+    task = sim.workers[node].received[0]
+    # The task times out and goes out again: every query is dispatched twice.
+    sim.core.jobs.tasks[task.task_id].deadline = -1.0
+    sim.core.tick(sim.t)
+    sim._route()
+    again = sim.workers[node].received[-1]
+    assert again.task_id != task.task_id
+    answers = [{"qid": q["qid"], "input": q["input"], "top5": [["a", 0.5]], "error": None} for q in task.queries]
+    sim.t = 7.0
+    sim.deliver(node, TaskResult(again.task_id, job, node, 0.1, answers))  # answers the second dispatch
+    sim.t = 8.0
+    sim.deliver(node, TaskResult(task.task_id, job, node, 0.1, answers))  # the first one, late: 4 duplicates
+    res = sim.command("results", job=job)["results"]
+    assert [r["dispatches"] for r in res] == [2, 2, 2, 2]
+    assert [r["completed_at"] for r in res] == [7.0] * 4
+    rate = sim.command("query_rate", job=job)["jobs"][job]
+    assert rate["count"] == 4 and rate["duplicates"] == 4
+    assert sim.core.metrics_snapshot(sim.t)["jobs"][job]["duplicates"] == 4
+
+
+def test_results_cursor_pages_in_completion_order():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1, 1])
+    sim.add_inputs("in", 30)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    seen, cursor = [], 0
+    while True:
+        sim.run_until(sim.t + 0.05)
+        page = sim.command("results", job=job, after=cursor, limit=7)
+        assert len(page["results"]) <= 7 and page["next"] == cursor + len(page["results"])
+        seen += page["results"]
+        cursor = page["next"]
+        if page["job"]["state"] == "done" and not page["results"]:
+            break
+    assert sorted(int(r["qid"].split(":")[1]) for r in seen) == list(range(30))  # each exactly once
+    times = [r["completed_at"] for r in seen]
+    assert times == sorted(times)
+
+
+def test_cancel_drops_pending_lets_in_flight_finish_and_keeps_results():
+    sim = SimCluster({CHEAP: 0.1}, speeds=[1, 1])
+    sim.add_inputs("in", 100)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    sim.run_until(1.0)
+    before = len(sim.core.jobs.jobs[job].results)
+    in_flight = sim.core.jobs.in_flight(job)
+    assert before > 0 and in_flight > 0
+    out = sim.command("cancel", job=job)
+    assert out["state"] == "cancelled" and out["in_flight"] == in_flight
+    assert out["dropped"] == 100 - before - in_flight and out["finished"] is None
+    sent = len(sim.dispatches)
+    sim.run_until(30.0)
+    j = sim.core.jobs.jobs[job]
+    assert len(sim.dispatches) == sent  # nothing dispatched after the cancel
+    assert len(j.results) == before + in_flight  # the in-flight queries finished and were kept
+    assert j.state == "cancelled" and j.finished is not None and not j.pending
+    assert sim.command("cancel", job=job)["dropped"] == 0  # idempotent
+    # Another job still runs on the freed workers.
+    other = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    sim.run_until(60.0)
+    assert sim.core.jobs.jobs[other].state == "done"
+
+
+def test_cancel_is_replicated_to_the_standby_and_survives_a_snapshot():
+    sim = SimCluster({CHEAP: 0.1}, speeds=[1])
+    sim.add_inputs("in", 50)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    sim.run_until(1.0)
+    sim.command("cancel", job=job)
+    standby = Coordinator(sim.cfg, "sim:2", sim.net.__class__(), role=STANDBY, clock=lambda: sim.t)
+    standby.restore(sim.core.snapshot(), sim.core.state_seq, sim.core.term, sim.t)
+    j = standby.jobs.jobs[job]
+    assert j.state == "cancelled" and not j.pending
+    assert j.dispatches == sim.core.jobs.jobs[job].dispatches  # restoring in-flight tasks does not recount
+    fresh = Coordinator(sim.cfg, "sim:3", sim.net.__class__(), role=STANDBY, clock=lambda: sim.t)
+    for topic, b in sim.net.published:
+        if topic == Topic.STATE:
+            u = decode(b)
+            fresh.apply_op(u.op, u.data, sim.t)
+    assert fresh.jobs.jobs[job].state == "cancelled" and not fresh.jobs.jobs[job].pending
