@@ -309,6 +309,19 @@ class _Target:
             os.close(self.fd)
 
 
+def _settled_identity(pid: int, rec: dict[str, Any], settle: float = 3.0) -> dict[str, Any] | None:
+    """``proc_identity(pid)``, re-read for up to ``settle`` seconds while it shows the recorded start
+    time but another command line: a process caught between fork and exec (a cluster being started
+    while `down` runs, on a busy machine) shows its parent's arguments, or none, for a moment."""
+    deadline = time.monotonic() + settle
+    while True:
+        now = proc_identity(pid)
+        if (now is None or now["start"] != rec.get("start") or now["cmdline"] == rec.get("cmdline")
+                or time.monotonic() > deadline):
+            return now
+        time.sleep(0.05)  # polling /proc: the kernel gives no event for "exec finished"
+
+
 def stop_from_state(data_dir: str, grace: float = 5.0, warn: Callable[[str], None] = _warn) -> int:
     """``idunno down``: stop every process recorded by ``idunno up``; return how many were stopped.
 
@@ -325,7 +338,7 @@ def stop_from_state(data_dir: str, grace: float = 5.0, warn: Callable[[str], Non
             warn(f"{STATE_FILE} lists an invalid pid {pid!r:.40}; ignored")
             continue
         target = _Target(pid)
-        now = proc_identity(pid)
+        now = _settled_identity(pid, rec)
         if now is None:
             target.close()
             continue  # already gone
