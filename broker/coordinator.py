@@ -626,10 +626,14 @@ class Coordinator:
         errors = sum(1 for r in fresh.values() if r.get("error"))
         if fresh:
             job.stats.record(len(fresh), errors, d["latency"], d["elapsed"], d["ts"], d.get("worker", ""))
-        if self.jobs.maybe_finish(job, d["ts"]):
+        self._finish_if_done(job, d["ts"])
+
+    def _finish_if_done(self, job: Job, ts: float) -> None:
+        """The one place a job is declared finished: timeline event, and the primary writes its results."""
+        if self.jobs.maybe_finish(job, ts):
             log.info("job %s finished: %d results", job.job_id, len(job.results))
             self.scheduler.forget(job.job_id)
-            self.events.append({"ts": d["ts"], "kind": "job_done", "detail": job.job_id})
+            self.events.append({"ts": ts, "kind": "job_done", "detail": job.job_id})
             if self.role == PRIMARY:
                 self.on_job_done(job)
 
@@ -639,10 +643,7 @@ class Coordinator:
             return
         self.jobs.cancel(job, d["ts"])
         self.scheduler.forget(job.job_id)
-        if self.jobs.maybe_finish(job, d["ts"]):  # nothing in flight: finished at once
-            self.events.append({"ts": d["ts"], "kind": "job_done", "detail": job.job_id})
-            if self.role == PRIMARY:
-                self.on_job_done(job)
+        self._finish_if_done(job, d["ts"])  # nothing in flight: finished at once
 
     def _op_task_requeue(self, d: dict[str, Any], now: float) -> None:
         task = self.jobs.tasks.get(d["task_id"])
@@ -655,10 +656,7 @@ class Coordinator:
         self.jobs.requeue(d["task_id"])
         if job is not None:
             self._refund(d["task_id"], job, len(job.pending) - before)
-            if self.jobs.maybe_finish(job, self.clock()):  # a cancelled job's last task was lost: it is over
-                self.events.append({"ts": self.clock(), "kind": "job_done", "detail": job.job_id})
-                if self.role == PRIMARY:
-                    self.on_job_done(job)
+            self._finish_if_done(job, self.clock())  # a cancelled job's last task was lost: it is over
 
     def _refund(self, task_id: str, job: Job, requeued: int) -> None:
         """The job was charged when these queries went out; charging their re-dispatch again would

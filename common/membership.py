@@ -122,30 +122,33 @@ class MemberRegistry:
         old = self.members.get(member.node_id)
         member.last_seen = now
         if old is not None and old.state is MemberState.ALIVE:
-            old.last_seen = now
-            self._detector(old).heartbeat(now)
+            self._heard(old.node_id, now)
             old.data_addr = member.data_addr or old.data_addr
             return None
         self.members[member.node_id] = member
         self._forget_old_dead()
         return self._event(Event.JOIN, member)
 
-    def heartbeat(self, node_id: str, now: float, busy: int = 0) -> bool:
-        """Record liveness; False means the sender is unknown or was declared dead (must rejoin)."""
+    def _heard(self, node_id: str, now: float) -> Member | None:
+        """Liveness of an alive member (its detector learns the arrival); None if not alive here."""
         m = self.members.get(node_id)
         if m is None or m.state is not MemberState.ALIVE:
-            return False
+            return None
         m.last_seen = now
         self._detector(m).heartbeat(now)
+        return m
+
+    def heartbeat(self, node_id: str, now: float, busy: int = 0) -> bool:
+        """Record liveness; False means the sender is unknown or was declared dead (must rejoin)."""
+        m = self._heard(node_id, now)
+        if m is None:
+            return False
         m.busy = busy
         return True
 
     def pulse(self, node_id: str, now: float) -> None:
         """Liveness from the member's pulse sidecar (no load report; unknown senders are ignored)."""
-        m = self.members.get(node_id)
-        if m is not None and m.state is MemberState.ALIVE:
-            m.last_seen = now
-            self._detector(m).heartbeat(now)
+        self._heard(node_id, now)
 
     def leave(self, node_id: str) -> MembershipEvent | None:
         m = self.members.get(node_id)
