@@ -42,9 +42,15 @@ def raw_request(addr: str, msg: P.Message, wait_ms: int = 1500) -> bool:
     """A plain (non-CURVE) DEALER: True if anything at all comes back."""
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    # A DEALER blocks on send while it has no usable pipe, which is the case while the CURVE server
+    # keeps refusing our plaintext handshake: a send that cannot even be queued got no answer either.
+    s.setsockopt(zmq.SNDTIMEO, wait_ms)
     s.connect(f"tcp://{addr}")
     try:
-        s.send(msg.encode())
+        try:
+            s.send(msg.encode())
+        except zmq.Again:
+            return False
         return bool(s.poll(wait_ms))
     finally:
         s.close()
