@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import select
 import signal
 import socket
@@ -28,19 +29,31 @@ from common.rpc import RpcClient, RpcError
 from idunno.client import STATE_FILE, read_cluster_state
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port_block(host: str = Config.host, size: int = 3) -> int:
-    """A port P such that P..P+size-1 are free right now (coordinators use three)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            base = s.getsockname()[1]
-        if base + size >= 65535:
-            continue
+    """A port P such that P..P+size-1 are free right now (coordinators use three).
+
+    Picked below the kernel's ephemeral range: a port handed out by ``bind(0)`` is also what the
+    kernel gives the next outgoing connection, so on a busy machine some process's connect() could
+    take it between this check and the daemon's bind (seen in CI: a worker exiting with
+    EADDRINUSE at start). Below that range only another explicit bind can collide.
+    """
+    lo, _ = _ephemeral_range()
+    low, high = (10_000, lo - size) if lo - size > 11_000 else (1024, 65535 - size)
+    rng = random.Random()  # not the global one: tests seed that
+    for _ in range(500):
+        base = rng.randrange(low, high)
         socks = []
         try:
             for p in range(base, base + size):
                 t = socket.socket()
-                t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 t.bind((host, p))
                 socks.append(t)
             return base
@@ -70,6 +83,7 @@ class Proc:
     popen: subprocess.Popen
     addr: str = ""
     log_path: str = ""
+    data_dir: str = ""
 
 
 @dataclass
@@ -159,6 +173,7 @@ class LocalCluster:
         args = ["worker", "--port", str(port), "--data-dir", data_dir]
         proc = self._spawn("worker", args, f"worker-{n}-{port}")
         proc.addr = addr
+        proc.data_dir = data_dir
         self.save()
         return proc
 
@@ -176,10 +191,18 @@ class LocalCluster:
 
     def wait_ready(self, n: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
+        respawns = 3
         while time.monotonic() < deadline:
             dead = [p for p in self.procs if p.popen.poll() is not None]
+            for p in [p for p in dead if p.role == "worker" and respawns and _port_taken(p)]:
+                # Its port was taken between choosing and binding it: the same worker, a new port.
+                respawns -= 1
+                self.procs.remove(p)
+                self.add_worker(data_dir=p.data_dir or None)
+                dead.remove(p)
             if dead:
-                raise RuntimeError(f"{dead[0].role} exited with {dead[0].popen.returncode}; see {dead[0].log_path}")
+                p = dead[0]
+                raise RuntimeError(f"{p.role} exited with {p.popen.returncode}; see {p.log_path}:\n{_tail(p.log_path)}")
             if len(self.alive_workers()) >= n:
                 return
             time.sleep(0.1)  # polling the cluster from outside; there is no event to wait on
@@ -233,6 +256,21 @@ class LocalCluster:
                       for p in self.procs],
         }
         (Path(self.data_dir) / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def _port_taken(proc: Proc) -> bool:
+    try:
+        return "Address already in use" in Path(proc.log_path).read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    """The end of a daemon's log, so a start-up failure explains itself where it is reported."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def load_state(data_dir: str) -> dict[str, Any] | None:
