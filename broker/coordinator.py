@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from broker.jobs import Job, JobState, JobTable, TaskInfo, parse_answers
 from broker.scheduler import Candidate, make_scheduler
+from broker.state_store import StateStore
 from broker.stats import rate_gap, summarize
 from common.commands import COMMANDS, check_args
 from common.config import Config
@@ -78,6 +79,11 @@ SENDER_NAMED: tuple[type[Message], ...] = (Join, Heartbeat, Leave, Ready, TaskRe
 
 MAX_ELAPSED = 86_400.0  # seconds of compute for one batch: anything longer is not a measurement
 
+# Ops not kept in the coordinator's state store: the SDFS master persists every file entry in its
+# own SQLite before it journals it, so replaying an older entry from our journal could only undo a
+# newer one (and 100k file entries would swell every snapshot).
+NOT_STORED = frozenset({"sdfs.files"})
+
 
 class Net(Protocol):
     def send(self, identity: bytes, msg: Message) -> bool: ...
@@ -122,14 +128,19 @@ class Coordinator:
         on_job_done: Callable[[Job], None] | None = None,
         clock: Callable[[], float] = time.time,
         models: Collection[str] = MODEL_NAMES,
+        store: StateStore | None = None,
+        persist_term: Callable[[int], None] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.store = store  # durable journal + snapshots of the replicated state (None: memory only)
+        self.persist_term = persist_term or (lambda term: None)
+        self._term = self._persisted_term = term  # the caller loaded it from where it persists it
+        self.recovering = False  # journal ops of the start-up recovery although not (yet) primary
         self.clock = clock  # wall clock for statistics (replicated to the standby); timers use `now`
         self.models = frozenset(models)  # what `submit` accepts (torchvision classifiers and noop)
         self.addr = addr
         self.net = net
         self.role = role
-        self.term = term
         self.registry = MemberRegistry(cfg.detector_params())
         self.slots: dict[str, WorkerSlot] = {}
         self.charged: dict[str, int] = {}  # task id -> images the scheduler was charged (primary only)
@@ -176,6 +187,7 @@ class Coordinator:
             "task.dispatch": self._op_task_dispatch,
             "task.result": self._op_task_result,
             "task.requeue": self._op_task_requeue,
+            "job.results_written": self._op_job_results_written,
             "member": self._op_member,
             "sdfs.files": self._op_sdfs_files,
             "event": self._op_event,
@@ -197,12 +209,44 @@ class Coordinator:
         for node_id, msg in outbox:
             self.net.send(node_id.encode(), msg)
 
+    @property
+    def term(self) -> int:
+        return self._term
+
+    @term.setter
+    def term(self, value: int) -> None:
+        # Raft's persisted currentTerm: a higher term is on disk (fsync'd by ``persist_term``)
+        # before anything can announce it, whichever path raised it (promotion, a peer heard,
+        # a snapshot installed), so no restart ever hands out a term number twice.
+        if value > self._persisted_term:
+            self.persist_term(value)
+            self._persisted_term = value
+        self._term = value
+
     def journal(self, op: str, data: dict[str, Any]) -> None:
-        """Publish one state change to the standby (only the primary journals)."""
-        if self.role != PRIMARY:
+        """Publish one state change to the standby and append it to the state store (only the
+        primary journals; and a coordinator recovering its own state at start-up, which stores
+        without publishing)."""
+        if self.role != PRIMARY and not self.recovering:
             return
         self.state_seq += 1
-        self.net.publish(Topic.STATE, StateUpdate(self.state_seq, self.term, op, data))
+        if self.store is not None and op not in NOT_STORED:
+            self.store.append(self.state_seq, self.term, op, data)
+        if self.role == PRIMARY:
+            self.net.publish(Topic.STATE, StateUpdate(self.state_seq, self.term, op, data))
+
+    def apply_update(self, seq: int, term: int, op: str, data: dict[str, Any], now: float) -> None:
+        """Standby: apply one op of the primary's stream and keep it in the state store."""
+        self.apply_op(op, data, now)
+        self.state_seq = seq
+        self.term = max(self.term, term)
+        if self.store is not None and op not in NOT_STORED:
+            self.store.append(seq, term, op, data)
+
+    def commit(self) -> None:
+        """Make every op so far durable (a write into the WAL: survives the process's death)."""
+        if self.store is not None:
+            self.store.commit(self.state_seq)
 
     def emit(self, op: str, data: dict[str, Any], now: float) -> None:
         self.apply_op(op, data, now)
@@ -666,6 +710,32 @@ class Coordinator:
         if charged and requeued > 0:
             self.scheduler.refund(job.job_id, min(charged, requeued), job.weight)
 
+    def _op_job_results_written(self, d: dict[str, Any], now: float) -> None:
+        job = self.jobs.jobs.get(d["job_id"])
+        if job is not None and job.results_version is None:  # the first recorded write is the one
+            job.results_version = int(d["version"])
+
+    def results_written(self, job_id: str, version: int, now: float) -> bool:
+        """The result writer put ``results/<job_id>`` as ``version``: record it (primary only).
+
+        False if it cannot be recorded (not primary any more, or a write is already recorded):
+        that SDFS version then stays as an unrecorded rewrite of the same content.
+        """
+        job = self.jobs.jobs.get(job_id)
+        if self.role != PRIMARY or job is None or job.results_version is not None:
+            return False
+        self.emit("job.results_written", {"job_id": job_id, "version": version}, now)
+        self.commit()
+        return True
+
+    def write_missing_results(self) -> list[str]:
+        """Hand every finished job whose results file is not recorded as written to the writer
+        (a new primary after a promotion or a restart owes them; the writer skips duplicates)."""
+        owed = [j for j in self.jobs.jobs.values() if j.finished is not None and j.results_version is None]
+        for job in owed:
+            self.on_job_done(job)
+        return [j.job_id for j in owed]
+
     def _op_member(self, d: dict[str, Any], now: float) -> None:
         self.registry.apply(d["event"], d["member"], d["seq"], d["epoch"], now)
 
@@ -679,6 +749,13 @@ class Coordinator:
     # ------------------------------------------------------------------------------------------
     # standby replication
 
+    def _task_records(self) -> list[dict[str, Any]]:
+        return [
+            {"task_id": t.task_id, "job_id": t.job_id, "worker": t.worker, "indexes": t.indexes,
+             "dispatched": t.dispatched}
+            for t in self.jobs.tasks.values()
+        ]
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "members": self.registry.view(),
@@ -686,20 +763,27 @@ class Coordinator:
             "epoch": self.registry.epoch,
             "sdfs": self.master.snapshot(),
             "jobs": [j.snapshot() for j in self.jobs.jobs.values()],
-            "tasks": [
-                {"task_id": t.task_id, "job_id": t.job_id, "worker": t.worker, "indexes": t.indexes,
-                 "dispatched": t.dispatched}
-                for t in self.jobs.tasks.values()
-            ],
+            "tasks": self._task_records(),
             "events": self.events[-1000:],
             "cost": self.cost,
         }
 
-    def restore(self, state: dict[str, Any], seq: int, term: int, now: float) -> None:
+    def durable_items(self) -> list[tuple[str, Any]]:
+        """The state for a compacted snapshot in the state store, one item per job (so no item is
+        the whole state), without SDFS: the master keeps its own SQLite. Built fresh (the store
+        packs it on another thread while the loop goes on)."""
+        items: list[tuple[str, Any]] = [
+            ("members", {"members": self.registry.view(), "view_seq": self.registry.seq,
+                         "epoch": self.registry.epoch}),
+            ("cost", dict(self.cost)),
+            ("events", list(self.events[-1000:])),
+        ]
+        items += [("job", j.snapshot()) for j in self.jobs.jobs.values()]
+        items.append(("tasks", self._task_records()))
+        return items
+
+    def _restore_jobs(self, state: dict[str, Any], now: float) -> None:
         self.registry.restore(state["members"], state["view_seq"], state["epoch"], now)
-        self.master.files.clear()
-        self.master.next_version.clear()
-        self.master.apply_entries(state["sdfs"]["entries"])
         self.jobs = JobTable()
         for jd in state["jobs"]:
             self.jobs.add(Job.restore(jd))
@@ -709,8 +793,71 @@ class Coordinator:
             self.jobs.jobs[jd["job_id"]].dispatches = {int(k): int(v) for k, v in (jd.get("dispatches") or {}).items()}
         self.events = list(state.get("events", []))
         self.cost = dict(state.get("cost", {}))
+
+    def restore(self, state: dict[str, Any], seq: int, term: int, now: float) -> None:
+        """Install the primary's snapshot (standby). The state store starts a new history from it."""
+        self._restore_jobs(state, now)
+        self.master.files.clear()
+        self.master.next_version.clear()
+        self.master.apply_entries(state["sdfs"]["entries"])
         self.state_seq = seq
         self.term = max(self.term, term)
+        if self.store is not None:
+            # Our journal may be another history with the same seq numbers (a demoted primary):
+            # ops from here on belong to the new one, which becomes the restorable state once the
+            # snapshot below is on disk (until then a restart finds the old, consistent one).
+            self.store.new_lineage(seq)
+            self.store.compact(seq, self.term, self.durable_items())
+
+    def load_state(self, now: float) -> dict[str, int]:
+        """Start-up: the state store's snapshot and journal tail, then the recovery of what was in
+        flight (re-queued: those queries run again; a late answer still counts once). Before serving."""
+        if self.store is None:
+            return {"jobs": 0, "ops": 0, "requeued": 0}
+        loaded = self.store.load()
+        state: dict[str, Any] = {"members": [], "view_seq": 0, "epoch": 0, "jobs": [], "tasks": []}
+        for kind, value in loaded.items:
+            if kind == "members":
+                state.update(value)
+            elif kind == "job":
+                state["jobs"].append(value)
+            elif kind in ("tasks", "events", "cost"):
+                state[kind] = value
+        try:
+            self._restore_jobs(state, now)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("coordinator state snapshot unusable (%s): starting from its journal only", exc)
+            self.jobs = JobTable()
+        ops = 0
+        for seq, _term, op, data in self.store.journal_ops(loaded.seq, loaded):
+            try:
+                self.apply_op(op, data, now)
+            except Exception as exc:  # one bad op must not keep the coordinator from starting
+                loaded.skipped += 1
+                log.warning("stored op %d (%s) could not be applied: %s; skipped", seq, op, exc)
+            ops += 1
+        self.state_seq = loaded.last_seq
+        self.term = max(self.term, loaded.term)
+        self.recovering = True
+        try:
+            in_flight = list(self.jobs.tasks)
+            for task_id in in_flight:
+                self.emit("task.requeue", {"task_id": task_id}, now)
+        finally:
+            self.recovering = False
+        self.commit()
+        if self.jobs.jobs or ops:
+            log.info("restored %d jobs from the state store (%d journal ops after the snapshot at seq %d, "
+                     "%d in-flight tasks re-queued, %d unreadable entries skipped); state seq %d, term %d",
+                     len(self.jobs.jobs), ops, loaded.seq, len(in_flight), loaded.skipped, self.state_seq, self.term)
+        return {"jobs": len(self.jobs.jobs), "ops": ops, "requeued": len(in_flight), "skipped": loaded.skipped}
+
+    def maybe_compact(self) -> bool:
+        """Compact the state store when its journal has grown past the threshold (loop thread)."""
+        if self.store is None or not self.store.should_compact():
+            return False
+        self.store.compact(self.state_seq, self.term, self.durable_items())
+        return True
 
     def on_state_request(self, ident: bytes, m: StateRequest, now: float) -> None:
         if self.role != PRIMARY:
@@ -720,8 +867,16 @@ class Coordinator:
 
     def promote(self, now: float) -> None:
         """Standby -> primary: new term, fresh failure-detector grace, unfinished work re-planned."""
+        self.term += 1  # persisted by the setter before any message carries it
+        self.take_over(now)
+        log.warning("promoted to primary with term %d", self.term)
+        self.event("failover", f"{self.addr} primary (term {self.term})", now)
+
+    def take_over(self, now: float) -> None:
+        """Become the primary of the state we hold (after a promotion, or at start-up with restored
+        state): members get a fresh grace to re-attach, and finished jobs whose results file is not
+        recorded as written are written now."""
         self.role = PRIMARY
-        self.term += 1
         self.registry.touch_all(now)
         for task in self.jobs.tasks.values():
             task.deadline = now + self.cfg.task_timeout_min
@@ -729,8 +884,7 @@ class Coordinator:
         self.charged = {}  # restored tasks were charged by the old primary, not by us
         self.next_repair = now + self.cfg.failure_timeout
         self.next_heartbeat = now  # announce the new term at once: workers switch on hearing it
-        log.warning("promoted to primary with term %d", self.term)
-        self.event("failover", f"{self.addr} primary (term {self.term})", now)
+        self.write_missing_results()
 
     def demote(self) -> None:
         log.warning("another coordinator has a higher term; becoming standby")
@@ -754,6 +908,10 @@ class Coordinator:
             self.reply_error(ident, m.req, ErrorCode.BAD_REQUEST,
                              f"bad arguments for {m.name}: {exc}; usage: {COMMANDS[m.name].usage()}")
             return
+        # Whatever a client is told (a job submitted, a count of results) is durable first: a
+        # restart never goes back behind an answer. Cheap: the loop commits once per iteration
+        # anyway, this only moves that commit before the reply.
+        self.commit()
         self.net.send(ident, Ok(m.req, data))
 
     def _job(self, args: dict[str, Any]) -> Job:

@@ -50,6 +50,9 @@ class Job:
     results: dict[int, dict[str, Any]] = field(default_factory=dict)  # insertion order = completion order
     stats: JobStats | None = None
     dispatches: dict[int, int] = field(default_factory=dict)  # query index -> times it was sent to a worker
+    # SDFS version of ``results/<job_id>`` once a write of the finished job's results succeeded
+    # (replicated op ``job.results_written``; None: the primary still owes that write).
+    results_version: int | None = None
 
     def __post_init__(self) -> None:
         if self.stats is None:
@@ -77,6 +80,7 @@ class Job:
             "submitted": self.submitted,
             "started": self.started,
             "finished": self.finished,
+            "results_version": self.results_version,
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -102,6 +106,7 @@ class Job:
             results={int(k): v for k, v in d.get("results", {}).items()},
             stats=JobStats.restore(d["stats"]) if d.get("stats") else None,
             dispatches={int(k): int(v) for k, v in (d.get("dispatches") or {}).items()},
+            results_version=d.get("results_version"),
         )
         # Whatever was in flight at the old primary is pending again (its late results still count once);
         # a cancelled job has nothing pending.
@@ -163,6 +168,7 @@ class JobTable:
         self.tasks: dict[str, TaskInfo] = {}
         self._task_ids = itertools.count(1)
         self._job_ids = itertools.count(1)
+        self._next_job = 1
 
     def new_job_id(self, model: str) -> str:
         while True:
@@ -172,6 +178,14 @@ class JobTable:
 
     def add(self, job: Job) -> None:
         self.jobs[job.job_id] = job
+        # A restored job keeps its number out of the counter: after a restart the next job must
+        # not be ``job1-<another model>`` beside the old ``job1-<model>``.
+        head = job.job_id.split("-", 1)[0]
+        if head.startswith("job") and head[3:].isdigit():
+            n = int(head[3:])
+            if n >= self._next_job:
+                self._next_job = n + 1
+                self._job_ids = itertools.count(self._next_job)
 
     def running(self) -> list[Job]:
         return [j for j in self.jobs.values() if j.state is JobState.RUNNING]

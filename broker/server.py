@@ -22,11 +22,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import zmq
 
 from broker.coordinator import PRIMARY, PROBING, STANDBY, Coordinator
 from broker.jobs import Job
+from broker.state_store import StateStore
 from common.config import Config
 from common.failure_detector import LOCAL_STALL, PhiAccrual
 from common.logstream import LOG_PORT_OFFSET, MAX_LOG_FRAME, PUB_PORT_OFFSET
@@ -68,7 +70,15 @@ class ZmqNet:
 
 
 class ResultWriter:
-    """Writes finished jobs' results to SDFS off the loop thread (the loop must never block)."""
+    """Writes finished jobs' results to SDFS off the loop thread (the loop must never block).
+
+    Retried with back-off until the write succeeds (each failure logged), for as long as this
+    coordinator is primary: a standby writes nothing, and the coordinator that becomes primary
+    writes every finished job not recorded as written (``Coordinator.write_missing_results``).
+    A success is reported through ``done`` for the loop to record (op ``job.results_written``).
+    """
+
+    BACKOFF_MAX = 30.0
 
     def __init__(self, cfg: Config, addr: str, spool: Path) -> None:
         self.cfg = cfg
@@ -80,10 +90,21 @@ class ResultWriter:
         for stale in self.spool.glob("results-*.json"):
             stale.unlink(missing_ok=True)
         self.queue: queue.Queue[tuple[str, list[dict]] | None] = queue.Queue()
+        self.done: queue.Queue[tuple[str, int]] = queue.Queue()  # (job id, SDFS version) written
+        self.active = True  # set by the loop: only a primary writes
+        self.owed: set[str] = set()  # queued or being written (loop thread adds, writer removes)
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.failures = 0
         self.thread = threading.Thread(target=self.run, name="result-writer", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
+        with self.lock:
+            if job.job_id in self.owed:
+                return  # already on its way (a promotion asks again for every owed job)
+            self.owed.add(job.job_id)
+        self.active = True  # only a primary submits
         items = [job.results[i] | {"qid": job.qid(i)} for i in sorted(job.results)]
         self.queue.put((job.job_id, items))
 
@@ -94,24 +115,48 @@ class ResultWriter:
         try:
             while (item := self.queue.get()) is not None:
                 job_id, items = item
-                fd, tmp = tempfile.mkstemp(prefix="results-", suffix=".json", dir=self.spool)
                 try:
-                    with os.fdopen(fd, "w") as fh:
-                        json.dump({"job": job_id, "results": items}, fh)
-                    for attempt in range(5):
-                        try:
-                            v = client.put(tmp, f"results/{job_id}")
-                            log.info("results of %s written to SDFS results/%s v%d", job_id, job_id, v)
-                            break
-                        except Exception as exc:
-                            log.warning("writing results of %s failed (attempt %d): %s", job_id, attempt + 1, exc)
-                            time.sleep(1.0)  # writer thread, not the loop
+                    self._write(client, job_id, items)
                 finally:
-                    Path(tmp).unlink(missing_ok=True)
+                    with self.lock:
+                        self.owed.discard(job_id)
         finally:
             client.close()
 
+    def _write(self, client: Any, job_id: str, items: list[dict]) -> None:
+        fd, tmp = tempfile.mkstemp(prefix="results-", suffix=".json", dir=self.spool)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"job": job_id, "results": items}, fh)
+            delay, attempt = 1.0, 0
+            while self.active and not self.stopping.is_set():
+                attempt += 1
+                try:
+                    v = client.put(tmp, f"results/{job_id}")
+                except Exception as exc:
+                    self.failures += 1
+                    log.warning("writing results of %s failed (attempt %d, next in %.0fs): %s",
+                                job_id, attempt, delay, exc)
+                    self.stopping.wait(delay)  # writer thread, not the loop
+                    delay = min(self.BACKOFF_MAX, delay * 2)
+                    continue
+                log.info("results of %s written to SDFS results/%s v%d", job_id, job_id, v)
+                self.done.put((job_id, v))
+                return
+            log.info("results of %s not written here: no longer primary (the primary writes them)", job_id)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def written(self) -> list[tuple[str, int]]:
+        out = []
+        while True:
+            try:
+                out.append(self.done.get_nowait())
+            except queue.Empty:
+                return out
+
     def stop(self) -> None:
+        self.stopping.set()
         self.queue.put(None)
 
 
@@ -143,14 +188,24 @@ class CoordinatorServer:
         self.pull.bind(tcp(offset_addr(addr, LOG_PORT_OFFSET)))
         self.net = ZmqNet(self.router, self.pub)
         self.writer = ResultWriter(cfg, addr, self.data_dir / "spool")
-        stored_term = self._load_term()
+        self.store = StateStore(self.data_dir / "state.sqlite", chunk_bytes=cfg.chunk_bytes,
+                                compact_ops=cfg.state_compact_ops)
         role = STANDBY if standby else (PROBING if self.peer else PRIMARY)
+        # Restored before serving, as a non-primary (replaying a finished job must not write its
+        # results yet); the role is taken afterwards, with a term above any stored or restored.
         self.core = Coordinator(
-            cfg, addr, self.net, role=role, term=stored_term + (1 if role == PRIMARY else 0),
+            cfg, addr, self.net, role=STANDBY, term=self._load_term(),
             db_path=str(self.data_dir / "metadata.sqlite"), scheduler=scheduler, on_job_done=self.writer.submit,
+            store=self.store, persist_term=self._save_term,
         )
+        t0 = time.monotonic()
+        restored = self.core.load_state(t0)
+        if restored["jobs"]:
+            log.info("state restored in %.2fs", time.monotonic() - t0)
+        self.core.role = role
         if role == PRIMARY:
-            self._save_term()
+            self.core.term += 1
+            self.core.take_over(time.monotonic())
         self.started = time.monotonic()
         self.last_expiry = self.started
         self.peer_sub: zmq.Socket | None = None
@@ -178,6 +233,7 @@ class CoordinatorServer:
         self.stop_event = threading.Event()
         self.metrics: dict | None = None  # refreshed by the loop for the Prometheus thread
         self.next_metrics = 0.0
+        self.compact_loop_max = 0.0  # longest time a compaction held the loop (seconds)
         log.info("coordinator %s up as %s (term %d, peer %s)", addr, role, self.core.term, self.peer or "none")
 
     # -- term persistence ---------------------------------------------------------------------
@@ -187,8 +243,22 @@ class CoordinatorServer:
         except (OSError, ValueError):
             return 0
 
-    def _save_term(self) -> None:
-        (self.data_dir / "term").write_text(str(self.core.term))
+    def _save_term(self, term: int) -> None:
+        """Persist a new term before it is announced (the Coordinator's term setter calls this):
+        written to a temporary file, fsync'd, renamed over ``term``, directory fsync'd, so a
+        crash or power loss leaves the old or the new number, never none."""
+        path = self.data_dir / "term"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as fh:
+            fh.write(str(term))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(self.data_dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
     # -- loop -----------------------------------------------------------------------------------
     def step(self, now: float) -> None:
@@ -218,9 +288,30 @@ class CoordinatorServer:
         if not defer:
             self.last_expiry = now
         self.core.tick(now, expire=not defer)
+        self._durability(now)
         if self.cfg.metrics_port and now >= self.next_metrics:
             self.next_metrics = now + 1.0
             self.metrics = self.core.metrics_snapshot(now)
+
+    def _durability(self, now: float) -> None:
+        """Once per iteration: commit the ops of this iteration (group commit), record results
+        files written, and start a compaction when the journal has grown past the threshold."""
+        core = self.core
+        self.writer.active = core.role == PRIMARY
+        for job_id, version in self.writer.written():
+            if not core.results_written(job_id, version, now):
+                log.warning("results/%s v%d written but not recorded (not primary, or written before): "
+                            "an extra version of the same results", job_id, version)
+        core.commit()
+        for seq, seconds, size, _ in self.store.poll():
+            if seq >= 0:
+                log.debug("compaction at seq %d took %.2fs (%d bytes)", seq, seconds, size)
+        if self.store.should_compact():
+            t0 = time.monotonic()
+            core.maybe_compact()
+            took = time.monotonic() - t0
+            self.compact_loop_max = max(self.compact_loop_max, took)
+            log.info("state compaction started at seq %d (%.1f ms on the loop)", core.state_seq, took * 1000)
 
     def run(self) -> None:
         try:
@@ -230,6 +321,8 @@ class CoordinatorServer:
 
     def close(self) -> None:
         self.writer.stop()
+        self.core.commit()
+        self.store.close()
         for s in (self.router, self.pub, self.pull, self.peer_sub, self.peer_dealer):
             if s is not None:
                 s.close(0)
@@ -324,15 +417,20 @@ class CoordinatorServer:
         if not self.synced:
             self.buffered.append(u)
             return
+        if u.term > self.core.term:
+            # A primary of a newer term (a restarted one continues its own stored history, whose
+            # seq numbers may overlap ours): its snapshot, not a patch onto our copy.
+            log.warning("state update of term %d (ours %d): re-syncing", u.term, self.core.term)
+            self.core.term = u.term
+            self._request_snapshot(time.monotonic())
+            return
         if u.seq <= self.core.state_seq:
             return
         if u.seq != self.core.state_seq + 1:
             log.warning("state update gap (have %d, got %d): re-syncing", self.core.state_seq, u.seq)
             self._request_snapshot(time.monotonic())
             return
-        self.core.apply_op(u.op, u.data, time.monotonic())
-        self.core.state_seq = u.seq
-        self.core.term = max(self.core.term, u.term)
+        self.core.apply_update(u.seq, u.term, u.op, u.data, time.monotonic())
 
     def _failover_rules(self, now: float) -> None:
         core = self.core
@@ -343,9 +441,8 @@ class CoordinatorServer:
                 core.term = max(core.term, self.peer_term)
                 log.info("peer %s is primary (term %d): starting as standby", self.peer, self.peer_term)
             elif now - self.started > self.cfg.failover_timeout:
-                core.role = PRIMARY
-                core.term = max(core.term, self.peer_term) + 1
-                self._save_term()
+                core.term = max(core.term, self.peer_term) + 1  # persisted before it is announced
+                core.take_over(now)
                 log.info("no primary heard: starting as primary (term %d)", core.term)
             return
         if core.role == PRIMARY:
@@ -365,4 +462,3 @@ class CoordinatorServer:
         if not peer_alive and voted and now - self.started > self.cfg.failover_timeout:
             core.term = max(core.term, self.peer_term)
             core.promote(now)
-            self._save_term()

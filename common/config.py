@@ -61,6 +61,8 @@ class Config:
     curve_dir: str = ""  # key directory from `idunno keys init`: enables CURVE on every TCP socket
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict)
+    # --- durable coordinator state (broker/state_store.py, docs/durability.md) -----------------
+    state_compact_ops: int = 20_000  # journal ops after the last snapshot that trigger a compaction
 
     @property
     def failure_timeout(self) -> float:
@@ -144,7 +146,8 @@ def load_config(path: str | None = None, env: dict[str, str] | None = None, **ov
         value = getattr(cfg, key)
         if not math.isfinite(value) or value < 0 or (key == "failure_phi" and value <= 0):
             raise ValueError(f"{key} must be a finite number >= 0 (failure_phi > 0)")
-    for key in ("replication_factor", "max_versions", "chunk_bytes", "transfer_window", "worker_credit"):
+    for key in ("replication_factor", "max_versions", "chunk_bytes", "transfer_window", "worker_credit",
+                "state_compact_ops"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1")
     return cfg

@@ -1,0 +1,278 @@
+"""The coordinator's durable state: the SQLite op journal, compaction, lineages, damage, and a
+coordinator restarted from it (in-memory transport, virtual time)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from simcluster import SimCluster
+
+from broker.coordinator import PRIMARY, STANDBY, Coordinator
+from broker.jobs import JobState
+from broker.state_store import StateStore, StateStoreError
+from common.config import Config
+from common.modelnames import MODEL_NAMES
+from common.protocol import Join, Ready
+
+
+def crash(store: StateStore) -> None:
+    """The process dies: its open transaction is gone, nothing more is written."""
+    store._work.put(None)
+    store._thread.join(timeout=30)
+    store.db.close()
+
+
+def ops_of(store: StateStore) -> tuple[list, object]:
+    loaded = store.load()
+    return list(store.journal_ops(loaded.seq, loaded)), loaded
+
+
+def test_journal_appends_commit_and_replay_in_order(tmp_path):
+    path = tmp_path / "state.sqlite"
+    s = StateStore(path)
+    for seq in range(1, 6):
+        s.append(seq, 3, "event", {"n": seq, "blob": b"\x00\x01"})
+    s.commit(5)
+    s.append(6, 3, "event", {"n": 6})  # never committed: the process dies here
+    crash(s)
+    s2 = StateStore(path)
+    ops, loaded = ops_of(s2)
+    assert [(seq, term, op, d["n"]) for seq, term, op, d in ops] == [(i, 3, "event", i) for i in range(1, 6)]
+    assert ops[0][3]["blob"] == b"\x00\x01"
+    assert loaded.last_seq == 5 and loaded.term == 3 and loaded.skipped == 0
+    s2.close()
+
+
+def test_commit_records_seq_of_ops_that_are_not_stored(tmp_path):
+    s = StateStore(tmp_path / "s.sqlite")
+    s.append(1, 1, "event", {})
+    s.commit(9)  # seqs 2..9 went to SDFS ops, which the master persists itself
+    s.close()
+    s = StateStore(tmp_path / "s.sqlite")
+    ops, loaded = ops_of(s)
+    assert len(ops) == 1 and loaded.last_seq == 9  # a restarted primary never reuses a seq
+    s.close()
+
+
+def test_compaction_snapshots_in_parts_truncates_the_journal_and_restores(tmp_path):
+    path = tmp_path / "s.sqlite"
+    s = StateStore(path, chunk_bytes=1024, compact_ops=10)
+    for seq in range(1, 12):
+        s.append(seq, 2, "event", {"n": seq})
+    s.commit(11)
+    assert s.should_compact()
+    big = {"job_id": "job1-noop", "results": {str(i): "r" * 50 for i in range(400)}}  # ~25 kB: many parts
+    s.compact(11, 2, [("members", {"members": []}), ("job", big), ("tasks", [])])
+    assert not s.should_compact()  # one at a time
+    for seq in range(12, 15):  # the loop goes on while the snapshot is written
+        s.append(seq, 2, "event", {"n": seq})
+        s.commit(seq)
+    assert s.wait_idle(30)
+    parts = s.db.execute("SELECT COUNT(*) FROM snapshot_rows WHERE item = 1").fetchone()[0]
+    assert parts > 10
+    left = [r[0] for r in s.db.execute("SELECT seq FROM journal ORDER BY seq")]
+    assert left == [12, 13, 14]
+    s.close()
+    s = StateStore(path)
+    ops, loaded = ops_of(s)
+    assert loaded.seq == 11 and dict(loaded.items)["job"] == big
+    assert [o[0] for o in ops] == [12, 13, 14] and loaded.last_seq == 14
+    s.close()
+
+
+def test_an_installed_snapshot_starts_a_new_lineage_old_history_used_until_it_is_on_disk(tmp_path):
+    path = tmp_path / "s.sqlite"
+    s = StateStore(path)
+    for seq in range(1, 4):
+        s.append(seq, 1, "event", {"old": seq})
+    s.commit(3)
+    s.new_lineage(50)  # the primary's snapshot at seq 50 is being installed ...
+    s.append(51, 2, "event", {"new": 51})
+    s.commit(51)
+    crash(s)  # ... and the process dies before that snapshot is written
+    crashed = StateStore(path)
+    ops, loaded = ops_of(crashed)
+    assert [o[3] for o in ops] == [{"old": 1}, {"old": 2}, {"old": 3}]  # the old, consistent history
+    crashed.close()
+    s = StateStore(path)
+    s.load()
+    s.new_lineage(50)
+    s.compact(50, 2, [("cost", {"noop": 0.1})])
+    s.append(51, 2, "event", {"new": 51})
+    s.commit(51)
+    assert s.wait_idle(30)
+    s.close()
+    s = StateStore(path)
+    ops, loaded = ops_of(s)
+    assert loaded.seq == 50 and dict(loaded.items) == {"cost": {"noop": 0.1}}
+    assert [o[3] for o in ops] == [{"new": 51}]
+    assert s.db.execute("SELECT COUNT(*) FROM journal WHERE seq <= 3").fetchone()[0] == 0
+    s.close()
+
+
+def test_corrupt_rows_are_skipped_with_a_warning_never_a_crash(tmp_path, caplog):
+    path = tmp_path / "s.sqlite"
+    s = StateStore(path, chunk_bytes=1024)
+    s.compact(0, 1, [("job", {"job_id": "a"}), ("job", {"job_id": "b", "x": "y" * 3000}), ("cost", {})])
+    assert s.wait_idle(30)
+    for seq in range(1, 5):
+        s.append(seq, 1, "event", {"n": seq})
+    s.commit(4)
+    s.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE journal SET data = x'c1ff' WHERE seq = 2")  # not msgpack
+    db.execute("UPDATE journal SET data = x'01' WHERE seq = 3")  # msgpack, but not an op
+    db.execute("DELETE FROM snapshot_rows WHERE item = 1 AND part = 1")  # a part of job b is gone
+    db.execute("UPDATE snapshot_rows SET data = x'93' WHERE item = 0")  # job a truncated
+    db.commit()
+    db.close()
+    caplog.set_level(logging.WARNING, "idunno.coordinator.store")
+    s = StateStore(path)
+    ops, loaded = ops_of(s)
+    assert [o[0] for o in ops] == [1, 4]
+    assert loaded.items == [("cost", {})]
+    assert loaded.skipped == 4
+    assert sum("corrupt" in r.getMessage() for r in caplog.records) == 4
+    s.close()
+
+
+def test_a_torn_wal_tail_loses_only_the_last_commit(tmp_path):
+    path = tmp_path / "s.sqlite"
+    s = StateStore(path)
+    for seq in range(1, 31):
+        s.append(seq, 1, "event", {"n": seq, "pad": "p" * 3000})
+        s.commit(seq)  # one commit each: the WAL holds 30 transactions
+    # Copy the files as a power cut would leave them (open connections, no checkpoint), then tear
+    # the last frame of the WAL in half.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for suffix in ("", "-wal"):
+        shutil.copy(f"{path}{suffix}", copy / f"s.sqlite{suffix}")
+    crash(s)
+    wal = copy / "s.sqlite-wal"
+    size = wal.stat().st_size
+    assert size > 4096
+    with open(wal, "r+b") as fh:
+        fh.truncate(size - 2000)
+    t = StateStore(copy / "s.sqlite")
+    ops, _ = ops_of(t)
+    seqs = [o[0] for o in ops]
+    assert seqs == list(range(1, len(seqs) + 1)) and 20 <= len(seqs) < 30  # a prefix, nothing made up
+    t.close()
+
+
+def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
+    path = tmp_path / "s.sqlite"
+    path.write_bytes(b"this is not sqlite" * 1000)
+    with pytest.raises(StateStoreError, match="Move it aside"):
+        StateStore(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# a coordinator restarted from its store
+
+
+def restart(sim: SimCluster, path: Path, clean: bool = False) -> dict:
+    """Replace the simulated coordinator by a new one over the same state store (both "died")."""
+    old = sim.core
+    if clean:
+        old.commit()
+    crash(old.store)
+    new = Coordinator(sim.cfg, "sim:1", sim.net, role=STANDBY, term=old.term, clock=old.clock,
+                      models=MODEL_NAMES | sim.costs.keys(), store=StateStore(path))
+    info = new.load_state(sim.t)
+    new.role = PRIMARY
+    new.term += 1
+    new.take_over(sim.t)
+    sim.core = new
+    for node in sim.workers:  # the workers follow the new term and re-attach
+        sim.deliver(node, Join(node, "worker", node.split("@")[0]))
+        sim.deliver(node, Ready(node, sim.cfg.worker_credit, []))
+    return info
+
+
+def test_a_restarted_coordinator_resumes_a_running_job_exactly_once_and_counts_on(tmp_path):
+    sim = SimCluster({"m": 0.05}, speeds=[1, 1, 1])
+    path = tmp_path / "state.sqlite"
+    sim.core.store = StateStore(path)
+    sim.add_inputs("in", 300)
+    done_job = sim.command("submit", model="m", inputs="in/img0000", batch=4, start=True)["job_id"]
+    job = sim.command("submit", model="m", inputs="in/", batch=4, start=True)["job_id"]
+    sim.run_until(3.0)
+    seen = sim.command("query_rate", job=job)["jobs"][job]["count"]  # a command commits first
+    sim.run_until(3.2)  # results after the last commit are lost with the process ...
+    assert sim.core.jobs.jobs[done_job].state is JobState.DONE
+    assert 0 < seen < 300 and sim.core.jobs.tasks
+    term = sim.core.term
+    info = restart(sim, path)
+    assert info["requeued"] > 0
+    core = sim.core
+    assert core.term == term + 1
+    assert len(core.jobs.jobs[job].results) == seen  # ... but never what a client was told
+    assert core.jobs.jobs[done_job].state is JobState.DONE and len(core.jobs.jobs[done_job].results) == 10
+    assert core.jobs.jobs[job].stats.completed == seen
+    assert all(t.startswith(f"t{term + 1}.") for t in core.jobs.tasks)  # the crash's in-flight ones re-queued
+    sim.run_until(30.0)
+    j = core.jobs.jobs[job]
+    assert j.state is JobState.DONE
+    per_input = Counter(r["input"] for r in j.results.values())
+    assert len(per_input) == 300 and set(per_input.values()) == {1}
+    rate = sim.command("query_rate", job=job)["jobs"][job]
+    assert rate["count"] == 300 and j.stats.completed == 300
+    assert sim.command("query_time", job=job)[job]["latency"]["count"] == 300
+    # The next job id follows the restored ones (SDFS metadata lives in the master's own SQLite,
+    # which this simulated restart does not have: the workers report their files again).
+    sim.add_inputs("in", 10)
+    nxt = sim.command("submit", model="m", inputs="in/img0000", batch=4)["job_id"]
+    assert nxt.startswith("job3-")
+
+
+def test_restart_after_compaction_and_twice_in_a_row(tmp_path):
+    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, state_compact_ops=50)
+    sim = SimCluster({"m": 0.02}, speeds=[1, 1], cfg=cfg)
+    path = tmp_path / "state.sqlite"
+    sim.core.store = StateStore(path, compact_ops=cfg.state_compact_ops)
+    sim.add_inputs("in", 400)
+    job = sim.command("submit", model="m", inputs="in/", batch=2, start=True)["job_id"]
+    compactions = 0
+    for k in range(20):
+        sim.run_until(0.2 * (k + 1))
+        sim.core.commit()
+        compactions += sim.core.maybe_compact()
+        sim.core.store.wait_idle(30)
+    assert compactions >= 2
+    before = len(sim.core.jobs.jobs[job].results)
+    restart(sim, path, clean=True)
+    assert len(sim.core.jobs.jobs[job].results) == before
+    sim.run_until(5.0)
+    restart(sim, path)  # again, before anything is compacted
+    assert len(sim.core.jobs.jobs[job].results) >= before
+    sim.run_until(30.0)
+    j = sim.core.jobs.jobs[job]
+    assert j.state is JobState.DONE and len(j.results) == 400
+    assert sorted(j.results) == list(range(400))
+
+
+def test_term_is_persisted_before_it_is_announced():
+    saved: list[int] = []
+    published: list[int] = []
+
+    class Net:
+        def send(self, identity, msg):
+            return True
+
+        def publish(self, topic, msg):
+            published.append((len(saved), getattr(msg, "term", None)))
+
+    core = Coordinator(Config(), "c:1", Net(), role=STANDBY, term=4, persist_term=saved.append)
+    assert saved == []  # the caller loaded 4 from disk: nothing to write
+    core.promote(0.0)
+    assert saved == [5]
+    assert all(n >= 1 for n, _ in published)  # every message after the write
+    core.term = max(core.term, 3)  # hearing an older term writes nothing
+    assert saved == [5]
