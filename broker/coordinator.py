@@ -423,6 +423,14 @@ class Coordinator:
         slot = self.slots.get(m.node_id)
         if slot is not None:
             slot.models = tuple(m.models)
+        elif self.role == PRIMARY:
+            # A member we restored (state store) heartbeating as if joined: this coordinator was
+            # restarted at the address the worker follows, so the worker sees no new primary to
+            # join. A Welcome re-attaches it (same incarnation; it answers with its Ready and
+            # re-sends unacknowledged results), instead of a Rejoin that would cost a new identity.
+            self.slots[m.node_id] = WorkerSlot(models=tuple(m.models))
+            log.info("member %s re-attached after this coordinator's restart", m.node_id)
+            self.net.send(ident, Welcome(m.node_id, self.term, self.registry.epoch))
 
     def on_pulse(self, ident: bytes, m: Pulse, now: float) -> None:
         self.registry.pulse(m.node_id, now)  # handle() checked that the sender is the member's own sidecar
