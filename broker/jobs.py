@@ -85,7 +85,7 @@ class Job:
 
     def snapshot(self) -> dict[str, Any]:
         d = self.describe()
-        d["inputs"] = [list(i) for i in self.inputs]
+        d["inputs"] = self.inputs  # never changed after submit: shared, not copied (msgpack packs tuples)
         d["results"] = {str(k): v for k, v in self.results.items()}
         d["stats"] = self.stats.snapshot() if self.stats else None
         d["dispatches"] = {str(k): v for k, v in self.dispatches.items()}

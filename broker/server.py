@@ -78,7 +78,8 @@ class ResultWriter:
     A success is reported through ``done`` for the loop to record (op ``job.results_written``).
     """
 
-    BACKOFF_MAX = 30.0
+    BACKOFF_FIRST = 1.0  # seconds before the first retry, doubled after each failure ...
+    BACKOFF_MAX = 30.0  # ... up to this
 
     def __init__(self, cfg: Config, addr: str, spool: Path) -> None:
         self.cfg = cfg
@@ -128,7 +129,7 @@ class ResultWriter:
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump({"job": job_id, "results": items}, fh)
-            delay, attempt = 1.0, 0
+            delay, attempt = self.BACKOFF_FIRST, 0
             while self.active and not self.stopping.is_set():
                 attempt += 1
                 try:

@@ -276,3 +276,53 @@ def test_term_is_persisted_before_it_is_announced():
     assert all(n >= 1 for n, _ in published)  # every message after the write
     core.term = max(core.term, 3)  # hearing an older term writes nothing
     assert saved == [5]
+
+
+# ----------------------------------------------------------------------------------------------
+# results files: owed by whichever coordinator is primary, retried until written
+
+
+def test_a_new_primary_writes_every_finished_job_not_recorded_as_written():
+    owed: list[str] = []
+    core = Coordinator(Config(), "c:1", SimCluster({}, []).net, role=STANDBY,
+                       on_job_done=lambda j: owed.append(j.job_id))
+    for k, state in enumerate(("done", "done", "running", "cancelled")):
+        core.apply_op("job.add", {"job_id": f"job{k}-noop", "model": "noop", "inputs": [["in/a", 1]],
+                                  "batch_size": 1, "state": state, "submitted": 0.0,
+                                  "finished": None if state == "running" else 1.0}, 0.0)
+    core.apply_op("job.results_written", {"job_id": "job1-noop", "version": 1}, 0.0)
+    assert owed == []  # a standby writes nothing
+    core.promote(0.0)
+    assert owed == ["job0-noop", "job3-noop"]
+    assert core.results_written("job0-noop", 2, 0.0)
+    assert not core.results_written("job0-noop", 3, 0.0)  # at most one recorded write per job
+    assert core.jobs.jobs["job0-noop"].results_version == 2
+    core.role = STANDBY
+    assert not core.results_written("job3-noop", 1, 0.0)  # only a primary records
+
+
+def test_result_writer_retries_until_the_write_succeeds_and_stops_when_not_primary(tmp_path, caplog):
+    from broker.server import ResultWriter  # noqa: PLC0415
+
+    class FlakyClient:
+        calls = 0
+
+        def put(self, local, name):
+            FlakyClient.calls += 1
+            assert Path(local).read_text().startswith('{"job": "job1-noop"')
+            if FlakyClient.calls < 4:
+                raise OSError("no storage node is alive")
+            return 7
+
+    w = ResultWriter(Config(), "127.0.0.1:1", tmp_path / "spool")
+    w.BACKOFF_FIRST = 0.01
+    caplog.set_level(logging.WARNING, "idunno.coordinator.server")
+    w._write(FlakyClient(), "job1-noop", [{"qid": "job1-noop:0"}])
+    assert w.written() == [("job1-noop", 7)] and w.failures == 3
+    assert sum("writing results of job1-noop failed" in r.getMessage() for r in caplog.records) == 3
+    assert not list((tmp_path / "spool").iterdir())  # the staging file is gone
+    w.active = False  # demoted: the new primary owes the write
+    FlakyClient.calls = -100
+    w._write(FlakyClient(), "job2-noop", [])
+    assert w.written() == [] and FlakyClient.calls == -100
+    w.stop()
