@@ -154,10 +154,10 @@ class StateStore:
             gen, self.lineage, out.seq, out.term = row
             out.items = list(self._read_snapshot(gen, out))
         else:
-            # No snapshot yet: the journal of the oldest lineage is the whole history (a later
-            # lineage without a complete snapshot was an install that did not finish).
-            first = self.db.execute("SELECT MIN(lineage) FROM journal").fetchone()[0]
-            self.lineage = int(first or 0)
+            # No snapshot yet: lineage 0, the history that started from nothing, is the whole
+            # state. Any other lineage is an install whose snapshot never reached the disk: its
+            # ops without that snapshot would be patches onto nothing.
+            self.lineage = 0
         # Rows of other lineages: an install whose snapshot never completed, or history already
         # superseded by this snapshot. Both are unusable with it.
         with self.db:

@@ -326,3 +326,17 @@ def test_result_writer_retries_until_the_write_succeeds_and_stops_when_not_prima
     w._write(FlakyClient(), "job2-noop", [])
     assert w.written() == [] and FlakyClient.calls == -100
     w.stop()
+
+
+def test_a_first_install_that_never_reached_the_disk_is_not_replayed_onto_nothing(tmp_path):
+    path = tmp_path / "s.sqlite"
+    s = StateStore(path)
+    s.load()
+    s.new_lineage(70)  # a fresh standby installs the primary's snapshot at seq 70 ...
+    s.append(71, 1, "event", {"n": 71})
+    s.commit(71)
+    crash(s)  # ... and dies before the snapshot is written
+    s = StateStore(path)
+    ops, loaded = ops_of(s)
+    assert ops == [] and loaded.items == [] and s.lineage == 0
+    s.close()
