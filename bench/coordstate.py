@@ -127,14 +127,21 @@ def main() -> None:
         wall = time.perf_counter() - t1
         stats = store.stats
         run_batches(core, live, 200)  # a journal tail after the snapshot
+        t0 = time.perf_counter()
+        again = core.durable_items()  # the next compaction: the finished jobs' items are re-used
+        build2 = time.perf_counter() - t0
+        store.compact(core.state_seq, core.term, again)
+        store.wait_idle(120)
+        run_batches(core, live, 200)
         store.close()
         size = sum(f.stat().st_size for f in Path(tmp).glob("b.sqlite*"))
         t = Table(title=f"(b) compaction of {a.jobs} jobs x {a.results} results")
-        for col in ("snapshot MB", "loop: build items ms", "thread: write s", "loop commits during",
+        for col in ("snapshot MB", "loop: build items ms (next)", "thread: write s", "loop commits during",
                     "commit p50 ms", "commit max ms", "db file MB"):
             t.add_column(col)
         during.sort()
-        t.add_row(f"{stats.last_bytes / 1e6:.1f}", f"{build * 1e3:.0f}", f"{stats.last_seconds:.2f} ({wall:.2f} wall)",
+        t.add_row(f"{stats.last_bytes / 1e6:.1f}", f"{build * 1e3:.0f} ({build2 * 1e3:.0f})",
+                  f"{stats.last_seconds:.2f} ({wall:.2f} wall)",
                   str(len(during)), f"{during[len(during) // 2] * 1e3:.2f}" if during else "-",
                   f"{during[-1] * 1e3:.1f}" if during else "-", f"{size / 1e6:.1f}")
         console.print(t)
@@ -154,7 +161,8 @@ def main() -> None:
     ratio = dur / mem if mem else float("nan")
     console.print(f"HEADLINE: journaling cost = {ratio:.2f}x the memory-only loop "
                   f"({dur / ops * 1e6:.0f} vs {mem / ops * 1e6:.0f} us per op); compaction held the loop "
-                  f"{build * 1e3:.0f} ms + longest commit {during[-1] * 1e3 if during else 0:.0f} ms")
+                  f"{build * 1e3:.0f} ms (next ones {build2 * 1e3:.0f} ms) + longest commit "
+                  f"{during[-1] * 1e3 if during else 0:.0f} ms")
 
 
 if __name__ == "__main__":

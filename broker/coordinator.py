@@ -136,6 +136,7 @@ class Coordinator:
         self.persist_term = persist_term or (lambda term: None)
         self._term = self._persisted_term = term  # the caller loaded it from where it persists it
         self.recovering = False  # journal ops of the start-up recovery although not (yet) primary
+        self._durable_cache: dict[str, tuple[Any, dict[str, Any]]] = {}  # finished jobs' snapshot items
         self.clock = clock  # wall clock for statistics (replicated to the standby); timers use `now`
         self.models = frozenset(models)  # what `submit` accepts (torchvision classifiers and noop)
         self.addr = addr
@@ -786,7 +787,17 @@ class Coordinator:
             ("cost", dict(self.cost)),
             ("events", list(self.events[-1000:])),
         ]
-        items += [("job", j.snapshot()) for j in self.jobs.jobs.values()]
+        cache: dict[str, tuple[Any, dict[str, Any]]] = {}
+        for j in self.jobs.jobs.values():
+            # A finished job does not change (but for a late duplicate or its results file): its
+            # item is built once, not again at every compaction while the loop waits.
+            key = j.durable_key()
+            hit = self._durable_cache.get(j.job_id)
+            item = hit[1] if key is not None and hit is not None and hit[0] == key else j.durable()
+            if key is not None:
+                cache[j.job_id] = (key, item)
+            items.append(("job", item))
+        self._durable_cache = cache
         items.append(("tasks", self._task_records()))
         return items
 

@@ -91,6 +91,24 @@ class Job:
         d["dispatches"] = {str(k): v for k, v in self.dispatches.items()}
         return d
 
+    def durable(self) -> dict[str, Any]:
+        """``snapshot()`` for the state store: the same fields, built with C-level copies (int keys:
+        the store's msgpack reads them, the wire's does not), since the loop waits for it."""
+        d = self.describe()
+        d["inputs"] = self.inputs
+        d["results"] = dict(self.results)
+        d["stats"] = self.stats.snapshot() if self.stats else None
+        d["dispatches"] = dict(self.dispatches)
+        return d
+
+    def durable_key(self) -> tuple[Any, ...] | None:
+        """What changes whenever a finished job's durable content can change (None while it runs):
+        the state store re-uses a finished job's snapshot item until this changes."""
+        if self.finished is None or self.stats is None:
+            return None
+        return (str(self.state), self.finished, len(self.results), self.stats.completed, self.stats.duplicates,
+                self.results_version, self.batch_size, self.weight, sum(self.dispatches.values()))
+
     @classmethod
     def restore(cls, d: dict[str, Any]) -> Job:
         job = cls(
