@@ -153,8 +153,8 @@ def test_whole_cluster_down_and_up_keeps_finished_jobs_and_their_results(make_cl
 def test_results_file_of_every_finished_job_after_failover(make_cluster, tmp_path):
     c = make_cluster(workers=3, standby=True, env=NOOP)
     wait_for(lambda: roles(c)[c.standby_addr] == ("standby", 1), timeout=15, what="standby ready")
-    inputs = load_inputs(c, tmp_path, 80)
-    ids = [c.ctl("submit", model="noop", inputs=f"in/f0{d}*", batch=2, start=True)["job_id"] for d in range(8)]
+    inputs = load_inputs(c, tmp_path, 40)
+    ids = [c.ctl("submit", model="noop", inputs=f"in/f0{d}*", batch=2, start=True)["job_id"] for d in range(4)]
     wait_done(c, ids)
     primary = next(p for p in c.procs if p.role == "coordinator")
     c.kill(primary, signal.SIGKILL)  # right after the jobs finished: the writer may not have written yet
