@@ -947,7 +947,8 @@ class Coordinator:
         return {"sdfs": self.master.info(), "members": len(self.registry.alive()), "term": self.term,
                 "role": self.role, "failures_detected": self.failures_detected, "dropped": dict(self.dropped),
                 "loop_stall_max": round(self.max_stall, 3), "heartbeat_gap_max": round(self.registry.max_gap(), 3),
-                "slowest_message": {"type": self.slowest[0], "seconds": round(self.slowest[1], 4)}}
+                "slowest_message": {"type": self.slowest[0], "seconds": round(self.slowest[1], 4)},
+                "state_store": self.store.info() if self.store is not None else None}
 
     def cmd_pending(self, args: dict[str, Any], now: float) -> Any:
         return {

@@ -314,6 +314,13 @@ class StateStore:
         self._thread.join(timeout=30)
         self.db.close()
 
+    def info(self) -> dict[str, Any]:
+        """For ``info``: how much journal awaits compaction and what the last compaction cost."""
+        st = self.stats
+        return {"path": str(self.path), "lineage": self.lineage, "journal_ops": self.since_snapshot,
+                "compact_ops": self.compact_ops, "compactions": st.count, "compacting": self.compacting,
+                "last_compaction": {"seq": st.last_seq, "seconds": round(st.last_seconds, 3), "bytes": st.last_bytes}}
+
     # -- the compaction thread --------------------------------------------------------------------
     def _run(self) -> None:
         db = _connect(self.path)

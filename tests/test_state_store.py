@@ -246,6 +246,8 @@ def test_restart_after_compaction_and_twice_in_a_row(tmp_path):
         compactions += sim.core.maybe_compact()
         sim.core.store.wait_idle(30)
     assert compactions >= 2
+    info = sim.command("info")["state_store"]
+    assert info["compactions"] == compactions and info["journal_ops"] < 50 and not info["compacting"]
     before = len(sim.core.jobs.jobs[job].results)
     restart(sim, path, clean=True)
     assert len(sim.core.jobs.jobs[job].results) == before
