@@ -342,3 +342,33 @@ def test_a_first_install_that_never_reached_the_disk_is_not_replayed_onto_nothin
     ops, loaded = ops_of(s)
     assert ops == [] and loaded.items == [] and s.lineage == 0
     s.close()
+
+
+def test_a_standby_keeps_the_primary_snapshot_and_stream_and_restarts_from_them(tmp_path):
+    sim = SimCluster({"m": 0.05}, speeds=[1, 1])
+    sim.add_inputs("in", 100)
+    job = sim.command("submit", model="m", inputs="in/", batch=4, start=True)["job_id"]
+    sim.run_until(1.0)
+    path = tmp_path / "standby.sqlite"
+    standby = Coordinator(sim.cfg, "sb:1", SimCluster({}, []).net, role=STANDBY, store=StateStore(path))
+    standby.load_state(0.0)
+    standby.restore(sim.core.snapshot(), sim.core.state_seq, sim.core.term, sim.t)  # the initial sync
+    seq0 = sim.core.state_seq
+    sim.run_until(2.0)
+    from common.protocol import StateUpdate, Topic, decode  # noqa: PLC0415
+
+    for topic, raw in sim.net.published:
+        u = decode(raw)
+        if topic == Topic.STATE and isinstance(u, StateUpdate) and u.seq > seq0:
+            standby.apply_update(u.seq, u.term, u.op, u.data, sim.t)
+    standby.commit()
+    assert standby.store.wait_idle(30)
+    assert len(standby.jobs.jobs[job].results) == len(sim.core.jobs.jobs[job].results) > 0
+    crash(standby.store)
+    again = Coordinator(sim.cfg, "sb:1", SimCluster({}, []).net, role=STANDBY, store=StateStore(path))
+    info = again.load_state(sim.t)
+    # Its in-flight tasks were re-queued at start, as journaled ops of its own.
+    assert info["skipped"] == 0 and info["requeued"] > 0
+    assert again.state_seq == sim.core.state_seq + info["requeued"]
+    assert sorted(again.jobs.jobs[job].results) == sorted(sim.core.jobs.jobs[job].results)
+    assert again.jobs.jobs[job].stats.completed == sim.core.jobs.jobs[job].stats.completed
