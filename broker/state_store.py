@@ -99,6 +99,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=NORMAL")
     # Checkpoints (the only fsyncs) are run by the compaction thread, never by a loop commit.
     db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("PRAGMA journal_size_limit=67108864")  # a WAL grown by a big snapshot shrinks back to 64 MiB
     return db
 
 
