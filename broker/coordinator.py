@@ -103,6 +103,7 @@ class WorkerSlot:
     outstanding: dict[str, float] = field(default_factory=dict)
     models: tuple[str, ...] = ()
     cost: float = 0.0  # EWMA seconds per image (any model) on this worker
+    costs: dict[str, float] = field(default_factory=dict)  # EWMA seconds per image, per model, on this worker
 
     @property
     def credit(self) -> int:
@@ -465,6 +466,19 @@ class Coordinator:
         per_image = self.cost.get(job.model) or self.slots.get(worker, WorkerSlot()).cost or 1.0
         return max(self.cfg.task_timeout_min, 10 * per_image * job.batch_size * self.cfg.worker_credit)
 
+    def queued_work(self, slot: WorkerSlot) -> float:
+        """Seconds of compute a worker still has to do on the tasks it holds, from their unanswered
+        queries and its measured cost per image for each model (0 while nothing is measured)."""
+        total = 0.0
+        for task_id in slot.outstanding:
+            task = self.jobs.tasks.get(task_id)
+            job = self.jobs.jobs.get(task.job_id) if task is not None else None
+            if job is not None:
+                cost = slot.costs.get(job.model, 0.0)
+                if cost:
+                    total += cost * sum(1 for i in task.indexes if i not in job.results)
+        return total
+
     def dispatch(self, now: float) -> None:
         """Give every free worker slot a batch from the job the scheduler picks."""
         if self.role != PRIMARY:
@@ -477,6 +491,7 @@ class Coordinator:
             free = [
                 (node, s) for node, s in self.slots.items()
                 if s.credit > 0 and node not in unreachable and self.registry.is_alive(node)
+                and self.queued_work(s) <= self.cfg.prefetch_lead
             ]
             if not free:
                 return
@@ -485,7 +500,12 @@ class Coordinator:
             if pick is None:
                 return
             job = self.jobs.jobs[pick.job_id]
+            # Slow start: a new job's batches grow 1, 1, 2, 4, ... up to its batch size, so its first
+            # result comes after one image's compute, not a whole batch's. Charging is per image, so
+            # the scheduler's fairness accounting does not change.
             n = min(job.batch_size, len(job.pending))
+            if self.cfg.slow_start:
+                n = min(n, max(1, len(job.dispatches)))
             indexes = list(itertools.islice(job.pending, n))
             task_id = self.jobs.next_task_id(job.job_id, self.term)
             self.emit(
@@ -506,7 +526,7 @@ class Coordinator:
                 self.emit("task.requeue", {"task_id": task_id}, now)
 
     def on_result(self, ident: bytes, m: TaskResult, now: float) -> None:
-        self.net.send(ident, ResultAck(m.task_id))
+        self.net.send(ident, ResultAck(m.task_id, m.final))
         if not self.registry.is_alive(m.node_id):
             log.info("late result %s from %s (not a live member) dropped", m.task_id, m.node_id)
             return
@@ -517,8 +537,10 @@ class Coordinator:
             self.drop("bad_result", now, "result %.80s from %s dropped: %s", m.task_id, m.node_id, exc)
             return
         slot = self.slots.get(m.node_id)
-        if slot is not None:
+        if slot is not None and m.final:
             slot.outstanding.pop(m.task_id, None)
+        if task is not None and not m.final:
+            task.deadline = now + self.task_timeout(job, m.node_id)  # a streaming task is making progress
         results: dict[str, dict[str, Any]] = {}
         duplicates = 0
         completed_at = self.clock()
@@ -532,7 +554,7 @@ class Coordinator:
                 "top5": top5,
                 "error": error,
                 "worker": m.node_id,
-                "batch": len(m.results),
+                "batch": len(task.indexes) if task is not None else len(m.results),
                 "completed_at": completed_at,
                 "dispatches": job.dispatches.get(idx, 1),
             }
@@ -551,13 +573,16 @@ class Coordinator:
             self.cost[job.model] = per_image if old is None else 0.8 * old + 0.2 * per_image
             if slot is not None:
                 slot.cost = per_image if not slot.cost else 0.8 * slot.cost + 0.2 * per_image
+                mine = slot.costs.get(job.model)
+                slot.costs[job.model] = per_image if mine is None else 0.8 * mine + 0.2 * per_image
         self.emit(
             "task.result",
             {"task_id": m.task_id, "job_id": job.job_id, "results": results, "latency": latency,
-             "elapsed": elapsed, "ts": completed_at, "worker": m.node_id, "duplicates": duplicates},
+             "elapsed": elapsed, "ts": completed_at, "worker": m.node_id, "duplicates": duplicates,
+             "final": m.final},
             now,
         )
-        self.dispatch(now)
+        self.dispatch(now)  # a slot is free, or the worker's queued work fell below the prefetch lead
 
     def _check_result(self, m: TaskResult, task: TaskInfo | None) -> tuple[Job, dict[int, Any]]:
         """A result must answer the task it names: its job, from its worker, for its queries, with a
@@ -610,14 +635,16 @@ class Coordinator:
         if job is None:
             return
         task = self.jobs.tasks.get(d["task_id"])
+        final = bool(d.get("final", True))
         if task is not None and task.job_id == job.job_id:  # never another job's task
-            del self.jobs.tasks[d["task_id"]]
+            if final:
+                del self.jobs.tasks[d["task_id"]]
         else:
             task = None
         fresh = self.jobs.record(job, {int(k): v for k, v in d["results"].items()}, task)
         # Results dropped here (not this task's queries any more) count as duplicates too.
         job.stats.duplicates += int(d.get("duplicates", 0)) + len(d["results"]) - len(fresh)
-        if task is not None:
+        if task is not None and final:
             # A result that does not answer every query of its task must not lose the rest.
             missing = [i for i in task.indexes if i not in job.results]
             if missing and job.state is not JobState.CANCELLED:
@@ -835,17 +862,20 @@ class Coordinator:
     def cmd_jobs(self, args: dict[str, Any], now: float) -> Any:
         return [j.describe() for j in self.jobs.jobs.values()]
 
-    def _rate(self, job: Job) -> float:
-        return job.stats.rate(self.clock(), self.cfg.rate_window)
+    def _rate(self, job: Job, window: float | None = None) -> float:
+        return job.stats.rate(self.clock(), window or self.cfg.rate_window)
 
     def cmd_query_rate(self, args: dict[str, Any], now: float) -> Any:
         jobs = self._jobs(args)
-        rates = {j.job_id: {"rate": self._rate(j), "count": len(j.results), "window": self.cfg.rate_window,
+        short, long = self.cfg.rate_window, self.cfg.rate_window_long
+        rates = {j.job_id: {"rate": self._rate(j), "count": len(j.results), "window": short,
+                            "rate_long": self._rate(j, long), "window_long": long,
                             "model": j.model, "overall": j.stats.overall_rate(), "state": str(j.state),
                             "duplicates": j.stats.duplicates}
                  for j in jobs}
-        running = [r["rate"] for j, r in zip(jobs, rates.values(), strict=True) if j.state is JobState.RUNNING]
-        return {"jobs": rates, "gap": rate_gap(running)}
+        running = [j.job_id for j in jobs if j.state is JobState.RUNNING]
+        return {"jobs": rates, "gap": rate_gap([rates[j]["rate"] for j in running]),
+                "gap_long": rate_gap([rates[j]["rate_long"] for j in running])}
 
     def cmd_query_time(self, args: dict[str, Any], now: float) -> Any:
         return {

@@ -221,7 +221,10 @@ class JobTable:
         return task
 
     def in_flight(self, job_id: str) -> int:
-        return sum(len(t.indexes) for t in self.tasks.values() if t.job_id == job_id)
+        """Queries out at workers and not answered yet (a streaming task answers piece by piece)."""
+        job = self.jobs.get(job_id)
+        done = job.results if job is not None else {}
+        return sum(1 for t in self.tasks.values() if t.job_id == job_id for i in t.indexes if i not in done)
 
     def cancel(self, job: Job, now: float) -> int:
         """Drop the job's pending queries (in-flight ones still finish); return how many were dropped."""
