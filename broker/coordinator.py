@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from broker.jobs import Job, JobState, JobTable, TaskInfo, parse_answers
 from broker.scheduler import Candidate, make_scheduler
 from broker.stats import rate_gap, summarize
-from common.commands import COMMANDS, check_args
+from common.commands import AUTO, COMMANDS, check_args
 from common.config import Config
 from common.failure_detector import LOCAL_STALL
 from common.identity import PULSE_SUFFIX, split_node_id
@@ -462,9 +462,22 @@ class Coordinator:
         slot.models = tuple(m.models)
         self.dispatch(now)
 
-    def task_timeout(self, job: Job, worker: str) -> float:
+    def task_timeout(self, job: Job, worker: str, n: int | None = None) -> float:
         per_image = self.cost.get(job.model) or self.slots.get(worker, WorkerSlot()).cost or 1.0
-        return max(self.cfg.task_timeout_min, 10 * per_image * job.batch_size * self.cfg.worker_credit)
+        n = n or job.batch_size or self.cfg.max_batch_size
+        return max(self.cfg.task_timeout_min, 10 * per_image * n * self.cfg.worker_credit)
+
+    def batch_for(self, job: Job, slot: WorkerSlot) -> int:
+        """The job's batch size; for `auto` (dynamic batching, as Triton's), the largest batch whose
+        predicted compute on this worker stays under the job's latency target, from this worker's
+        measured cost per image for the model (else the cluster's), one image while nothing is measured."""
+        if job.batch_size:
+            return job.batch_size
+        cost = slot.costs.get(job.model) or self.cost.get(job.model)
+        if not cost:
+            return 1
+        target = job.latency_target or self.cfg.default_latency_target
+        return max(1, min(self.cfg.max_batch_size, int(target / cost + 1e-9)))  # 0.36 / 0.09 is 3.999...
 
     def queued_work(self, slot: WorkerSlot) -> float:
         """Seconds of compute a worker still has to do on the tasks it holds, from their unanswered
@@ -503,7 +516,7 @@ class Coordinator:
             # Slow start: a new job's batches grow 1, 1, 2, 4, ... up to its batch size, so its first
             # result comes after one image's compute, not a whole batch's. Charging is per image, so
             # the scheduler's fairness accounting does not change.
-            n = min(job.batch_size, len(job.pending))
+            n = min(self.batch_for(job, slot), len(job.pending))
             if self.cfg.slow_start:
                 n = min(n, max(1, len(job.dispatches)))
             indexes = list(itertools.islice(job.pending, n))
@@ -515,7 +528,7 @@ class Coordinator:
                 now,
             )
             task = self.jobs.tasks[task_id]
-            task.deadline = now + self.task_timeout(job, node)
+            task.deadline = now + self.task_timeout(job, node, n)
             queries = [{"qid": job.qid(i), "input": job.inputs[i][0], "version": job.inputs[i][1]} for i in indexes]
             slot.outstanding[task_id] = now
             self.scheduler.charge(job.job_id, n, job.weight)
@@ -620,6 +633,7 @@ class Coordinator:
         job = self.jobs.jobs.get(d["job_id"])
         if job is not None:
             job.batch_size = int(d["batch_size"])
+            job.latency_target = float(d.get("latency_target", 0.0))
 
     def _op_task_dispatch(self, d: dict[str, Any], now: float) -> None:
         job = self.jobs.jobs.get(d["job_id"])
@@ -838,10 +852,7 @@ class Coordinator:
         if not isinstance(pattern, str) or not pattern:
             raise CommandError(ErrorCode.BAD_REQUEST, "submit needs an SDFS glob or prefix of inputs")
         # Defaults only for what was not given: 0 is an error, not "use the default".
-        batch = args.get("batch")
-        batch = self.cfg.default_batch_size if batch is None else batch
-        if not 1 <= batch <= self.cfg.max_batch_size:
-            raise CommandError(ErrorCode.BAD_REQUEST, f"batch size must be 1..{self.cfg.max_batch_size}")
+        batch, target = self._batch_args(args.get("batch"), args.get("latency_target"))
         weight = args.get("weight")
         weight = 1.0 if weight is None else weight
         files = self.master.ls(pattern)
@@ -850,7 +861,7 @@ class Coordinator:
         if not inputs:
             raise CommandError(ErrorCode.NOT_FOUND, f"no input files match {pattern!r} in SDFS; `put` them first")
         job_id = self.jobs.new_job_id(model)
-        job = Job(job_id, model, inputs, batch, weight, submitted=self.clock())
+        job = Job(job_id, model, inputs, batch, weight, submitted=self.clock(), latency_target=target)
         self.emit("job.add", job.snapshot(), now)
         self.event("job_added", job_id, now)
         if args.get("start") or self.jobs.running():
@@ -884,12 +895,21 @@ class Coordinator:
             for j in self._jobs(args)
         }
 
+    def _batch_args(self, batch: Any, target: float | None) -> tuple[int, float]:
+        """(batch size, latency target) from a command's arguments; batch size 0 means auto."""
+        batch = self.cfg.default_batch_size if batch is None else batch
+        if batch == AUTO:
+            return 0, target or self.cfg.default_latency_target
+        if target:
+            raise CommandError(ErrorCode.BAD_REQUEST, "--latency-target goes with --batch auto")
+        if not 1 <= batch <= self.cfg.max_batch_size:
+            raise CommandError(ErrorCode.BAD_REQUEST, f"batch size must be 1..{self.cfg.max_batch_size} or auto")
+        return batch, 0.0
+
     def cmd_set_batch_size(self, args: dict[str, Any], now: float) -> Any:
         job = self._job(args)
-        n = args["n"]
-        if not 1 <= n <= self.cfg.max_batch_size:
-            raise CommandError(ErrorCode.BAD_REQUEST, f"batch size must be 1..{self.cfg.max_batch_size}")
-        self.emit("job.batch", {"job_id": job.job_id, "batch_size": n}, now)
+        n, target = self._batch_args(args["n"], args.get("latency_target"))
+        self.emit("job.batch", {"job_id": job.job_id, "batch_size": n, "latency_target": target}, now)
         return job.describe()
 
     def cmd_results(self, args: dict[str, Any], now: float) -> Any:

@@ -40,7 +40,7 @@ class Job:
     job_id: str
     model: str
     inputs: list[tuple[str, int]]  # (sdfs name, version)
-    batch_size: int
+    batch_size: int  # 0: auto, sized per dispatch from the worker's measured cost and latency_target
     weight: float = 1.0
     state: JobState = JobState.QUEUED
     submitted: float = field(default_factory=time.time)
@@ -50,6 +50,7 @@ class Job:
     results: dict[int, dict[str, Any]] = field(default_factory=dict)  # insertion order = completion order
     stats: JobStats | None = None
     dispatches: dict[int, int] = field(default_factory=dict)  # query index -> times it was sent to a worker
+    latency_target: float = 0.0  # seconds of compute per batch when batch_size is auto (0)
 
     def __post_init__(self) -> None:
         if self.stats is None:
@@ -69,7 +70,8 @@ class Job:
             "job_id": self.job_id,
             "model": self.model,
             "state": str(self.state),
-            "batch_size": self.batch_size,
+            "batch_size": self.batch_size or "auto",
+            "latency_target": self.latency_target or None,
             "weight": self.weight,
             "total": self.total,
             "completed": len(self.results),
@@ -93,7 +95,7 @@ class Job:
             job_id=d["job_id"],
             model=d["model"],
             inputs=[(str(n), int(v)) for n, v in d["inputs"]],
-            batch_size=int(d["batch_size"]),
+            batch_size=0 if d["batch_size"] == "auto" else int(d["batch_size"]),
             weight=float(d.get("weight", 1.0)),
             state=JobState(d["state"]),
             submitted=float(d["submitted"]),
@@ -102,6 +104,7 @@ class Job:
             results={int(k): v for k, v in d.get("results", {}).items()},
             stats=JobStats.restore(d["stats"]) if d.get("stats") else None,
             dispatches={int(k): int(v) for k, v in (d.get("dispatches") or {}).items()},
+            latency_target=float(d.get("latency_target") or 0.0),
         )
         # Whatever was in flight at the old primary is pending again (its late results still count once);
         # a cancelled job has nothing pending.

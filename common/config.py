@@ -57,6 +57,7 @@ class Config:
     # the live query rates of fairly served jobs swing by whole batches (seen: 18 % median gap).
     prefetch_lead: float = 0.5
     default_batch_size: int = 8
+    default_latency_target: float = 1.0  # seconds of compute per batch for `--batch auto`
     task_timeout_min: float = 30.0  # floor for the per-task timeout (scaled from measured cost)
     rate_window: float = 10.0
     rate_window_long: float = 30.0  # the steadier second figure `query_rate` reports

@@ -124,7 +124,7 @@ def test_a_final_piece_that_leaves_queries_unanswered_requeues_only_those():
 
 def test_query_rate_of_a_young_job_is_over_its_age_and_a_30s_window_is_reported():
     sim = SimCluster({ALEX: 0.02}, speeds=[1])
-    sim.add_inputs("in", 100_000)
+    sim.add_inputs("in", 4000)
     job = sim.command("submit", model=ALEX, inputs="in/", batch=8, start=True)["job_id"]
     sim.run_until(3.0)
     r = sim.command("query_rate")["jobs"][job]
@@ -136,3 +136,43 @@ def test_query_rate_of_a_young_job_is_over_its_age_and_a_30s_window_is_reported(
     assert r["window"] == 10.0 and r["window_long"] == 30.0
     assert abs(r["rate"] - 50) <= 2 and abs(r["rate_long"] - 50) <= 2
     assert out["gap"] == 0.0 and out["gap_long"] == 0.0 == rate_gap([r["rate"]])
+
+
+def test_batch_auto_sizes_batches_from_each_workers_measured_cost():
+    sim = SimCluster({RESNET: 0.09}, speeds=[1.0, 0.5])  # the second worker is half as fast
+    sim.add_inputs("in", 1000)
+    job = sim.command("submit", model=RESNET, inputs="in/", batch="auto", latency_target=0.9, start=True)
+    assert job["batch_size"] == "auto" and job["latency_target"] == 0.9
+    sim.run_until(20.0)
+    fast, slow = sim.workers
+    sizes = {w: [n for _, _, node, n in sim.dispatches if node == w] for w in (fast, slow)}
+    # Measured 0.09 s per image on the fast worker -> 10 images in 0.9 s; 0.18 s on the slow one -> 5.
+    assert sizes[fast][-3:] == [10, 10, 10] and sizes[slow][-3:] == [5, 5, 5], sizes
+    sim.command("set_batch_size", job=job["job_id"], n=4)
+    mark = len(sim.dispatches)
+    sim.run_until(25.0)
+    assert {n for _, _, _, n in sim.dispatches[mark:]} == {4}
+    sim.command("set_batch_size", job=job["job_id"], n="auto", latency_target=0.36)
+    mark = len(sim.dispatches)
+    sim.run_until(30.0)
+    assert {n for _, _, node, n in sim.dispatches[mark:] if node == fast} == {4}
+    assert sim.core.jobs.jobs[job["job_id"]].pending  # every size above came from the rule, not the tail
+
+
+def test_auto_batch_with_live_rates_stays_fair():
+    sim = SimCluster(LOADED[0], speeds=[1, 1, 1, 1])
+    sim.add_inputs("in", LOADED[1])
+    jobs = [sim.command("submit", model=m, inputs="in/", batch="auto")["job_id"] for m in (ALEX, RESNET)]
+    sim.command("start")
+    gaps = _sampled_gaps(sim, jobs, 15.0)
+    assert len(gaps) >= 20 and statistics.median(gaps) <= 0.05 and max(gaps) <= 0.10, [f"{g:.1%}" for g in gaps]
+
+
+def test_latency_target_without_auto_and_bad_batch_words_are_refused():
+    sim = SimCluster({RESNET: 0.09}, speeds=[1])
+    sim.add_inputs("in", 4)
+    for args, word in (({"batch": 8, "latency_target": 1.0}, "goes with --batch auto"),
+                       ({"batch": "big"}, "integer or auto"), ({"batch": "auto", "latency_target": 0}, "at least")):
+        with pytest.raises(RuntimeError, match=word):
+            sim.command("submit", model=RESNET, inputs="in/", **args)
+    assert not sim.core.jobs.jobs
