@@ -55,7 +55,7 @@ class Config:
     # ...but the prefetched batch is bound to a job only once the worker has at most this many seconds
     # of compute left: a batch queued behind seconds of work makes completions lag dispatches, and
     # the live query rates of fairly served jobs swing by whole batches (seen: 18 % median gap).
-    prefetch_lead: float = 0.5
+    prefetch_lead: float = 1.0
     default_batch_size: int = 8
     default_latency_target: float = 1.0  # seconds of compute per batch for `--batch auto`
     task_timeout_min: float = 30.0  # floor for the per-task timeout (scaled from measured cost)
