@@ -23,7 +23,7 @@ from broker.jobs import Job, JobState, JobTable, TaskInfo, parse_answers
 from broker.scheduler import Candidate, make_scheduler
 from broker.state_store import StateStore
 from broker.stats import rate_gap, summarize
-from common.commands import COMMANDS, check_args
+from common.commands import AUTO, COMMANDS, check_args
 from common.config import Config
 from common.failure_detector import LOCAL_STALL
 from common.identity import PULSE_SUFFIX, split_node_id
@@ -109,6 +109,7 @@ class WorkerSlot:
     outstanding: dict[str, float] = field(default_factory=dict)
     models: tuple[str, ...] = ()
     cost: float = 0.0  # EWMA seconds per image (any model) on this worker
+    costs: dict[str, float] = field(default_factory=dict)  # EWMA seconds per image, per model, on this worker
 
     @property
     def credit(self) -> int:
@@ -514,9 +515,35 @@ class Coordinator:
         slot.models = tuple(m.models)
         self.dispatch(now)
 
-    def task_timeout(self, job: Job, worker: str) -> float:
+    def task_timeout(self, job: Job, worker: str, n: int | None = None) -> float:
         per_image = self.cost.get(job.model) or self.slots.get(worker, WorkerSlot()).cost or 1.0
-        return max(self.cfg.task_timeout_min, 10 * per_image * job.batch_size * self.cfg.worker_credit)
+        n = n or job.batch_size or self.cfg.max_batch_size
+        return max(self.cfg.task_timeout_min, 10 * per_image * n * self.cfg.worker_credit)
+
+    def batch_for(self, job: Job, slot: WorkerSlot) -> int:
+        """The job's batch size; for `auto` (dynamic batching, as Triton's), the largest batch whose
+        predicted compute on this worker stays under the job's latency target, from this worker's
+        measured cost per image for the model (else the cluster's), one image while nothing is measured."""
+        if job.batch_size:
+            return job.batch_size
+        cost = slot.costs.get(job.model) or self.cost.get(job.model)
+        if not cost:
+            return 1
+        target = job.latency_target or self.cfg.default_latency_target
+        return max(1, min(self.cfg.max_batch_size, int(target / cost + 1e-9)))  # 0.36 / 0.09 is 3.999...
+
+    def queued_work(self, slot: WorkerSlot) -> float:
+        """Seconds of compute a worker still has to do on the tasks it holds, from their unanswered
+        queries and its measured cost per image for each model (0 while nothing is measured)."""
+        total = 0.0
+        for task_id in slot.outstanding:
+            task = self.jobs.tasks.get(task_id)
+            job = self.jobs.jobs.get(task.job_id) if task is not None else None
+            if job is not None:
+                cost = slot.costs.get(job.model, 0.0)
+                if cost:
+                    total += cost * sum(1 for i in task.indexes if i not in job.results)
+        return total
 
     def dispatch(self, now: float) -> None:
         """Give every free worker slot a batch from the job the scheduler picks."""
@@ -530,6 +557,7 @@ class Coordinator:
             free = [
                 (node, s) for node, s in self.slots.items()
                 if s.credit > 0 and node not in unreachable and self.registry.is_alive(node)
+                and self.queued_work(s) <= self.cfg.prefetch_lead
             ]
             if not free:
                 return
@@ -538,7 +566,12 @@ class Coordinator:
             if pick is None:
                 return
             job = self.jobs.jobs[pick.job_id]
-            n = min(job.batch_size, len(job.pending))
+            # Slow start: a new job's batches grow 1, 1, 2, 4, ... up to its batch size, so its first
+            # result comes after one image's compute, not a whole batch's. Charging is per image, so
+            # the scheduler's fairness accounting does not change.
+            n = min(self.batch_for(job, slot), len(job.pending))
+            if self.cfg.slow_start:
+                n = min(n, max(1, len(job.dispatches)))
             indexes = list(itertools.islice(job.pending, n))
             task_id = self.jobs.next_task_id(job.job_id, self.term)
             self.emit(
@@ -548,7 +581,7 @@ class Coordinator:
                 now,
             )
             task = self.jobs.tasks[task_id]
-            task.deadline = now + self.task_timeout(job, node)
+            task.deadline = now + self.task_timeout(job, node, n)
             queries = [{"qid": job.qid(i), "input": job.inputs[i][0], "version": job.inputs[i][1]} for i in indexes]
             slot.outstanding[task_id] = now
             self.scheduler.charge(job.job_id, n, job.weight)
@@ -559,7 +592,7 @@ class Coordinator:
                 self.emit("task.requeue", {"task_id": task_id}, now)
 
     def on_result(self, ident: bytes, m: TaskResult, now: float) -> None:
-        self.net.send(ident, ResultAck(m.task_id))
+        self.net.send(ident, ResultAck(m.task_id, m.final))
         if not self.registry.is_alive(m.node_id):
             log.info("late result %s from %s (not a live member) dropped", m.task_id, m.node_id)
             return
@@ -570,8 +603,10 @@ class Coordinator:
             self.drop("bad_result", now, "result %.80s from %s dropped: %s", m.task_id, m.node_id, exc)
             return
         slot = self.slots.get(m.node_id)
-        if slot is not None:
+        if slot is not None and m.final:
             slot.outstanding.pop(m.task_id, None)
+        if task is not None and not m.final:
+            task.deadline = now + self.task_timeout(job, m.node_id)  # a streaming task is making progress
         results: dict[str, dict[str, Any]] = {}
         duplicates = 0
         completed_at = self.clock()
@@ -585,7 +620,7 @@ class Coordinator:
                 "top5": top5,
                 "error": error,
                 "worker": m.node_id,
-                "batch": len(m.results),
+                "batch": len(task.indexes) if task is not None else len(m.results),
                 "completed_at": completed_at,
                 "dispatches": job.dispatches.get(idx, 1),
             }
@@ -604,13 +639,16 @@ class Coordinator:
             self.cost[job.model] = per_image if old is None else 0.8 * old + 0.2 * per_image
             if slot is not None:
                 slot.cost = per_image if not slot.cost else 0.8 * slot.cost + 0.2 * per_image
+                mine = slot.costs.get(job.model)
+                slot.costs[job.model] = per_image if mine is None else 0.8 * mine + 0.2 * per_image
         self.emit(
             "task.result",
             {"task_id": m.task_id, "job_id": job.job_id, "results": results, "latency": latency,
-             "elapsed": elapsed, "ts": completed_at, "worker": m.node_id, "duplicates": duplicates},
+             "elapsed": elapsed, "ts": completed_at, "worker": m.node_id, "duplicates": duplicates,
+             "final": m.final},
             now,
         )
-        self.dispatch(now)
+        self.dispatch(now)  # a slot is free, or the worker's queued work fell below the prefetch lead
 
     def _check_result(self, m: TaskResult, task: TaskInfo | None) -> tuple[Job, dict[int, Any]]:
         """A result must answer the task it names: its job, from its worker, for its queries, with a
@@ -648,6 +686,7 @@ class Coordinator:
         job = self.jobs.jobs.get(d["job_id"])
         if job is not None:
             job.batch_size = int(d["batch_size"])
+            job.latency_target = float(d.get("latency_target", 0.0))
 
     def _op_task_dispatch(self, d: dict[str, Any], now: float) -> None:
         job = self.jobs.jobs.get(d["job_id"])
@@ -663,14 +702,16 @@ class Coordinator:
         if job is None:
             return
         task = self.jobs.tasks.get(d["task_id"])
+        final = bool(d.get("final", True))
         if task is not None and task.job_id == job.job_id:  # never another job's task
-            del self.jobs.tasks[d["task_id"]]
+            if final:
+                del self.jobs.tasks[d["task_id"]]
         else:
             task = None
         fresh = self.jobs.record(job, {int(k): v for k, v in d["results"].items()}, task)
         # Results dropped here (not this task's queries any more) count as duplicates too.
         job.stats.duplicates += int(d.get("duplicates", 0)) + len(d["results"]) - len(fresh)
-        if task is not None:
+        if task is not None and final:
             # A result that does not answer every query of its task must not lose the rest.
             missing = [i for i in task.indexes if i not in job.results]
             if missing and job.state is not JobState.CANCELLED:
@@ -989,10 +1030,7 @@ class Coordinator:
         if not isinstance(pattern, str) or not pattern:
             raise CommandError(ErrorCode.BAD_REQUEST, "submit needs an SDFS glob or prefix of inputs")
         # Defaults only for what was not given: 0 is an error, not "use the default".
-        batch = args.get("batch")
-        batch = self.cfg.default_batch_size if batch is None else batch
-        if not 1 <= batch <= self.cfg.max_batch_size:
-            raise CommandError(ErrorCode.BAD_REQUEST, f"batch size must be 1..{self.cfg.max_batch_size}")
+        batch, target = self._batch_args(args.get("batch"), args.get("latency_target"))
         weight = args.get("weight")
         weight = 1.0 if weight is None else weight
         files = self.master.ls(pattern)
@@ -1001,7 +1039,7 @@ class Coordinator:
         if not inputs:
             raise CommandError(ErrorCode.NOT_FOUND, f"no input files match {pattern!r} in SDFS; `put` them first")
         job_id = self.jobs.new_job_id(model)
-        job = Job(job_id, model, inputs, batch, weight, submitted=self.clock())
+        job = Job(job_id, model, inputs, batch, weight, submitted=self.clock(), latency_target=target)
         self.emit("job.add", job.snapshot(), now)
         self.event("job_added", job_id, now)
         if args.get("start") or self.jobs.running():
@@ -1013,17 +1051,20 @@ class Coordinator:
     def cmd_jobs(self, args: dict[str, Any], now: float) -> Any:
         return [j.describe() for j in self.jobs.jobs.values()]
 
-    def _rate(self, job: Job) -> float:
-        return job.stats.rate(self.clock(), self.cfg.rate_window)
+    def _rate(self, job: Job, window: float | None = None) -> float:
+        return job.stats.rate(self.clock(), window or self.cfg.rate_window)
 
     def cmd_query_rate(self, args: dict[str, Any], now: float) -> Any:
         jobs = self._jobs(args)
-        rates = {j.job_id: {"rate": self._rate(j), "count": len(j.results), "window": self.cfg.rate_window,
+        short, long = self.cfg.rate_window, self.cfg.rate_window_long
+        rates = {j.job_id: {"rate": self._rate(j), "count": len(j.results), "window": short,
+                            "rate_long": self._rate(j, long), "window_long": long,
                             "model": j.model, "overall": j.stats.overall_rate(), "state": str(j.state),
                             "duplicates": j.stats.duplicates}
                  for j in jobs}
-        running = [r["rate"] for j, r in zip(jobs, rates.values(), strict=True) if j.state is JobState.RUNNING]
-        return {"jobs": rates, "gap": rate_gap(running)}
+        running = [j.job_id for j in jobs if j.state is JobState.RUNNING]
+        return {"jobs": rates, "gap": rate_gap([rates[j]["rate"] for j in running]),
+                "gap_long": rate_gap([rates[j]["rate_long"] for j in running])}
 
     def cmd_query_time(self, args: dict[str, Any], now: float) -> Any:
         return {
@@ -1032,12 +1073,21 @@ class Coordinator:
             for j in self._jobs(args)
         }
 
+    def _batch_args(self, batch: Any, target: float | None) -> tuple[int, float]:
+        """(batch size, latency target) from a command's arguments; batch size 0 means auto."""
+        batch = self.cfg.default_batch_size if batch is None else batch
+        if batch == AUTO:
+            return 0, target or self.cfg.default_latency_target
+        if target:
+            raise CommandError(ErrorCode.BAD_REQUEST, "--latency-target goes with --batch auto")
+        if not 1 <= batch <= self.cfg.max_batch_size:
+            raise CommandError(ErrorCode.BAD_REQUEST, f"batch size must be 1..{self.cfg.max_batch_size} or auto")
+        return batch, 0.0
+
     def cmd_set_batch_size(self, args: dict[str, Any], now: float) -> Any:
         job = self._job(args)
-        n = args["n"]
-        if not 1 <= n <= self.cfg.max_batch_size:
-            raise CommandError(ErrorCode.BAD_REQUEST, f"batch size must be 1..{self.cfg.max_batch_size}")
-        self.emit("job.batch", {"job_id": job.job_id, "batch_size": n}, now)
+        n, target = self._batch_args(args["n"], args.get("latency_target"))
+        self.emit("job.batch", {"job_id": job.job_id, "batch_size": n, "latency_target": target}, now)
         return job.describe()
 
     def cmd_results(self, args: dict[str, Any], now: float) -> Any:

@@ -40,7 +40,7 @@ class Job:
     job_id: str
     model: str
     inputs: list[tuple[str, int]]  # (sdfs name, version)
-    batch_size: int
+    batch_size: int  # 0: auto, sized per dispatch from the worker's measured cost and latency_target
     weight: float = 1.0
     state: JobState = JobState.QUEUED
     submitted: float = field(default_factory=time.time)
@@ -53,6 +53,7 @@ class Job:
     # SDFS version of ``results/<job_id>`` once a write of the finished job's results succeeded
     # (replicated op ``job.results_written``; None: the primary still owes that write).
     results_version: int | None = None
+    latency_target: float = 0.0  # seconds of compute per batch when batch_size is auto (0)
 
     def __post_init__(self) -> None:
         if self.stats is None:
@@ -72,7 +73,8 @@ class Job:
             "job_id": self.job_id,
             "model": self.model,
             "state": str(self.state),
-            "batch_size": self.batch_size,
+            "batch_size": self.batch_size or "auto",
+            "latency_target": self.latency_target or None,
             "weight": self.weight,
             "total": self.total,
             "completed": len(self.results),
@@ -115,7 +117,7 @@ class Job:
             job_id=d["job_id"],
             model=d["model"],
             inputs=[(str(n), int(v)) for n, v in d["inputs"]],
-            batch_size=int(d["batch_size"]),
+            batch_size=0 if d["batch_size"] == "auto" else int(d["batch_size"]),
             weight=float(d.get("weight", 1.0)),
             state=JobState(d["state"]),
             submitted=float(d["submitted"]),
@@ -125,6 +127,7 @@ class Job:
             stats=JobStats.restore(d["stats"]) if d.get("stats") else None,
             dispatches={int(k): int(v) for k, v in (d.get("dispatches") or {}).items()},
             results_version=d.get("results_version"),
+            latency_target=float(d.get("latency_target") or 0.0),
         )
         # Whatever was in flight at the old primary is pending again (its late results still count once);
         # a cancelled job has nothing pending.
@@ -253,7 +256,10 @@ class JobTable:
         return task
 
     def in_flight(self, job_id: str) -> int:
-        return sum(len(t.indexes) for t in self.tasks.values() if t.job_id == job_id)
+        """Queries out at workers and not answered yet (a streaming task answers piece by piece)."""
+        job = self.jobs.get(job_id)
+        done = job.results if job is not None else {}
+        return sum(1 for t in self.tasks.values() if t.job_id == job_id for i in t.indexes if i not in done)
 
     def cancel(self, job: Job, now: float) -> int:
         """Drop the job's pending queries (in-flight ones still finish); return how many were dropped."""

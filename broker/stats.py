@@ -70,8 +70,12 @@ class JobStats:
         return total
 
     def rate(self, now: float, window: float) -> float:
+        """Images per second over the last ``window`` seconds, or since the first dispatch when the
+        job is younger than that (dividing a 3 s old job's images by 10 s would understate it)."""
         if self.first_result is None:
             return 0.0
+        if self.started is not None:
+            window = max(1e-3, min(window, now - self.started))
         return self.images_between(now - window, now) / window
 
     def overall_rate(self) -> float:

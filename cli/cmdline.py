@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.commands import CLIENT_COMMANDS, CLIENT_ONLY, COMMANDS, Arg, CommandSpec
+from common.commands import AUTO, CLIENT_COMMANDS, CLIENT_ONLY, COMMANDS, Arg, CommandSpec
 
 HELP_FLAGS = ("-h", "--help")
 BOOL_WORDS = ("1", "0", "true", "false", "yes", "no", "on", "off")
@@ -39,6 +39,8 @@ def _convert(kind: type, raw: str, name: str) -> Any:
 def convert(arg: Arg, raw: str) -> Any:
     """A command-line word as ``arg``'s type, range-checked (UsageError with a clear message)."""
     try:
+        if arg.auto and raw.strip().lower() == AUTO:
+            return AUTO
         return arg.check(_convert(arg.kind, raw, arg.name))
     except UsageError:
         raise

@@ -72,13 +72,16 @@ def jobs(data: list[dict[str, Any]]) -> Table:
 
 
 def query_rate(data: dict[str, Any]) -> Table:
-    t = Table(title=f"query rate (images/s over the last window); rate gap between running jobs {data['gap']:.1%}")
-    for col in ("job", "model", "state", "rate (img/s)", "window (s)", "avg since start", "completed",
-                "duplicates dropped"):
+    long = next((r.get("window_long") for r in data["jobs"].values()), None) or 30
+    gap_long = data.get("gap_long")
+    t = Table(title=f"query rate (images/s); rate gap between running jobs {data['gap']:.1%} "
+                    f"over the short window" + (f", {gap_long:.1%} over {long:g} s" if gap_long is not None else ""))
+    for col in ("job", "model", "state", "rate (img/s)", "window (s)", f"rate over {long:g} s", "avg since start",
+                "completed", "duplicates dropped"):
         t.add_column(col)
     for job, r in data["jobs"].items():
         _row(t, job, r["model"], r.get("state", ""), _f(r["rate"], 2), _f(r["window"], 0),
-             _f(r.get("overall"), 2), str(r["count"]), str(r.get("duplicates", 0)))
+             _f(r.get("rate_long"), 2), _f(r.get("overall"), 2), str(r["count"]), str(r.get("duplicates", 0)))
     return t
 
 

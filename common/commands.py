@@ -13,6 +13,7 @@ from typing import Any
 # The largest integer any command takes: counts far beyond anything real, and well inside the
 # wire's (msgpack) and the coordinator's range, so no number can overflow on the way.
 MAX_INT = 2**31 - 1
+AUTO = "auto"  # `--batch auto`: the largest batch whose predicted compute stays under the latency target
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,12 @@ class Arg:
     hi: float | None = None
     option: bool = False  # written ``--name VALUE`` (``--name`` alone for a bool); otherwise positional
     metavar: str = "N"
+    auto: bool = False  # an int argument that also takes the word "auto" (a batch size chosen by the cluster)
 
     def usage(self) -> str:
         if self.option:
-            text = f"--{self.name}" if self.kind is bool else f"--{self.name} {self.metavar}"
+            flag = "--" + self.name.replace("_", "-")  # the parser takes either spelling
+            text = flag if self.kind is bool else f"{flag} {self.metavar}"
         else:
             text = f"<{self.name}>" if self.required else f"[{self.name}]"
             return text
@@ -46,8 +49,10 @@ class Arg:
                 raise ValueError(f"{self.name} must be true or false, not {value!r:.40}")
             return value
         if self.kind is int:
+            if self.auto and value == AUTO:
+                return value
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{self.name} must be an integer, not {value!r:.40}")
+                raise ValueError(f"{self.name} must be an integer{' or auto' if self.auto else ''}, not {value!r:.40}")
             hi = MAX_INT if self.hi is None else self.hi
         elif self.kind is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -95,8 +100,10 @@ COMMANDS: dict[str, CommandSpec] = {
             (
                 Arg("model", help="torchvision classifier name, e.g. alexnet, resnet50"),
                 Arg("inputs", help="SDFS glob or prefix, e.g. 'data/*.jpg'"),
-                Arg("batch", int, False, "queries per batch (default: the cluster's default_batch_size)", 0,
-                    lo=1, option=True),
+                Arg("batch", int, False, "queries per batch, or auto (default: the cluster's default_batch_size)",
+                    0, lo=1, option=True, auto=True),
+                Arg("latency_target", float, False, "with --batch auto: seconds of compute per batch (default: "
+                    "the cluster's default_latency_target)", 0.0, lo=0.01, hi=3600, option=True, metavar="S"),
                 Arg("weight", float, False, "share relative to other jobs", 1.0, lo=0.001, hi=1000, option=True,
                     metavar="W"),
                 Arg("start", bool, False, "start right away (a job submitted while others run starts anyway)",
@@ -106,7 +113,10 @@ COMMANDS: dict[str, CommandSpec] = {
         CommandSpec("jobs", "list jobs with state and progress"),
         CommandSpec("query_rate", "images/s over the last window and count since start", (OPT_JOB,)),
         CommandSpec("query_time", "query latency: avg, std, median, p90, p95, p99", (OPT_JOB,)),
-        CommandSpec("set_batch_size", "change a job's batch size (takes effect live)", (JOB, Arg("n", int, lo=1))),
+        CommandSpec("set_batch_size", "change a job's batch size, or auto (takes effect live)",
+                    (JOB, Arg("n", int, lo=1, auto=True),
+                     Arg("latency_target", float, False, "with auto: seconds of compute per batch", 0.0, lo=0.01,
+                         hi=3600, option=True, metavar="S"))),
         CommandSpec(
             "results",
             "results of a job: per input top-5, worker, latency, completion time, times dispatched",

@@ -19,8 +19,9 @@ from typing import Any, ClassVar
 
 import msgpack
 
-# 3: PutReplace (pipeline recovery); 2: Ready carries total `slots`. Nodes of different versions refuse each other.
-VERSION = 3
+# 4: streamed partial TaskResults (`final`); 3: PutReplace (pipeline recovery); 2: Ready carries
+# total `slots`. Nodes of different versions refuse each other.
+VERSION = 4
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 
 
@@ -557,14 +558,18 @@ class TaskResult(Message):
     task_id: str
     job_id: str
     node_id: str
-    elapsed: float  # seconds of compute for the whole batch
+    elapsed: float  # seconds of compute for the queries in `results`
     results: list[dict[str, Any]]  # {"qid","input","top5":[[label,prob]],"error":str|None}
+    # False: more of this task's queries follow (results stream while a batch computes, so rates
+    # and first results move at image granularity); True: the task is over and its slot is free.
+    final: bool = True
 
 
 @message
 class ResultAck(Message):
     TYPE = "result_ack"
     task_id: str
+    final: bool = True  # only the ack of a final result lets the worker forget the task's results
 
 
 # --------------------------------------------------------------------------------------------

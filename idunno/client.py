@@ -286,8 +286,11 @@ class Job:
         """Drop the pending queries; in-flight ones finish and every result is kept."""
         return self.client.command("cancel", job=self.id)
 
-    def set_batch_size(self, n: int) -> dict[str, Any]:
-        return self.client.command("set_batch_size", job=self.id, n=n)
+    def set_batch_size(self, n: int | str, latency_target: float | None = None) -> dict[str, Any]:
+        args: dict[str, Any] = {"job": self.id, "n": n}
+        if latency_target is not None:
+            args["latency_target"] = latency_target
+        return self.client.command("set_batch_size", **args)
 
 
 class Sdfs:
@@ -406,13 +409,16 @@ class Client:
         self.close()
 
     # -- jobs --------------------------------------------------------------------------------------------
-    def submit(self, model: str, inputs: str, batch: int | None = None, weight: float = 1.0,
-               start: bool = True) -> Job:
+    def submit(self, model: str, inputs: str, batch: int | str | None = None, weight: float = 1.0,
+               start: bool = True, latency_target: float | None = None) -> Job:
         """Run ``model`` (any torchvision classifier, or ``noop``) over the SDFS files matching ``inputs``
-        (a glob or prefix). ``start=False`` queues the job until :meth:`start` (unless others run)."""
+        (a glob or prefix). ``start=False`` queues the job until :meth:`start` (unless others run).
+        ``batch="auto"`` sizes each batch so its compute stays under ``latency_target`` seconds."""
         args: dict[str, Any] = {"model": model, "inputs": inputs, "weight": weight, "start": start}
         if batch:
             args["batch"] = batch
+        if latency_target is not None:
+            args["latency_target"] = latency_target
         return Job(self, self.command("submit", **args))
 
     def job(self, job_id: str) -> Job:

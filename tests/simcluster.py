@@ -14,7 +14,7 @@ from typing import Any
 from broker.coordinator import Coordinator
 from common.config import Config
 from common.modelnames import MODEL_NAMES
-from common.protocol import Command, Heartbeat, Join, Message, Ok, Ready, Task, TaskResult, decode
+from common.protocol import Command, Heartbeat, Join, Message, Ok, Ready, ResultAck, Task, TaskResult, decode
 
 
 class MemoryNet:
@@ -49,6 +49,8 @@ class _Event:
     seq: int
     worker: str = field(compare=False)
     task: Task = field(compare=False)
+    first: int = field(compare=False, default=0)  # the piece of the task's queries this event answers
+    last: int = field(compare=False, default=0)
 
 
 class SimCluster:
@@ -64,6 +66,7 @@ class SimCluster:
         self.seq = itertools.count()
         self.dispatches: list[tuple[float, str, str, int]] = []  # (t, job, worker, n)
         self.replies: list[Message] = []
+        self.acks: list[ResultAck] = []  # what workers were told about their results
         self.next_beat = 0.0
         for i, s in enumerate(speeds):
             self.add_worker(f"127.0.0.1:{9000 + i}@1", s)
@@ -93,14 +96,22 @@ class SimCluster:
             node = ident.decode()
             if node == "client":
                 self.replies.append(msg)
+            elif isinstance(msg, ResultAck):
+                self.acks.append(msg)
             elif isinstance(msg, Task) and node in self.workers and self.workers[node].alive:
                 w = self.workers[node]
                 w.received.append(msg)
                 self.dispatches.append((self.t, msg.job_id, node, len(msg.queries)))
-                model_cost = self.costs.get(msg.model, 0.01)
-                start = max(self.t, w.busy_until)
-                w.busy_until = start + len(msg.queries) * model_cost / w.speed
-                heapq.heappush(self.events, _Event(w.busy_until, next(self.seq), node, msg))
+                per_image = self.costs.get(msg.model, 0.01) / w.speed
+                t = max(self.t, w.busy_until)
+                # Like the real executor: results stream in pieces of about `stream_interval` of compute.
+                interval = self.cfg.stream_interval
+                size = len(msg.queries) if interval <= 0 else max(1, int(interval / per_image))
+                for first in range(0, len(msg.queries), size):
+                    last = min(len(msg.queries), first + size)
+                    t += (last - first) * per_image
+                    heapq.heappush(self.events, _Event(t, next(self.seq), node, msg, first, last))
+                w.busy_until = t
 
     def _beat(self) -> None:
         # Alive workers heartbeat every interval of virtual time; dead ones fall silent.
@@ -129,11 +140,11 @@ class SimCluster:
             w = self.workers[ev.worker]
             if not w.alive:
                 continue
-            n = len(ev.task.queries)
-            elapsed = n * self.costs.get(ev.task.model, 0.01) / w.speed
-            results = [{"qid": q["qid"], "input": q["input"], "top5": [["x", 1.0]], "error": None}
-                       for q in ev.task.queries]
-            self.deliver(ev.worker, TaskResult(ev.task.task_id, ev.task.job_id, ev.worker, elapsed, results))
+            piece = ev.task.queries[ev.first:ev.last]
+            elapsed = len(piece) * self.costs.get(ev.task.model, 0.01) / w.speed
+            results = [{"qid": q["qid"], "input": q["input"], "top5": [["x", 1.0]], "error": None} for q in piece]
+            final = ev.last >= len(ev.task.queries)
+            self.deliver(ev.worker, TaskResult(ev.task.task_id, ev.task.job_id, ev.worker, elapsed, results, final))
             self.core.tick(self.t)
             self._route()
         self.t = t_end

@@ -75,14 +75,18 @@ def test_global_options_after_the_command_are_not_swallowed():
 
 
 def test_help_and_shell_show_the_option_forms():
-    assert "submit <model> <inputs> [--batch N] [--weight W] [--start]" in help_text()
-    assert help_text("submit").startswith("usage: submit <model> <inputs> [--batch N] [--weight W] [--start]")
+    assert "submit <model> <inputs> [--batch N] [--latency-target S] [--weight W] [--start]" in help_text()
+    assert help_text("submit").startswith(
+        "usage: submit <model> <inputs> [--batch N] [--latency-target S] [--weight W] [--start]")
     assert "wait <job> [--timeout SECONDS]" in help_text()
     console = Console(record=True, width=200)
     run_coordinator_line("help submit", lambda *a: None, console)
     run_coordinator_line("submit --help", lambda *a: None, console)
     out = console.export_text()
-    assert out.count("[--batch N] [--weight W] [--start]") == 2
+    assert out.count("[--batch N] [--latency-target S] [--weight W] [--start]") == 2
+    assert parse_command(["submit", "m", "in/", "--batch", "AUTO", "--latency-target", "0.5"])[1] == {
+        "model": "m", "inputs": "in/", "batch": "auto", "latency_target": 0.5}
+    assert parse_command(["set_batch_size", "job1", "auto"])[1] == {"job": "job1", "n": "auto"}
     assert parse_command(["submit", "m", "in/", "--batch=3", "--weight", "2", "--start"])[1] == {
         "model": "m", "inputs": "in/", "batch": 3, "weight": 2.0, "start": True}
     with pytest.raises(UsageError, match=r"submit: unknown option --size; usage: submit <model>"):

@@ -12,6 +12,9 @@ from common.config import Config
 from common.protocol import Error, Heartbeat, Leave, Rejoin, Task, TaskResult, Topic, decode
 
 CHEAP, DEAR = "cheap", "dear"
+# For tests of other mechanics that need a job's first task to be a whole batch, answered at once.
+WHOLE_BATCHES = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, slow_start=False,
+                       stream_interval=0.0)
 
 
 def window_gap(sim: SimCluster, jobs: list[str], t0: float, t1: float, window: float = 10.0) -> float:
@@ -113,7 +116,7 @@ def test_a_worker_failure_does_not_cost_the_job_it_was_serving_its_share():
 
 
 def test_duplicate_results_are_counted_once():
-    sim = SimCluster({CHEAP: 0.01}, speeds=[1])
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1], cfg=WHOLE_BATCHES)
     sim.add_inputs("in", 8)
     job = sim.command("submit", model=CHEAP, inputs="in/", batch=8, start=True)["job_id"]
     node = next(iter(sim.workers))
@@ -127,7 +130,7 @@ def test_duplicate_results_are_counted_once():
 
 
 def test_set_batch_size_takes_effect_live():
-    sim = SimCluster({CHEAP: 0.01}, speeds=[1, 1])
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1, 1], cfg=WHOLE_BATCHES)
     sim.add_inputs("in", 1000)
     job = sim.command("submit", model=CHEAP, inputs="in/", batch=8, start=True)["job_id"]
     sim.run_until(1.0)
@@ -253,7 +256,7 @@ def test_handler_errors_and_non_requests_never_kill_the_coordinator():
 
 
 def test_a_partial_result_requeues_the_unanswered_queries_and_task_ids_carry_the_term():
-    sim = SimCluster({CHEAP: 0.01}, speeds=[1])
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1], cfg=WHOLE_BATCHES)
     sim.add_inputs("in", 4)
     job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
     node = next(iter(sim.workers))
@@ -348,8 +351,7 @@ def test_an_unknown_task_listed_at_reattach_frees_its_slot_after_the_task_timeou
 
 
 def test_results_carry_completion_time_and_dispatch_count_and_duplicates_are_counted():
-    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2)
-    sim = SimCluster({CHEAP: 0.01}, speeds=[1], cfg=cfg)
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1], cfg=WHOLE_BATCHES)
     sim.add_inputs("in", 4)
     job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
     node = next(iter(sim.workers))

@@ -263,7 +263,7 @@ class Worker:
             store=[i.as_list() for i in self.store.list()],
             # Tasks still computing and tasks finished but not yet acknowledged: the coordinator keeps
             # them out of the queue (their results follow the Welcome) instead of running them twice.
-            inflight=[*self.inflight, *self.unacked],
+            inflight=list(dict.fromkeys([*self.inflight, *self.unacked])),
         )
 
     def _choose_primary(self, now: float) -> None:
@@ -350,15 +350,17 @@ class Worker:
                 return
             msg = try_decode(frame, self.cfg.max_frame_bytes, "executor")
             if isinstance(msg, TaskResult):
-                self.inflight.pop(msg.task_id, None)
+                if msg.final:
+                    self.inflight.pop(msg.task_id, None)
                 if int(gen) != self.generation:
                     # Computed for an earlier incarnation (that member is dead): drop it, but tell the
                     # coordinator about the slot it freed, or this worker would stay below capacity.
-                    self.stale = max(0, self.stale - 1)
-                    if self.joined:
-                        self._send(self.primary, self._ready())
+                    if msg.final:
+                        self.stale = max(0, self.stale - 1)
+                        if self.joined:
+                            self._send(self.primary, self._ready())
                     continue
-                self.unacked[msg.task_id] = msg
+                self._keep_unacked(msg)
                 if self.joined:
                     self._send(self.primary, msg)
             elif isinstance(msg, Stored):
@@ -367,6 +369,18 @@ class Worker:
                     self._send(self.primary, msg)
                 else:
                     self.held_reports.append(msg)  # delivered once we are attached again
+
+    def _keep_unacked(self, piece: TaskResult) -> None:
+        """Everything a task has answered so far, until the coordinator acknowledges its final piece:
+        after a takeover the new primary gets it in one message (it de-duplicates by query)."""
+        kept = self.unacked.get(piece.task_id)
+        if kept is None:
+            self.unacked[piece.task_id] = TaskResult(piece.task_id, piece.job_id, piece.node_id, piece.elapsed,
+                                                     list(piece.results), piece.final)
+            return
+        kept.results.extend(piece.results)
+        kept.elapsed += piece.elapsed
+        kept.final = piece.final
 
     # -- handlers ---------------------------------------------------------------------------------
     def on_welcome(self, m: Welcome) -> None:
@@ -417,7 +431,8 @@ class Worker:
         self.executor.submit(m, self.generation)
 
     def on_result_ack(self, m: ResultAck) -> None:
-        self.unacked.pop(m.task_id, None)
+        if m.final:
+            self.unacked.pop(m.task_id, None)
 
     def on_replicate(self, m: Replicate) -> None:
         self.replications.put(m)

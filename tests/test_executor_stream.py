@@ -1,0 +1,69 @@
+"""The worker's compute stage streams a batch's results in pieces sized by measured cost."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import zmq
+
+from common.config import Config
+from common.protocol import Task, decode
+from sdfs.store import LocalStore
+from worker.executor import Executor, Prepared
+
+
+class SlowModel:
+    """A stand-in classifier that takes `per_image` seconds per image (the executor times it)."""
+
+    def __init__(self, per_image: float) -> None:
+        self.per_image = per_image
+        self.calls: list[int] = []
+
+    def predict_batch(self, images: list, topk: int = 5) -> list:
+        self.calls.append(len(images))
+        time.sleep(self.per_image * len(images))  # the compute being timed, not synchronisation
+        return [[("label", 0.9)] for _ in images]
+
+
+def _executor(tmp_path: Path, cfg: Config) -> Executor:
+    return Executor(cfg, lambda: "w@1", LocalStore(tmp_path / "store"), tmp_path / "cache", lambda: [],
+                    "inproc://unused", zmq.Context.instance())
+
+
+def _task(n: int) -> Task:
+    return Task("t1.1-job1", "job1", "slow", 1, [{"qid": f"job1:{i}", "input": f"in/{i}", "version": 1}
+                                                   for i in range(n)])
+
+
+def test_pieces_follow_the_measured_cost_and_only_the_last_is_final(tmp_path):
+    ex = _executor(tmp_path, Config(stream_interval=0.1))
+    model = ex.models["slow"] = SlowModel(0.03)
+    task = _task(8)
+    pieces = [decode(m.encode()) for m in ex._run(Prepared(task, 0, ["img"] * 8, [None] * 8))]
+    # The first piece measures one image; then ~0.1 s of compute per piece (3 images at 0.03 s).
+    assert model.calls[0] == 1 and all(1 <= c <= 4 for c in model.calls[1:]) and sum(model.calls) == 8
+    assert [p.final for p in pieces] == [False] * (len(pieces) - 1) + [True]
+    qids = [r["qid"] for p in pieces for r in p.results]
+    assert qids == [q["qid"] for q in task.queries]  # every query once, in order
+    assert all(p.elapsed > 0 for p in pieces)
+
+
+def test_a_cheap_model_sends_its_batch_in_one_piece_once_measured(tmp_path):
+    ex = _executor(tmp_path, Config(stream_interval=0.25))
+    ex.models["slow"] = SlowModel(0.001)
+    ex.cost["slow"] = 0.001
+    pieces = list(ex._run(Prepared(_task(8), 0, ["img"] * 8, [None] * 8)))
+    assert len(pieces) == 1 and pieces[0].final and len(pieces[0].results) == 8
+
+
+def test_inputs_that_failed_to_load_and_a_broken_model_still_answer_every_query(tmp_path):
+    ex = _executor(tmp_path, Config(stream_interval=0.0))
+    ex.models["slow"] = SlowModel(0.0)
+    errors = [None, "ImageDecodeError: corrupt", None]
+    (piece,) = ex._run(Prepared(_task(3), 0, ["img", None, "img"], errors))
+    assert [r["error"] for r in piece.results] == errors and piece.results[1]["top5"] is None
+    ex.model_errors["broken"] = "cannot load model 'broken': boom"
+    task = Task("t1.2-job1", "job1", "broken", 1, _task(2).queries)
+    (piece,) = ex._run(Prepared(task, 0, ["img", "img"], [None, None]))
+    assert piece.final and all("boom" in r["error"] for r in piece.results)
