@@ -109,7 +109,7 @@ class Job:
         if self.finished is None or self.stats is None:
             return None
         return (str(self.state), self.finished, len(self.results), self.stats.completed, self.stats.duplicates,
-                self.results_version, self.batch_size, self.weight, sum(self.dispatches.values()))
+                self.results_version, self.batch_size, self.latency_target, self.weight, sum(self.dispatches.values()))
 
     @classmethod
     def restore(cls, d: dict[str, Any]) -> Job:
