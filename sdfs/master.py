@@ -125,6 +125,8 @@ class SdfsMaster:
         self.tomb_pending: dict[str, set[str]] = {}
         self.dirty: dict[Key, None] = {}  # an ordered set
         self.last_target = 0
+        self.settle_until: float | None = None  # set by the first repair after loading metadata from disk
+        self.loaded = False
         self.db: sqlite3.Connection | None = None
         if db_path:
             self._open_db(db_path)
@@ -137,6 +139,7 @@ class SdfsMaster:
         self.db.execute("CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, entry TEXT NOT NULL)")
         for name, entry in self.db.execute("SELECT name, entry FROM files"):
             self._load_entry(name, json.loads(entry))
+        self.loaded = bool(self.files)
         log.info("loaded metadata of %d files (%d tombstones) from %s", len(self.files), len(self.tombs), path)
 
     def entry(self, name: str) -> dict[str, Any]:
@@ -654,6 +657,14 @@ class SdfsMaster:
         for pid in [pid for pid, p in self.pending.items() if p.deadline < now]:
             self._pop_pending(pid)
         self._expire_tombs()
+        if self.loaded:
+            # Started from metadata on disk (a whole-cluster restart): give the nodes a failure
+            # timeout to rejoin and report before copying anything, instead of re-replicating onto
+            # the first node to arrive what the others are about to report.
+            self.loaded = False
+            self.settle_until = now + self.cfg.failure_timeout
+        if self.settle_until is not None and now < self.settle_until:
+            return []
         live = self.live_nodes()
         if not live:
             return []

@@ -757,3 +757,19 @@ def test_repair_examines_only_versions_that_changed() -> None:
     assert cl.master.dirty == {} and cl.master.under_replicated() == 0
     # Fully replicated again: the copy on the node that is down is forgotten.
     assert all(victim not in v.holders for vs in cl.master.files.values() for v in vs.values())
+
+
+def test_a_master_started_from_disk_lets_nodes_report_before_repairing(tmp_path: Path) -> None:
+    db = tmp_path / "meta.sqlite"
+    cl = Cluster(6, db_path=db)
+    plan = cl.put("f")
+    cl.master.db.close()
+    for n in replica_ids(plan)[:2]:
+        del cl.live[n]  # not rejoined yet
+    second = cl.open(db)
+    try:
+        assert second.repair(NOW) == []  # the others may be about to report
+        assert second.repair(NOW + cl.cfg.failure_timeout / 2) == []
+        assert len(second.repair(NOW + cl.cfg.failure_timeout + 0.1)) == 2
+    finally:
+        second.db.close()
