@@ -78,6 +78,11 @@ def main() -> None:
         copies += len(out)
         for target, m in out:  # every copy succeeds at once
             master.stored(target, m.name, m.version, True, m.checksum)
+    other = next(n for n in master.held if n != victim)
+    other_store = [[n, v, master.files[n][v].size, master.files[n][v].checksum] for n, v in master.held[other]]
+    t4 = time.perf_counter()
+    master.node_report(f"{other}@1", other_store)  # unchanged: what every worker sends a new primary
+    reattach_ms = (time.perf_counter() - t4) * 1000
     back = f"{victim}@2"
     live[back] = "10.0.0.99:9000"
     t3 = time.perf_counter()
@@ -92,6 +97,8 @@ def main() -> None:
            [f"node_down of a node holding {held:,} versions", down_ms, down_ms, "marks them for repair"],
            ["repair tick while re-replicating", statistics.median(ticks), max(ticks),
             f"{len(ticks)} ticks, {copies:,} copies"],
+           [f"node_report of {len(other_store):,} replicas, re-attach", reattach_ms, reattach_ms,
+            "same incarnation (failover)"],
            [f"node_report of its {held:,} replicas (rejoin)", report_ms, report_ms, "new incarnation"]])
     headline(f"SDFS repair tick at {args.files:,} files: {med_idle:.3f} ms idle vs {med_scan:.1f} ms for a full "
              f"scan ({ratio(med_idle / med_scan)}); {statistics.median(ticks):.1f} ms median while repairing")

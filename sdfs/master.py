@@ -543,7 +543,8 @@ class SdfsMaster:
         for item in store:
             try:
                 name, version, size, checksum = str(item[0]), int(item[1]), int(item[2]), str(item[3])
-                validate_name(name)
+                if name not in self.next_version:  # a known name was validated when it was created
+                    validate_name(name)
             except (BadName, IndexError, TypeError, ValueError):
                 continue
             if version < 1:
@@ -551,10 +552,13 @@ class SdfsMaster:
             reported[(name, version)] = (size, checksum)
 
         # 1. What the metadata says this node (any incarnation of it) holds, against what it has.
+        older = any(i != node_id and node_name(i) == me for i in self.stored_load)  # earlier incarnations
         for name, version in list(self.held.get(me, ())):
             v = self.files[name][version]
-            mine = [h for h in v.holders if node_name(h) == me]
             has = reported.get((name, version)) == (v.size, v.checksum)
+            if has and not older:
+                continue  # the common re-attach case (step 3 adds the holder if it is new)
+            mine = [h for h in v.holders if node_name(h) == me]
             moved = False
             for h in mine:
                 if h != node_id or not has:
