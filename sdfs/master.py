@@ -43,6 +43,7 @@ MAX_REPAIRS_IN_FLIGHT = 512
 # Versions examined per repair tick: a big backlog (a restored namespace, a lost node holding
 # 100k files) is worked through over several ticks instead of stalling the coordinator loop.
 MAX_CHECKS_PER_TICK = 5000
+JOURNAL_BATCH = 2000  # entries per journalled op (an entry is ~0.3-1 KB: far below one frame)
 
 Key = tuple[str, int]  # (file name, version)
 
@@ -178,7 +179,11 @@ class SdfsMaster:
         if not entries:
             return
         self._persist(entries)
-        self.journal("sdfs.files", {"entries": entries})
+        # Several ops for a big change set (a restarted node re-homing 100k replicas): each journal
+        # op must fit in one frame on its way to the standby.
+        names = list(entries)
+        for i in range(0, len(names), JOURNAL_BATCH):
+            self.journal("sdfs.files", {"entries": {n: entries[n] for n in names[i:i + JOURNAL_BATCH]}})
 
     def _persist(self, entries: dict[str, dict[str, Any]]) -> None:
         if self.db is None:

@@ -773,3 +773,14 @@ def test_a_master_started_from_disk_lets_nodes_report_before_repairing(tmp_path:
         assert len(second.repair(NOW + cl.cfg.failure_timeout + 0.1)) == 2
     finally:
         second.db.close()
+
+
+def test_a_big_change_set_is_journalled_in_ops_that_fit_a_frame() -> None:
+    from sdfs.master import JOURNAL_BATCH  # noqa: PLC0415
+
+    cl = Cluster(1)
+    n = JOURNAL_BATCH * 2 + 5
+    node = next(iter(cl.live))
+    cl.master.node_report(node, [[f"x/{i}", 1, 1, "c"] for i in range(n)])
+    sizes = [len(d["entries"]) for op, d in cl.journal if op == "sdfs.files"]
+    assert sizes == [JOURNAL_BATCH, JOURNAL_BATCH, 5]
