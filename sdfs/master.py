@@ -558,47 +558,55 @@ class SdfsMaster:
 
         # 1. What the metadata says this node (any incarnation of it) holds, against what it has.
         older = any(i != node_id and node_name(i) == me for i in self.stored_load)  # earlier incarnations
-        for name, version in list(self.held.get(me, ())):
+        # A re-attach (failover, same incarnation) needs only what it no longer reports; mismatching
+        # copies are handled with every reported item below.
+        check = list(self.held.get(me, ())) if older else list(self.held.get(me, set()) - reported.keys())
+        for name, version in check:
             v = self.files[name][version]
             has = reported.get((name, version)) == (v.size, v.checksum)
-            if has and not older:
-                continue  # the common re-attach case (step 3 adds the holder if it is new)
-            mine = [h for h in v.holders if node_name(h) == me]
             moved = False
-            for h in mine:
+            for h in [h for h in v.holders if node_name(h) == me]:
                 if h != node_id or not has:
                     moved |= self._remove_holder(name, v, h)
             if has:
                 moved |= self._add_holder(name, v, node_id)
             if moved:  # a rejoin that changes nothing writes nothing (a big store is not re-journaled)
                 changed.add(name)
-            if not v.holders:
-                log.warning("%s v%d: metadata listed a replica on %s, which does not have it, and no other "
-                            "holder; entry dropped (no readable replica)", name, version, me)
-                self._pop_version(name, version)
-                self.stats["dropped_unreadable"] += 1
+            self._drop_if_unheld(name, v, me)
 
         # 2. Tombstones waiting for this node: a report without the deleted copy confirms the delete.
-        for name in list(self.tomb_pending.get(me, ())):
-            tomb = self.tombs[name]
-            if not any(n == name and ver <= tomb.version for n, ver in reported):
-                self._set_tomb(name, Tomb(tomb.version, tomb.pending - {me}, tomb.at))
-                self._gc_tomb(name)
-                changed.add(name)
+        waiting = self.tomb_pending.get(me)
+        if waiting:
+            oldest: dict[str, int] = {}
+            for name, version in reported:
+                if name in waiting:
+                    oldest[name] = min(version, oldest.get(name, version))
+            for name in list(waiting):
+                tomb = self.tombs[name]
+                if oldest.get(name, tomb.version + 1) > tomb.version:
+                    self._set_tomb(name, Tomb(tomb.version, tomb.pending - {me}, tomb.at))
+                    self._gc_tomb(name)
+                    changed.add(name)
 
         # 3. Every reported copy.
         pending = {(p.name, p.version) for p in self.pending.values()}
+        files = self.files
         for (name, version), (size, checksum) in reported.items():
-            versions = self.files.get(name, {})
-            v = versions.get(version)
-            tomb = self.tombs.get(name)
+            versions = files.get(name)
+            v = versions.get(version) if versions else None
             if v is not None:
                 if v.checksum == checksum and size == v.size:
-                    if self._add_holder(name, v, node_id):
+                    if node_id not in v.holders:
+                        self._add_holder(name, v, node_id)
                         changed.add(name)
                 else:
                     out.append((node_id, Drop(name, version)))
-            elif tomb is not None and version <= tomb.version:
+                    if self._remove_holder(name, v, node_id):
+                        changed.add(name)
+                        self._drop_if_unheld(name, v, me)
+                continue
+            tomb = self.tombs.get(name)
+            if tomb is not None and version <= tomb.version:
                 log.info("%s v%d on %s was deleted while it was away: dropped", name, version, node_id)
                 out.append((node_id, Drop(name, version)))
             elif name in self.next_version and version < self.next_version[name]:
@@ -613,6 +621,13 @@ class SdfsMaster:
                 out += self._prune(name, self.live_nodes())
         self._changed(changed)
         return out
+
+    def _drop_if_unheld(self, name: str, v: VersionMeta, me: str) -> None:
+        if not v.holders:
+            log.warning("%s v%d: metadata listed a replica on %s, which does not have it, and no other "
+                        "holder; entry dropped (no readable replica)", name, v.version, me)
+            self._pop_version(name, v.version)
+            self.stats["dropped_unreadable"] += 1
 
     def stored(self, node_id: str, name: str, version: int, ok: bool, checksum: str) -> Outbox:
         self.repairs.pop((name, version, node_id), None)
