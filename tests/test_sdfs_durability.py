@@ -145,3 +145,21 @@ def test_worker_data_dir_and_identity_follow_its_name(tmp_path):
     node = make_node_id("worker-3", 17)
     assert node == "worker-3@17" and split_node_id(node) == ("worker-3", 17)
     assert json.loads(json.dumps(node)) == node
+
+
+@pytest.mark.slow
+def test_a_worker_whose_port_was_taken_is_started_again_under_its_name(make_cluster):
+    import socket  # noqa: PLC0415
+
+    c = make_cluster(workers=1)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        first = c.add_worker(port=taken, name="worker-x")
+        first.popen.wait(timeout=30)  # exits: address in use
+        c.wait_ready(2, timeout=60)
+    again = [p for p in c.worker_procs() if p.name == "worker-x"]
+    assert len(again) == 1 and again[0].addr != first.addr
+    assert again[0].data_dir == first.data_dir
+    assert any(m["node_id"].startswith("worker-x@") for m in c.alive_workers())
