@@ -34,10 +34,10 @@ def one_run(workers: int) -> dict[str, float]:
             t0 = time.perf_counter()
             cluster.start(timeout=120)
             ready = time.perf_counter() - t0
-            worker_addrs = {p.addr for p in cluster.procs if p.role == "worker"}
+            worker_names = {p.name for p in cluster.procs if p.role == "worker"}
             events = cluster.ctl("timeline", timeout=5.0)["events"]
             joins = [e["ts"] for e in events
-                     if e["kind"] == "join" and e["detail"].rpartition("@")[0] in worker_addrs]
+                     if e["kind"] == "join" and e["detail"].rpartition("@")[0] in worker_names]
             last_join = max(joins) - wall0 if len(joins) >= workers else float("nan")
             local_dir = tmp / "local"
             local_dir.mkdir()

@@ -857,9 +857,7 @@ class Coordinator:
     def restore(self, state: dict[str, Any], seq: int, term: int, now: float) -> None:
         """Install the primary's snapshot (standby). The state store starts a new history from it."""
         self._restore_jobs(state, now)
-        self.master.files.clear()
-        self.master.next_version.clear()
-        self.master.apply_entries(state["sdfs"]["entries"])
+        self.master.restore(state["sdfs"])  # tombstones and indexes need the full reset
         self.state_seq = seq
         self.term = max(self.term, term)
         if self.store is not None:

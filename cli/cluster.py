@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -84,6 +86,7 @@ class Proc:
     addr: str = ""
     log_path: str = ""
     data_dir: str = ""
+    name: str = ""  # a worker's stable name (its identity and data directory)
 
 
 @dataclass
@@ -153,27 +156,37 @@ class LocalCluster:
         return self
 
     def start_coordinator(self, primary: bool, standby_mode: bool | None = None) -> Proc:
+        """Start (or restart) the coordinator of the primary slot or the standby slot. Each slot has a
+        stable data directory (coord-0, coord-1), whatever ports this run uses, so a cluster brought
+        down and up again finds its coordinators' state."""
         me, peer = (self.coordinator, self.standby_addr) if primary else (self.standby_addr, self.coordinator)
-        args = ["coordinator", "--bind", me, "--data-dir", str(Path(self.data_dir) / f"coord-{me.replace(':', '-')}")]
+        slot = COORD_SLOTS[0 if primary else 1]
+        args = ["coordinator", "--bind", me, "--data-dir", str(Path(self.data_dir) / slot)]
         if peer:
             args += ["--peer", peer]
         if standby_mode if standby_mode is not None else not primary:
             args.append("--standby")
         if primary and self.metrics_port:
             args += ["--metrics-port", str(self.metrics_port)]
-        proc = self._spawn("coordinator" if primary else "standby", args, f"coord-{me.replace(':', '-')}")
+        proc = self._spawn("coordinator" if primary else "standby", args, slot)
         proc.addr = me
+        proc.data_dir = str(Path(self.data_dir) / slot)
         return proc
 
-    def add_worker(self, port: int | None = None, data_dir: str | None = None) -> Proc:
-        n = sum(1 for p in self.procs if p.role == "worker")
+    def add_worker(self, port: int | None = None, data_dir: str | None = None, name: str | None = None) -> Proc:
+        """Start a worker. Its name (default: the first free ``worker-<i>``) is its identity and names its
+        data directory, so a worker started again under its name comes back with its replicas."""
+        if name is None:  # a new node, never one this cluster ran before (restart one by passing its name)
+            used = {p.name for p in self.procs if p.role == "worker"}
+            name = next(f"worker-{i}" for i in range(len(self.procs) + 1) if f"worker-{i}" not in used)
         port = port or free_port_block(self.host, 1)
         addr = f"{self.host}:{port}"
-        data_dir = data_dir or str(Path(self.data_dir) / f"worker-{n}-{port}")
-        args = ["worker", "--port", str(port), "--data-dir", data_dir]
-        proc = self._spawn("worker", args, f"worker-{n}-{port}")
+        data_dir = data_dir or str(Path(self.data_dir) / name)
+        args = ["worker", "--name", name, "--port", str(port), "--data-dir", data_dir]
+        proc = self._spawn("worker", args, name)
         proc.addr = addr
         proc.data_dir = data_dir
+        proc.name = name
         self.save()
         return proc
 
@@ -198,7 +211,7 @@ class LocalCluster:
                 # Its port was taken between choosing and binding it: the same worker, a new port.
                 respawns -= 1
                 self.procs.remove(p)
-                self.add_worker(data_dir=p.data_dir or None)
+                self.add_worker(data_dir=p.data_dir or None, name=p.name or None)
                 dead.remove(p)
             if dead:
                 p = dead[0]
@@ -252,10 +265,55 @@ class LocalCluster:
             "coordinator": self.coordinator,
             "standby": self.standby_addr,
             "data_dir": self.data_dir,
-            "procs": [{"role": p.role, "pid": p.popen.pid, "addr": p.addr, **_recorded_identity(p.popen)}
-                      for p in self.procs],
+            "procs": [{"role": p.role, "pid": p.popen.pid, "addr": p.addr, "name": p.name,
+                       **_recorded_identity(p.popen)} for p in self.procs],
         }
         (Path(self.data_dir) / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+COORD_SLOTS = ("coord-0", "coord-1")  # data directories of the primary slot and the standby slot
+# What `up` leaves in its data directory; `up --fresh` / `down --purge` remove these and nothing else.
+_CLUSTER_ENTRIES = re.compile(r"(coord-[\w.-]+|coordinator-\d+|worker-[\w.-]+|logs|" + re.escape(STATE_FILE) + ")")
+
+
+def cluster_entries(data_dir: str) -> list[Path]:
+    """The cluster's own entries in ``data_dir``. Raises ValueError, naming them, if the directory
+    holds anything else: a wipe must never reach files that are not clearly the cluster's."""
+    root = Path(data_dir)
+    if not root.exists():
+        return []
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a directory")
+    entries, strangers = [], []
+    for e in sorted(root.iterdir()):
+        ours = _CLUSTER_ENTRIES.fullmatch(e.name) and (e.is_dir() and not e.is_symlink()) != (e.name == STATE_FILE)
+        (entries if ours else strangers).append(e)
+    if strangers:
+        shown = ", ".join(e.name for e in strangers[:5]) + (" ..." if len(strangers) > 5 else "")
+        raise ValueError(f"refusing to wipe {root}: it holds entries that are not an IDunno cluster's "
+                         f"({shown}); remove them or choose another --data-dir")
+    return entries
+
+
+def purge_data_dir(data_dir: str) -> int:
+    """Delete a stopped local cluster's state (coordinator and worker directories, logs); return how
+    many entries were removed. Nothing is removed if anything else is in the directory."""
+    entries = cluster_entries(data_dir)
+    for e in entries:
+        if e.is_dir():
+            shutil.rmtree(e)
+        else:
+            e.unlink()
+    return len(entries)
+
+
+def existing_workers(data_dir: str) -> list[str]:
+    """Names of the worker data directories an earlier `up` left in ``data_dir``."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        return []
+    return sorted((e.name for e in root.iterdir() if re.fullmatch(r"worker-\d+", e.name) and e.is_dir()),
+                  key=lambda n: int(n.split("-")[1]))
 
 
 def _port_taken(proc: Proc) -> bool:

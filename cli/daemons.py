@@ -48,14 +48,31 @@ def run_coordinator(cfg: Config, addr: str, peer: str | None, standby: bool, dat
     return 0
 
 
-def run_worker(cfg: Config, port: int, data_dir: str | None) -> int:
+def worker_name(cfg: Config, name: str | None, port: int) -> str:
+    """``--name``, else one from the address (stable only if the port is fixed), else from the pid."""
+    from common.identity import default_node_name, validate_node_name  # noqa: PLC0415
+
+    if name:
+        return validate_node_name(name)
+    if port:
+        return default_node_name(cfg.host, port)
+    return f"worker-{os.getpid()}"
+
+
+def run_worker(cfg: Config, port: int, data_dir: str | None, name: str | None = None) -> int:
     # Cap torch's threads before it is imported anywhere: several workers share few cores.
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.torch_threads))
     from worker.worker import Worker  # noqa: PLC0415
 
-    base = Path(data_dir or Path(cfg.data_dir) / f"worker-{port or os.getpid()}")
-    w = Worker(cfg, base, port=port)
-    setup_logging(f"worker-{w.storage.addr}", cfg.coordinators, cfg.log_level, cfg.max_frame_bytes)
+    stable = bool(name or port)
+    name = worker_name(cfg, name, port)
+    # The data directory follows the name: a worker started again under its name finds its replicas.
+    base = Path(data_dir or Path(cfg.data_dir) / name)
+    w = Worker(cfg, base, port=port, name=name)
+    setup_logging(name, cfg.coordinators, cfg.log_level, cfg.max_frame_bytes)
+    if not stable:
+        log.warning("worker started without --name or --port: its identity and data directory (%s) "
+                    "will not be found again after a restart", base)
     _on_term(w.stop_event)
     w.run()
     return 0

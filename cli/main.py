@@ -129,6 +129,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a worker (inference + SDFS storage)")
     _common(p)
     p.add_argument("--port", type=int, default=0, help="SDFS data port; also the node's address")
+    p.add_argument("--name", help="the node's stable identity and data directory (<data-dir>/<name>); "
+                                  "default worker-<host>-<port>")
     p.add_argument("--torch-threads", type=int)
 
     p = sub.add_parser("up", help="start a local cluster on loopback")
@@ -140,9 +142,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this HTTP port")
     p.add_argument("--detach", action="store_true", help="return once ready; stop later with `idunno down`")
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--fresh", action="store_true",
+                   help="wipe the cluster state in --data-dir first (SDFS files, jobs); by default `up` "
+                        "brings back the same nodes with their data")
 
     p = sub.add_parser("down", help="stop the local cluster started by `idunno up`")
     _common(p)
+    p.add_argument("--purge", action="store_true",
+                   help="also delete the cluster's state (SDFS files, jobs, logs) from --data-dir")
 
     p = sub.add_parser("members", help="print the membership table")
     _common(p)
@@ -243,15 +250,23 @@ def dispatch(ns: argparse.Namespace) -> int:
     if cmd == "worker":
         from cli.daemons import run_worker  # noqa: PLC0415
 
-        return run_worker(resolve_config(ns, torch_threads=ns.torch_threads), ns.port, ns.data_dir)
+        return run_worker(resolve_config(ns, torch_threads=ns.torch_threads), ns.port, ns.data_dir, ns.name)
     if cmd == "up":
         return cmd_up(ns, console)
     if cmd == "down":
         from cli.cluster import stop_from_state  # noqa: PLC0415
 
         data_dir = data_dir_of(ns)
+        if ns.purge:
+            from cli.cluster import cluster_entries  # noqa: PLC0415
+
+            cluster_entries(data_dir)  # refuse before stopping anything, not after
         n = stop_from_state(data_dir)
         console.print(plain(f"stopped {n} processes" if n else f"no running cluster found in {data_dir}"))
+        if ns.purge:
+            from cli.cluster import purge_data_dir  # noqa: PLC0415
+
+            console.print(plain(f"purged {purge_data_dir(data_dir)} entries of cluster state from {data_dir}"))
         return 0
     if cmd in ("members", "ctl"):
         return cmd_ctl(ns, console, ["members"] if cmd == "members" else ns.cmd)
@@ -367,16 +382,33 @@ def preload_list(spec: str) -> list[str]:
 
 
 def cmd_up(ns: argparse.Namespace, console: Console) -> int:
-    from cli.cluster import LocalCluster, load_state  # noqa: PLC0415
+    from cli.cluster import LocalCluster, cluster_entries, existing_workers, load_state  # noqa: PLC0415
 
     data_dir = data_dir_of(ns)
+    if ns.workers < 1:
+        raise ValueError("--workers must be >= 1")
+    if ns.fresh:
+        cluster_entries(data_dir)  # refuse (before stopping anything) if the directory is not only ours
     if load_state(data_dir):
         from cli.cluster import stop_from_state  # noqa: PLC0415
 
         console.print(plain(f"a cluster from an earlier `idunno up` is recorded in {data_dir}; stopping it first"))
         stop_from_state(data_dir)
-    if ns.workers < 1:
-        raise ValueError("--workers must be >= 1")
+    if ns.fresh:
+        from cli.cluster import purge_data_dir  # noqa: PLC0415
+
+        n = purge_data_dir(data_dir)
+        if n:
+            console.print(plain(f"--fresh: wiped {n} entries of earlier cluster state from {data_dir}"))
+    left = existing_workers(data_dir)
+    if left:
+        kept = left[: ns.workers]
+        console.print(plain(f"resuming from the state in {data_dir}: workers {', '.join(kept)} come back with "
+                            f"their replicas (`idunno up --fresh` starts empty)"))
+        idle = left[ns.workers:]
+        if idle:
+            console.print(plain(f"  not started (--workers {ns.workers}): {', '.join(idle)}; their replicas are "
+                                f"re-created on the running workers"))
     env = {}
     preload = preload_list(ns.preload)
     if preload:

@@ -48,6 +48,9 @@ class Config:
     write_quorum: int = 0  # 0 means W = majority of N; never below a majority, never above N
     max_versions: int = 5
     repair_interval: float = 1.0  # how often the master checks under-replication
+    # A delete's tombstone is kept until every node that held the file has reported without it, or
+    # this long at most (a node away for longer must be wiped before it rejoins; docs/sdfs.md).
+    tombstone_ttl: float = 7 * 24 * 3600.0
     # --- inference -----------------------------------------------------------------------
     torch_threads: int = 1
     preload_models: str = ""  # comma list loaded at worker start, so a job's first batch does not wait

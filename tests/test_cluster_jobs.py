@@ -64,7 +64,7 @@ def test_two_jobs_with_a_worker_killed_mid_job_lose_and_duplicate_nothing(make_c
         return next((node for node, d in info.items() if d["tasks"]), None)
 
     node = wait_for(busy_worker, timeout=60, what="a worker with tasks")
-    proc = next(p for p in c.worker_procs() if node.startswith(p.addr + "@"))
+    proc = next(p for p in c.worker_procs() if node.startswith(p.name + "@"))
     c.kill(proc, signal.SIGKILL)
     wait_done(c, [a, b])
     for job in (a, b):

@@ -29,8 +29,7 @@ def sha(path: Path) -> str:
 
 
 def store_dir(cluster, proc) -> Path:
-    port = proc.addr.rsplit(":", 1)[1]
-    return next(Path(cluster.data_dir).glob(f"worker-*-{port}")) / "sdfs"
+    return Path(proc.data_dir) / "sdfs"
 
 
 def info(cluster) -> dict:

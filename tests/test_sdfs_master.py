@@ -61,7 +61,8 @@ class Cluster:
         self.master.node_down(node)
 
     def holders(self, name: str, version: int) -> set[str]:
-        return set(self.master.files[name][version].holders)
+        """The live holders (the metadata also keeps holders that are down: they may come back)."""
+        return {h for h in self.master.files[name][version].holders if h in self.live}
 
 
 def replica_ids(plan: dict[str, Any]) -> list[str]:
@@ -294,8 +295,9 @@ def test_delete_drops_every_holder_and_hides_the_file(c: Cluster) -> None:
     c.put("g")
     count, out = c.master.delete("f")
     assert count == 2
-    assert drops(out) == {(n, "f", 0) for n in set(replica_ids(p1)) | set(replica_ids(p2))}
-    assert len(out) == len(set(replica_ids(p1)) | set(replica_ids(p2)))  # one Drop per holder
+    # Exact versions (never "every version": a re-put racing the delete keeps its copy).
+    assert drops(out) == {(n, "f", 1) for n in replica_ids(p1)} | {(n, "f", 2) for n in replica_ids(p2)}
+    assert len(out) == len(replica_ids(p1)) + len(replica_ids(p2))  # one Drop per copy
     assert [e["name"] for e in c.master.ls("")] == ["g"]
     with pytest.raises(MasterError) as info:
         c.master.locate("f", 1)
@@ -528,7 +530,7 @@ def test_repair_state_survives_restart(tmp_path: Path) -> None:
     cl.master.db.close()
     second = cl.open(db)
     try:
-        assert second.files["f"][1].holders == expected
+        assert {h for h in second.files["f"][1].holders if h in cl.live} == expected
         assert second.under_replicated() == 0
     finally:
         second.db.close()
@@ -570,3 +572,215 @@ def test_repair_never_targets_a_node_already_repairing_the_same_version(c: Clust
     out = [(t, m) for t, m in c.master.repair(NOW + 1) if m.name == "f"]  # ("load/x" is repaired too)
     assert [t for t, _ in out] == [other]  # t1 is still copying: not chosen twice
     assert all(sorted(m.sources) == sorted(c.live[h] for h in ids[2:]) for _, m in out)
+
+
+# --------------------------------------------------------------------------------------------
+# tombstones, reconciliation of stale metadata against node reports, incremental repair
+
+
+def test_a_node_that_missed_the_delete_has_its_copy_dropped_and_the_file_stays_deleted(c: Cluster) -> None:
+    plan = c.put("f")
+    away, *others = replica_ids(plan)
+    c.kill(away)
+    count, out = c.master.delete("f")
+    assert count == 1 and away not in {n for n, _ in out}  # nothing can reach it now
+    tomb = c.master.tombs["f"]
+    assert tomb.version == 1 and tomb.pending == {n.split("@")[0] for n in replica_ids(plan)}
+    back = away.split("@")[0] + "@2"  # the same node (name), a new incarnation
+    c.live[back] = addr(back)
+    assert drops(c.master.node_report(back, [["f", 1, 10, "c0ffee"]])) == {(back, "f", 1)}
+    assert "f" not in c.master.files and c.master.ls("") == []
+    with pytest.raises(MasterError):
+        c.master.locate("f", 1)
+    assert away.split("@")[0] in c.master.tombs["f"].pending  # it still had the copy: not confirmed yet
+    # Its next report (and the others') without the copy confirm the delete: the tombstone goes,
+    # and the name is forgotten entirely.
+    c.master.node_report(back, [])
+    for o in others:
+        assert "f" in c.master.tombs
+        c.master.node_report(o, [])
+    assert "f" not in c.master.tombs and "f" not in c.master.next_version
+    assert c.master.tomb_pending == {}
+
+
+def test_re_put_after_delete_gets_a_higher_version_and_old_copies_stay_dropped(c: Cluster) -> None:
+    c.put("f")
+    c.put("f")
+    c.master.delete("f")
+    plan = c.put("f", 5, "new")
+    assert plan["version"] == 3
+    node = next(n for n in c.live if n not in replica_ids(plan))
+    out = c.master.node_report(node, [["f", 2, 10, "c0ffee"], ["f", 1, 10, "c0ffee"]])
+    assert drops(out) == {(node, "f", 1), (node, "f", 2)}
+    assert [(v["version"], v["checksum"]) for v in c.master.locate("f", 9)] == [(3, "new")]
+
+
+def test_tombstones_travel_to_a_standby_and_a_promoted_standby_honours_them(c: Cluster) -> None:
+    plan = c.put("f")
+    c.master.delete("f")
+    standby = SdfsMaster(c.cfg, lambda: dict(c.live))
+    for _, data in c.journal:
+        standby.apply_entries(data["entries"])
+    restored = SdfsMaster(c.cfg, lambda: dict(c.live))
+    restored.restore(c.master.snapshot())
+    for m in (standby, restored):
+        assert m.tombs["f"].version == 1
+        node = replica_ids(plan)[0]
+        assert drops(m.node_report(node, [["f", 1, 10, "c0ffee"]])) == {(node, "f", 1)}
+        assert m.ls("") == []
+
+
+def test_restore_replaces_everything_including_tombstones(c: Cluster) -> None:
+    c.put("a")
+    c.master.delete("a")
+    c.put("b")
+    c.master.restore({"entries": {"z": {"next_version": 2, "versions": [
+        {"version": 1, "size": 1, "checksum": "z", "mtime": 0.0, "holders": ["n1@1"]}]}}})
+    assert set(c.master.files) == {"z"} and c.master.tombs == {} and c.master.next_version == {"z": 2}
+    assert c.master.held == {"n1": {("z", 1)}}
+
+
+def test_stale_metadata_of_a_deleted_file_is_dropped_with_a_warning_when_nodes_report(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The issue's ghost: a coordinator restarts from metadata older than a delete. The nodes that
+    held the file report their stores without it: the entry is dropped (with a warning), never served."""
+    db = tmp_path / "meta.sqlite"
+    cl = Cluster(6, db_path=db)
+    plan = cl.put("ghost")
+    cl.put("kept")
+    cl.master.db.close()
+    stale = tmp_path / "stale.sqlite"
+    stale.write_bytes(db.read_bytes())  # metadata from before the delete
+    cl.master = cl.open(db)
+    cl.master.delete("ghost")  # the nodes dropped their copies
+    cl.master.db.close()
+
+    restarted = cl.open(stale)
+    try:
+        assert "ghost" in restarted.files  # stale: still there
+        stores = {n: [["kept", 1, 10, "c0ffee"]] for n in cl.live}
+        with caplog.at_level("WARNING", logger="idunno.sdfs.master"):
+            for node, store in stores.items():
+                assert restarted.node_report(node, store) == []
+        assert "ghost" not in restarted.files
+        assert [e["name"] for e in restarted.ls("")] == ["kept"]
+        with pytest.raises(MasterError) as info:
+            restarted.locate("ghost", 1)
+        assert info.value.code == "not_found"
+        assert any("ghost v1" in r.getMessage() and "no readable replica" in r.getMessage() for r in caplog.records)
+        assert len(replica_ids(plan)) == RF
+    finally:
+        restarted.db.close()
+
+
+def test_a_file_whose_holders_are_all_down_is_not_served_until_one_comes_back(c: Cluster) -> None:
+    plan = c.put("f")
+    c.put("g")
+    for n in replica_ids(plan):
+        c.kill(n)
+    assert [e["name"] for e in c.master.ls("")] == (["g"] if c.holders("g", 1) else [])
+    with pytest.raises(MasterError) as info:
+        c.master.locate("f", 1)
+    assert info.value.code == "unavailable"
+    assert "f" in c.master.files  # kept: the nodes may come back with their disks
+    assert c.master.info()["unavailable"] >= 1
+    back = replica_ids(plan)[0].split("@")[0] + "@2"
+    c.live[back] = addr(back)
+    assert c.master.node_report(back, [["f", 1, 10, "c0ffee"]]) == []
+    assert {r["node_id"] for r in c.master.locate("f", 1)[0]["replicas"]} == {back}
+
+
+def test_a_new_incarnation_replaces_the_old_one_as_holder(c: Cluster) -> None:
+    plan = c.put("f")
+    old = replica_ids(plan)[0]
+    new = old.split("@")[0] + "@7"
+    del c.live[old]
+    c.live[new] = addr(new)
+    c.master.node_report(new, [["f", 1, 10, "c0ffee"]])
+    holders = c.master.files["f"][1].holders
+    assert new in holders and old not in holders
+
+
+def test_a_node_back_with_an_empty_disk_is_no_longer_a_holder(c: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    plan = c.put("f")
+    lost = replica_ids(plan)[0]
+    back = lost.split("@")[0] + "@2"
+    del c.live[lost]
+    c.live[back] = addr(back)
+    c.master.node_report(back, [])  # disk replaced
+    assert not {h for h in c.master.files["f"][1].holders if h.split("@")[0] == lost.split("@")[0]}
+    assert c.master.under_replicated() == 1
+    assert len(c.master.repair(NOW)) == 1
+    # The only holder of a version coming back empty: nothing can read it, the entry goes (warned).
+    solo = Cluster(1)
+    p = solo.put("only")
+    node = replica_ids(p)[0]
+    with caplog.at_level("WARNING", logger="idunno.sdfs.master"):
+        solo.master.node_report(node.split("@")[0] + "@2", [])
+    assert "only" not in solo.master.files
+    assert any("only v1" in r.getMessage() for r in caplog.records)
+
+
+def test_tombstone_expires_after_its_ttl_and_its_row_is_deleted(tmp_path: Path) -> None:
+    db = tmp_path / "meta.sqlite"
+    cl = Cluster(6, db_path=db, tombstone_ttl=100.0)
+    clock = [1_000_000.0]
+    cl.master.clock = lambda: clock[0]
+    cl.put("f")
+    cl.put("keep")
+    cl.master.delete("f")
+    cl.master.repair(NOW)
+    assert "f" in cl.master.tombs  # nobody confirmed yet, TTL not reached
+    clock[0] += 101
+    cl.master.repair(NOW)
+    assert "f" not in cl.master.tombs and "f" not in cl.master.next_version
+    rows = {n for (n,) in cl.master.db.execute("SELECT name FROM files")}
+    assert rows == {"keep"}
+    cl.master.db.close()
+
+
+def test_repair_examines_only_versions_that_changed() -> None:
+    cl = Cluster(6)
+    for i in range(50):
+        cl.put(f"f{i}")
+    assert cl.master.repair(NOW) == []
+    assert cl.master.dirty == {}  # every version checked once, fully replicated: nothing left to look at
+    victim = next(iter(cl.live))
+    held = set(cl.master.held.get(victim.split("@")[0], ()))
+    cl.kill(victim)
+    assert set(cl.master.dirty) == held  # only the lost node's versions
+    out = cl.master.repair(NOW)
+    assert {(m.name, m.version) for _, m in out} == held
+    for t, m in out:
+        cl.master.stored(t, m.name, m.version, True, m.checksum)
+    cl.master.repair(NOW + 1)
+    assert cl.master.dirty == {} and cl.master.under_replicated() == 0
+    # Fully replicated again: the copy on the node that is down is forgotten.
+    assert all(victim not in v.holders for vs in cl.master.files.values() for v in vs.values())
+
+
+def test_a_master_started_from_disk_lets_nodes_report_before_repairing(tmp_path: Path) -> None:
+    db = tmp_path / "meta.sqlite"
+    cl = Cluster(6, db_path=db)
+    plan = cl.put("f")
+    cl.master.db.close()
+    for n in replica_ids(plan)[:2]:
+        del cl.live[n]  # not rejoined yet
+    second = cl.open(db)
+    try:
+        assert second.repair(NOW) == []  # the others may be about to report
+        assert second.repair(NOW + cl.cfg.failure_timeout / 2) == []
+        assert len(second.repair(NOW + cl.cfg.failure_timeout + 0.1)) == 2
+    finally:
+        second.db.close()
+
+
+def test_a_big_change_set_is_journalled_in_ops_that_fit_a_frame() -> None:
+    from sdfs.master import JOURNAL_BATCH  # noqa: PLC0415
+
+    cl = Cluster(1)
+    n = JOURNAL_BATCH * 2 + 5
+    node = next(iter(cl.live))
+    cl.master.node_report(node, [[f"x/{i}", 1, 1, "c"] for i in range(n)])
+    sizes = [len(d["entries"]) for op, d in cl.journal if op == "sdfs.files"]
+    assert sizes == [JOURNAL_BATCH, JOURNAL_BATCH, 5]

@@ -27,7 +27,7 @@ import zmq
 
 from common.config import Config
 from common.failure_detector import LOCAL_STALL, DetectorParams, PhiAccrual
-from common.identity import make_node_id, new_incarnation
+from common.identity import default_node_name, make_node_id, new_incarnation, validate_node_name
 from common.logstream import PUB_PORT_OFFSET
 from common.loop import run_until_stopped
 from common.membership import ViewTracker
@@ -84,13 +84,16 @@ class CoordinatorInfo:
 
 
 class Worker:
-    def __init__(self, cfg: Config, data_dir: str | Path, port: int = 0, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, cfg: Config, data_dir: str | Path, port: int = 0, ctx: zmq.Context | None = None,
+                 name: str | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
         self.data_dir = Path(data_dir)
         self.store = LocalStore(self.data_dir / "sdfs")
         self.storage = StorageServer(cfg, self.store, self.ctx, port)
-        self.node_id = make_node_id(self.storage.addr)
+        # The name is the node's identity (and its data directory's); the incarnation is this start.
+        self.name = validate_node_name(name) if name else default_node_name(cfg.host, self.storage.port)
+        self.node_id = make_node_id(self.name)
         self.coords = {a: CoordinatorInfo(a) for a in cfg.coordinators}
         self.fd_params = cfg.detector_params()
         self.last_tick = time.monotonic()
@@ -408,7 +411,7 @@ class Worker:
             s.close(0)
         self.links = {}
         self._rebuild_poller()
-        self.node_id = make_node_id(self.storage.addr, new_incarnation())
+        self.node_id = make_node_id(self.name, new_incarnation())
         if self.pulse_file is not None:
             self.pulse_file.set_node(self.node_id)
         self.generation += 1

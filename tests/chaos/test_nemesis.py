@@ -61,7 +61,8 @@ def wait_done(c: NetnsCluster, job: str, timeout: float = 90) -> None:
 
 def busy_workers(c: NetnsCluster, n: int) -> list:
     info = c.ctl("vm_info")
-    busy = {node.split("@")[0] for node, d in info.items() if d["tasks"]}
+    addr_of = {m["node_id"]: m["data_addr"] for m in c.alive_workers()}
+    busy = {addr_of.get(node) for node, d in info.items() if d["tasks"]}
     nodes = [w for w in c.workers() if w.addr in busy]
     return (nodes + [w for w in c.workers() if w not in nodes])[:n]
 
