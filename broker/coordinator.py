@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from broker.jobs import Job, JobState, JobTable, TaskInfo, parse_answers
 from broker.scheduler import Candidate, make_scheduler
+from broker.snapshot import MAX_TRANSFERS, SnapshotSource
 from broker.stats import rate_gap, summarize
 from common.commands import COMMANDS, check_args
 from common.config import Config
@@ -51,8 +52,9 @@ from common.protocol import (
     Rejoin,
     ReportBad,
     ResultAck,
+    StateChunk,
+    StateFetch,
     StateRequest,
-    StateSnapshot,
     StateUpdate,
     Stored,
     Task,
@@ -149,6 +151,7 @@ class Coordinator:
         self.max_stall = 0.0  # longest gap between two iterations of the socket loop (metric)
         self.slowest: tuple[str, float] = ("", 0.0)  # the message type that took longest to handle, and how long
         self.events: list[dict[str, Any]] = []  # timeline for reports: job added, worker failed, ...
+        self.transfers: dict[bytes, SnapshotSource] = {}  # snapshot transfers being served, by standby
         self.handlers: dict[type[Message], Callable[[bytes, Any, float], None]] = {
             Join: self.on_join,
             Heartbeat: self.on_heartbeat,
@@ -167,6 +170,7 @@ class Coordinator:
             TaskResult: self.on_result,
             Command: self.on_command,
             StateRequest: self.on_state_request,
+            StateFetch: self.on_state_fetch,
         }
         self.ops: dict[str, Callable[[dict[str, Any], float], None]] = {
             "job.add": self._op_job_add,
@@ -246,7 +250,7 @@ class Coordinator:
             return
         # A standby answers only questions about itself (`members` shows its role and term);
         # everything else goes to the primary, so a client never acts on a stale copy.
-        standby_ok = isinstance(msg, (StateRequest, ViewRequest)) or (
+        standby_ok = isinstance(msg, (StateRequest, StateFetch, ViewRequest)) or (
             isinstance(msg, Command) and msg.name == "members"
         )
         if self.role != PRIMARY and not standby_ok:
@@ -277,6 +281,8 @@ class Coordinator:
                     self.addr, self.role, self.term, self.registry.epoch, self.registry.seq, self.state_seq
                 ),
             )
+        if self.transfers:
+            self._expire_transfers(now)
         if self.role != PRIMARY:
             return
         if not expire:
@@ -713,10 +719,57 @@ class Coordinator:
         self.term = max(self.term, term)
 
     def on_state_request(self, ident: bytes, m: StateRequest, now: float) -> None:
+        """Start a chunked transfer of the state at the current seq (see broker/snapshot.py)."""
         if self.role != PRIMARY:
             self.reply_error(ident, m.req, ErrorCode.NOT_PRIMARY, f"{self.addr} is {self.role}")
             return
-        self.net.send(ident, StateSnapshot(m.req, self.state_seq, self.term, self.snapshot()))
+        t0 = time.perf_counter()
+        self.transfers.pop(ident, None)  # a new request supersedes this standby's earlier transfer
+        while len(self.transfers) >= MAX_TRANSFERS:
+            del self.transfers[min(self.transfers, key=lambda k: self.transfers[k].last_used)]
+        # Frozen at S: what is not an idempotent whole-entry record (shallow copies of containers).
+        # SDFS entries are read when their chunk is produced (only the names are taken now).
+        head = {
+            "members": self.registry.view(),
+            "view_seq": self.registry.seq,
+            "epoch": self.registry.epoch,
+            "tasks": [
+                {"task_id": t.task_id, "job_id": t.job_id, "worker": t.worker, "indexes": list(t.indexes),
+                 "dispatched": t.dispatched}
+                for t in self.jobs.tasks.values()
+            ],
+            "events": self.events[-1000:],
+            "cost": dict(self.cost),
+        }
+        jobs = [j.snapshot() for j in self.jobs.jobs.values()]
+        names = list(self.master.files.keys() | self.master.next_version.keys())
+        self.transfers[ident] = SnapshotSource(m.req, self.state_seq, self.term, head, jobs, names,
+                                               self.master.entry, self.cfg.chunk_bytes, now)
+        log.info("snapshot transfer %d for %r: state seq %d, %d jobs, %d files (frozen in %.0f ms)",
+                 m.req, ident[:40], self.state_seq, len(jobs), len(names), (time.perf_counter() - t0) * 1000)
+
+    def on_state_fetch(self, ident: bytes, m: StateFetch, now: float) -> None:
+        src = self.transfers.get(ident)
+        if self.role != PRIMARY:
+            self.reply_error(ident, m.req, ErrorCode.NOT_PRIMARY, f"{self.addr} is {self.role}")
+            return
+        if src is None or src.req != m.req:
+            self.reply_error(ident, m.req, ErrorCode.NOT_FOUND, f"no snapshot transfer {m.req} here: request a new one")
+            return
+        out = src.chunk(m.index, m.have, now)
+        if out is None:
+            self.reply_error(ident, m.req, ErrorCode.NOT_FOUND, f"chunk {m.index} of transfer {m.req} is gone")
+            return
+        data, last = out
+        self.net.send(ident, StateChunk(m.req, m.index, data, last))
+        if last:
+            log.info("snapshot transfer %d sent: %d chunks, %.1f MB", m.req, src.produced, src.bytes / 1e6)
+
+    def _expire_transfers(self, now: float) -> None:
+        """A transfer nobody fetched from for a while is abandoned (the standby died or started over)."""
+        idle = max(60.0, 4 * self.cfg.request_timeout)
+        for ident in [k for k, t in self.transfers.items() if now - t.last_used > idle]:
+            del self.transfers[ident]
 
     def promote(self, now: float) -> None:
         """Standby -> primary: new term, fresh failure-detector grace, unfinished work re-planned."""
@@ -735,6 +788,7 @@ class Coordinator:
     def demote(self) -> None:
         log.warning("another coordinator has a higher term; becoming standby")
         self.role = STANDBY
+        self.transfers.clear()
 
     # ------------------------------------------------------------------------------------------
     # commands

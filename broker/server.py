@@ -27,16 +27,19 @@ import zmq
 
 from broker.coordinator import PRIMARY, PROBING, STANDBY, Coordinator
 from broker.jobs import Job
+from broker.snapshot import SnapshotError, SnapshotReceiver
 from common.config import Config
 from common.failure_detector import LOCAL_STALL, PhiAccrual
 from common.logstream import LOG_PORT_OFFSET, MAX_LOG_FRAME, PUB_PORT_OFFSET
 from common.loop import run_until_stopped
 from common.protocol import (
     CoordinatorHeartbeat,
+    Error,
     LogRecord,
     Message,
+    StateChunk,
+    StateFetch,
     StateRequest,
-    StateSnapshot,
     StateUpdate,
     Topic,
 )
@@ -159,10 +162,11 @@ class CoordinatorServer:
         self.last_step = self.started
         self.peer_role = ""
         self.peer_term = 0
-        self.snapshot_req: int | None = None
-        self.snapshot_sent = 0.0
+        self.transfer: SnapshotReceiver | None = None  # the snapshot being pulled from the primary
+        self.snapshot_sent = -1e9
         self.buffered: list[StateUpdate] = []
         self.synced = False
+        self.ever_synced = False
         if self.peer:
             self.peer_sub = make_socket(self.ctx, zmq.SUB, cfg.max_frame_bytes)
             for topic in (Topic.HEARTBEAT, Topic.STATE):
@@ -293,30 +297,87 @@ class CoordinatorServer:
     def _drain_peer_dealer(self) -> None:
         if self.peer_dealer is None:
             return
+        budget_end = time.monotonic() + DRAIN_BUDGET  # decoding chunks is real work: let the loop tick
         for _ in range(100):
+            if time.monotonic() > budget_end:
+                return
             try:
                 frame = self.peer_dealer.recv(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             msg = try_decode(frame, self.cfg.max_frame_bytes, "peer coordinator")
-            if isinstance(msg, StateSnapshot) and msg.req == self.snapshot_req and self.core.role == STANDBY:
-                now = time.monotonic()
-                self.core.restore(msg.state, msg.seq, msg.term, now)
-                self.synced = True
-                self.snapshot_req = None
-                pending, self.buffered = self.buffered, []
-                for u in pending:
-                    self._on_state_update(u)
-                log.info("standby synced: state seq %d, term %d, %d jobs", msg.seq, msg.term, len(self.core.jobs.jobs))
+            t = self.transfer
+            if t is None or self.core.role != STANDBY or getattr(msg, "req", None) != t.req:
+                continue  # a chunk of a superseded transfer, or nothing we asked for
+            now = time.monotonic()
+            if isinstance(msg, StateChunk):
+                try:
+                    t.add(msg.index, msg.data, msg.last, now)
+                except SnapshotError as exc:
+                    log.warning("snapshot transfer %d failed: %s; starting over", t.req, exc)
+                    self.transfer = None
+                    continue
+                if t.done:
+                    self._install(t, now)
+                else:
+                    self._fetch(t.wanted())
+            elif isinstance(msg, Error):
+                log.warning("snapshot transfer %d refused by the primary: %s", t.req, msg.message)
+                self.transfer = None  # _failover_rules asks again after request_timeout
+
+    def _install(self, t: SnapshotReceiver, now: float) -> None:
+        state, seq, term = t.result()
+        self.transfer = None
+        t0 = time.monotonic()
+        self.core.restore(state, seq, term, now)
+        took = time.monotonic() - t0
+        self.synced = self.ever_synced = True
+        pending, self.buffered = self.buffered, []
+        for u in pending:
+            self._on_state_update(u)
+        log.info("standby synced: state seq %d (now %d), term %d, %d jobs, %d files; %.1f MB in %d chunks in "
+                 "%.2fs (%d resumes), installed in %.2fs", seq, self.core.state_seq, term, len(self.core.jobs.jobs),
+                 len(self.core.master.files), t.bytes / 1e6, t.have, now - t.started, t.resumes, took)
+
+    def _fetch(self, indexes: list[int]) -> None:
+        t = self.transfer
+        if t is None or self.peer_dealer is None:
+            return
+        for i in indexes:
+            try:
+                self.peer_dealer.send(StateFetch(t.req, i, t.have).encode(), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return  # not connected yet: the resume timer asks again
 
     def _request_snapshot(self, now: float) -> None:
         if self.peer_dealer is None:
             return
-        self.snapshot_req = next_req()
+        self.transfer = SnapshotReceiver(next_req(), self.cfg.transfer_window, now)
         self.snapshot_sent = now
         self.synced = False
         self.buffered = []
-        self.peer_dealer.send(StateRequest(self.snapshot_req).encode(), flags=zmq.NOBLOCK)
+        try:
+            self.peer_dealer.send(StateRequest(self.transfer.req).encode(), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.transfer = None
+            return
+        self._fetch(self.transfer.wanted())
+
+    def _sync(self, now: float) -> None:
+        """Standby with a live primary: start, resume or restart the snapshot transfer as needed."""
+        t = self.transfer
+        if t is None:
+            if now - self.snapshot_sent > self.cfg.request_timeout:
+                self._request_snapshot(now)
+            return
+        if now - t.last_progress > self.cfg.request_timeout:
+            if t.resumes >= 3:
+                log.warning("snapshot transfer %d stuck at chunk %d: starting over", t.req, t.have)
+                self._request_snapshot(now)
+            else:
+                log.info("snapshot transfer %d: no chunk for %.1fs, resuming at chunk %d", t.req,
+                         now - t.last_progress, t.have)
+                self._fetch(t.resume(now))
 
     def _on_state_update(self, u: StateUpdate) -> None:
         if self.core.role != STANDBY:
@@ -355,14 +416,23 @@ class CoordinatorServer:
                 core.demote()
                 core.term = self.peer_term
                 self.synced = False  # our state is stale: take the new primary's snapshot
+                self.transfer = None
             return
         # standby
         if peer_alive and self.peer_role == PRIMARY:
-            if not self.synced and (self.snapshot_req is None or now - self.snapshot_sent > self.cfg.request_timeout):
-                self._request_snapshot(now)
+            if not self.synced:
+                self._sync(now)
             return
         voted = now - core.last_vote < max(2 * self.cfg.failover_timeout, 2.0)
         if not peer_alive and voted and now - self.started > self.cfg.failover_timeout:
+            if not self.synced:
+                log.warning("promoting with %s state: the primary died before this standby %s",
+                            "stale" if self.ever_synced else "NO replicated",
+                            "finished re-syncing" if self.ever_synced else "ever synced")
+            self.transfer = None
+            self.buffered = []
             core.term = max(core.term, self.peer_term)
+            t0 = time.monotonic()
             core.promote(now)
             self._save_term()
+            log.info("promotion took %.0f ms", (time.monotonic() - t0) * 1000)

@@ -1,0 +1,203 @@
+"""Chunked, flow-controlled, resumable transfer of the coordinator's state to the standby.
+
+zguide Clone (snapshot at state seq S, then the sequenced updates after S) with the credit-based
+transfer of the zguide "fileio" examples: the standby asks for chunks by index and keeps at most
+``transfer_window`` requests outstanding; a chunk that does not come is asked for again from the
+first one missing (resume); a new ``StateRequest`` supersedes the standby's earlier transfer.
+
+The stream is a sequence of msgpack records, cut into chunks of ``chunk_bytes`` at byte offsets:
+
+  ["head", {seq, term, members, view_seq, epoch, tasks, events, cost, jobs: n, files: n}]
+  ["job", <job snapshot without its results>]          one per job
+  ["results", job_id, {"<index>": result, ...}]       a job's results, in completion order, in slices
+  ["sdfs", {name: entry, ...}]                        SDFS entries, in slices
+  ["end", {jobs: n, files: n}]
+
+Memory: the primary freezes only what is not idempotent at S (members, jobs, tasks: shallow copies
+of their containers) and the list of SDFS names; SDFS entries are read from the live master when
+their chunk is produced, on the loop, a slice at a time. That is a *fuzzy* snapshot for SDFS, and it
+is correct because every SDFS update is an idempotent whole-entry record: the standby applies every
+update after S once the snapshot is installed, so each name ends at its latest entry. Encoded chunks
+are kept only until the standby says it has them (``have``), so the primary holds at most a window
+of encoded bytes. The standby decodes each chunk as it arrives (in order) into a staging state and
+installs it with one :meth:`Coordinator.restore` at the end: it holds the decoded state once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgpack
+
+log = logging.getLogger("idunno.coordinator.snapshot")
+
+RESULTS_SLICE = 5_000  # results per record: a job of any size never becomes one huge record
+SDFS_SLICE = 2_000  # SDFS entries per record (about 0.5 MB encoded): one slice is ~10 ms of loop time
+MAX_TRANSFERS = 4  # concurrent transfers a primary serves (one per standby; stale ones are dropped)
+
+
+class SnapshotError(ValueError):
+    """A state stream that cannot be installed (bad record, wrong order, counts that do not add up)."""
+
+
+def _pack(record: list[Any]) -> bytes:
+    return msgpack.packb(record, use_bin_type=True)
+
+
+class SnapshotSource:
+    """The primary's side of one transfer: the frozen part of the state at ``seq`` and a lazy encoder."""
+
+    def __init__(self, req: int, seq: int, term: int, head: dict[str, Any], jobs: list[dict[str, Any]],
+                 names: list[str], entry: Callable[[str], dict[str, Any]], chunk_bytes: int, now: float) -> None:
+        self.req = req
+        self.seq = seq
+        self.chunk_bytes = chunk_bytes
+        self.records = self._records(head | {"seq": seq, "term": term, "jobs": len(jobs), "files": len(names)},
+                                     jobs, names, entry)
+        self.buf = bytearray()
+        self.chunks: dict[int, bytes] = {}  # produced and not yet acknowledged
+        self.produced = 0  # chunks produced so far
+        self.finished = False  # the last chunk has been produced
+        self.last_used = now
+        self.bytes = 0
+
+    @staticmethod
+    def _records(head: dict[str, Any], jobs: list[dict[str, Any]], names: list[str],
+                 entry: Callable[[str], dict[str, Any]]) -> Iterator[list[Any]]:
+        yield ["head", head]
+        for job in jobs:
+            results = job.pop("results")
+            yield ["job", job | {"results": {}}]
+            items = list(results.items())
+            for i in range(0, len(items), RESULTS_SLICE):
+                yield ["results", job["job_id"], dict(items[i:i + RESULTS_SLICE])]
+        for i in range(0, len(names), SDFS_SLICE):
+            # Read now, not at S: whole-entry SDFS updates after S, replayed by the standby, fix it up.
+            yield ["sdfs", {n: entry(n) for n in names[i:i + SDFS_SLICE]}]
+        yield ["end", {"jobs": len(jobs), "files": len(names)}]
+
+    def chunk(self, index: int, have: int, now: float) -> tuple[bytes, bool] | None:
+        """Chunk ``index`` and whether it is the last; None if it was freed or lies beyond the end."""
+        self.last_used = now
+        for i in [i for i in self.chunks if i < have]:
+            del self.chunks[i]  # the standby has it: never needed again
+        while self.produced <= index and not self.finished:
+            self._produce()
+        data = self.chunks.get(index)
+        if data is None:
+            return None
+        return data, self.finished and index == self.produced - 1
+
+    def _produce(self) -> None:
+        while len(self.buf) < self.chunk_bytes:
+            record = next(self.records, None)
+            if record is None:
+                self.finished = True
+                break
+            self.buf += _pack(record)
+        data = bytes(self.buf[: self.chunk_bytes])
+        del self.buf[: self.chunk_bytes]
+        if self.finished and self.buf:
+            self.finished = False  # the last record spills into one more chunk
+        self.chunks[self.produced] = data
+        self.produced += 1
+        self.bytes += len(data)
+
+
+class SnapshotReceiver:
+    """The standby's side of one transfer: requests with bounded credit, in-order decoding, staging."""
+
+    def __init__(self, req: int, window: int, now: float) -> None:
+        self.req = req
+        self.window = max(1, window)
+        self.have = 0  # chunks received and decoded, in order
+        self.requested = 0  # chunks asked for so far (indexes below this)
+        self.early: dict[int, tuple[bytes, bool]] = {}  # arrived ahead of a missing one
+        self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=0)
+        self.state: dict[str, Any] | None = None
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.done = False
+        self.last_progress = now
+        self.started = now
+        self.bytes = 0
+        self.resumes = 0
+        self.end: int | None = None  # index of the last chunk, once seen
+
+    def wanted(self) -> list[int]:
+        """Chunk indexes to request now: keep ``window`` requests outstanding, never past the end."""
+        if self.done:
+            return []
+        upto = self.have + self.window if self.end is None else min(self.have + self.window, self.end + 1)
+        out = list(range(self.requested, upto))
+        self.requested = max(self.requested, upto)
+        return out
+
+    def resume(self, now: float) -> list[int]:
+        """No progress for a while: ask again from the first chunk missing (``have``)."""
+        self.resumes += 1
+        self.last_progress = now
+        self.requested = self.have
+        self.early.clear()
+        return self.wanted()
+
+    def add(self, index: int, data: bytes, last: bool, now: float) -> None:
+        """Take one chunk; decode every chunk now in order. Raise SnapshotError on a bad stream."""
+        if self.done or index < self.have:
+            return  # a duplicate after a resume
+        if last:
+            self.end = index
+        self.early[index] = (data, last)
+        while self.have in self.early:
+            chunk, is_last = self.early.pop(self.have)
+            self.have += 1
+            self.bytes += len(chunk)
+            self.last_progress = now
+            self.unpacker.feed(chunk)
+            try:
+                for record in self.unpacker:
+                    self._record(record)
+            except (ValueError, msgpack.UnpackException) as exc:
+                raise SnapshotError(f"undecodable state stream at chunk {self.have - 1}: {exc}") from None
+            if is_last:
+                if not self.done:
+                    raise SnapshotError("state stream ended without its end record")
+                return
+
+    def _record(self, record: Any) -> None:
+        if not isinstance(record, list) or not record or not isinstance(record[0], str):
+            raise SnapshotError("state record is not [kind, ...]")
+        kind = record[0]
+        try:
+            if kind == "head":
+                self.state = dict(record[1])
+                return
+            if self.state is None:
+                raise SnapshotError(f"{kind} record before the head")
+            if kind == "job":
+                self.jobs[str(record[1]["job_id"])] = dict(record[1])
+            elif kind == "results":
+                self.jobs[str(record[1])]["results"].update(record[2])
+            elif kind == "sdfs":
+                self.entries.update(record[1])
+            elif kind == "end":
+                if len(self.jobs) != self.state["jobs"] or len(self.entries) != self.state["files"]:
+                    raise SnapshotError(f"state stream incomplete: {len(self.jobs)}/{self.state['jobs']} jobs, "
+                                        f"{len(self.entries)}/{self.state['files']} files")
+                self.done = True
+            else:
+                raise SnapshotError(f"unknown state record {kind!r:.40}")
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise SnapshotError(f"malformed {kind!r:.40} record: {exc!r:.200}") from None
+
+    def result(self) -> tuple[dict[str, Any], int, int]:
+        """The staged state in :meth:`Coordinator.snapshot` form, its seq and term (after ``done``)."""
+        if not self.done or self.state is None:
+            raise SnapshotError("transfer not finished")
+        head = self.state
+        state = {k: head[k] for k in ("members", "view_seq", "epoch", "tasks", "events", "cost")}
+        state["jobs"] = list(self.jobs.values())
+        state["sdfs"] = {"entries": self.entries}
+        return state, int(head["seq"]), int(head["term"])
