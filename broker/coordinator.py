@@ -151,6 +151,7 @@ class Coordinator:
         self.max_stall = 0.0  # longest gap between two iterations of the socket loop (metric)
         self.slowest: tuple[str, float] = ("", 0.0)  # the message type that took longest to handle, and how long
         self.events: list[dict[str, Any]] = []  # timeline for reports: job added, worker failed, ...
+        self.synced = False  # standby: holds the primary's snapshot and follows its updates (set by the server)
         self.transfers: dict[bytes, SnapshotSource] = {}  # snapshot transfers being served, by standby
         self.handlers: dict[type[Message], Callable[[bytes, Any, float], None]] = {
             Join: self.on_join,
@@ -282,6 +283,7 @@ class Coordinator:
                 ),
             )
         if self.transfers:
+            self._serve_transfers(now)
             self._expire_transfers(now)
         if self.role != PRIMARY:
             return
@@ -334,6 +336,8 @@ class Coordinator:
 
     def next_deadline(self, now: float) -> float:
         deadlines = [self.next_heartbeat, self.next_repair if self.role == PRIMARY else now + 1.0]
+        if any(t.waiting for t in self.transfers.values()):
+            deadlines.append(now + 0.005)  # a fetched chunk is being produced off the loop
         d = self.registry.next_deadline()
         if d is not None and self.role == PRIMARY:
             deadlines.append(d)
@@ -724,9 +728,11 @@ class Coordinator:
             self.reply_error(ident, m.req, ErrorCode.NOT_PRIMARY, f"{self.addr} is {self.role}")
             return
         t0 = time.perf_counter()
-        self.transfers.pop(ident, None)  # a new request supersedes this standby's earlier transfer
+        old = self.transfers.pop(ident, None)  # a new request supersedes this standby's earlier transfer
+        if old is not None:
+            old.close()
         while len(self.transfers) >= MAX_TRANSFERS:
-            del self.transfers[min(self.transfers, key=lambda k: self.transfers[k].last_used)]
+            self.transfers.pop(min(self.transfers, key=lambda k: self.transfers[k].last_used)).close()
         # Frozen at S: what is not an idempotent whole-entry record (shallow copies of containers).
         # SDFS entries are read when their chunk is produced (only the names are taken now).
         head = {
@@ -743,8 +749,8 @@ class Coordinator:
         }
         jobs = [j.snapshot() for j in self.jobs.jobs.values()]
         names = list(self.master.files.keys() | self.master.next_version.keys())
-        self.transfers[ident] = SnapshotSource(m.req, self.state_seq, self.term, head, jobs, names,
-                                               self.master.entry, self.cfg.chunk_bytes, now)
+        self.transfers[ident] = SnapshotSource(m.req, self.state_seq, self.term, head, jobs, names, self.master,
+                                               self.cfg.chunk_bytes, self.cfg.transfer_window + 2, now)
         log.info("snapshot transfer %d for %r: state seq %d, %d jobs, %d files (frozen in %.0f ms)",
                  m.req, ident[:40], self.state_seq, len(jobs), len(names), (time.perf_counter() - t0) * 1000)
 
@@ -756,20 +762,38 @@ class Coordinator:
         if src is None or src.req != m.req:
             self.reply_error(ident, m.req, ErrorCode.NOT_FOUND, f"no snapshot transfer {m.req} here: request a new one")
             return
-        out = src.chunk(m.index, m.have, now)
-        if out is None:
-            self.reply_error(ident, m.req, ErrorCode.NOT_FOUND, f"chunk {m.index} of transfer {m.req} is gone")
+        try:
+            out = src.fetch(m.index, m.have, now)
+        except LookupError as exc:
+            self.reply_error(ident, m.req, ErrorCode.NOT_FOUND, str(exc))
             return
-        data, last = out
-        self.net.send(ident, StateChunk(m.req, m.index, data, last))
+        if out is not None:
+            self._send_chunk(ident, src, m.index, *out)
+        # else: produced off the loop; sent by _serve_transfers when ready
+
+    def _send_chunk(self, ident: bytes, src: SnapshotSource, index: int, data: bytes, last: bool) -> None:
+        self.net.send(ident, StateChunk(src.req, index, data, last))
         if last:
-            log.info("snapshot transfer %d sent: %d chunks, %.1f MB", m.req, src.produced, src.bytes / 1e6)
+            log.info("snapshot transfer %d sent: %d chunks, %.1f MB in %.2fs", src.req, index + 1, src.bytes / 1e6,
+                     time.monotonic() - src.started)
+
+    def _serve_transfers(self, now: float) -> None:
+        """Send chunks that were fetched before the producer thread had them; drop finished transfers."""
+        for ident, src in list(self.transfers.items()):
+            for index, data, last in src.ready():
+                self._send_chunk(ident, src, index, data, last)
+            if src.error and src.waiting:
+                self.reply_error(ident, src.req, ErrorCode.INTERNAL, src.error)
+                src.waiting.clear()
+            if src.done:
+                src.close()
+                del self.transfers[ident]
 
     def _expire_transfers(self, now: float) -> None:
         """A transfer nobody fetched from for a while is abandoned (the standby died or started over)."""
         idle = max(60.0, 4 * self.cfg.request_timeout)
         for ident in [k for k, t in self.transfers.items() if now - t.last_used > idle]:
-            del self.transfers[ident]
+            self.transfers.pop(ident).close()
 
     def promote(self, now: float) -> None:
         """Standby -> primary: new term, fresh failure-detector grace, unfinished work re-planned."""
@@ -788,6 +812,8 @@ class Coordinator:
     def demote(self) -> None:
         log.warning("another coordinator has a higher term; becoming standby")
         self.role = STANDBY
+        for src in self.transfers.values():
+            src.close()
         self.transfers.clear()
 
     # ------------------------------------------------------------------------------------------
@@ -958,7 +984,8 @@ class Coordinator:
 
     def cmd_members(self, args: dict[str, Any], now: float) -> Any:
         return {"epoch": self.registry.epoch, "seq": self.registry.seq, "members": self.registry.view(),
-                "coordinator": {"addr": self.addr, "role": self.role, "term": self.term}}
+                "coordinator": {"addr": self.addr, "role": self.role, "term": self.term, "state_seq": self.state_seq,
+                                "synced": self.role == PRIMARY or self.synced}}
 
     def cmd_timeline(self, args: dict[str, Any], now: float) -> Any:
         return {

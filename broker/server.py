@@ -165,8 +165,8 @@ class CoordinatorServer:
         self.transfer: SnapshotReceiver | None = None  # the snapshot being pulled from the primary
         self.snapshot_sent = -1e9
         self.buffered: list[StateUpdate] = []
-        self.synced = False
         self.ever_synced = False
+        self.refusal_logged = False
         if self.peer:
             self.peer_sub = make_socket(self.ctx, zmq.SUB, cfg.max_frame_bytes)
             for topic in (Topic.HEARTBEAT, Topic.STATE):
@@ -331,7 +331,7 @@ class CoordinatorServer:
         t0 = time.monotonic()
         self.core.restore(state, seq, term, now)
         took = time.monotonic() - t0
-        self.synced = self.ever_synced = True
+        self.core.synced = self.ever_synced = True
         pending, self.buffered = self.buffered, []
         for u in pending:
             self._on_state_update(u)
@@ -354,7 +354,7 @@ class CoordinatorServer:
             return
         self.transfer = SnapshotReceiver(next_req(), self.cfg.transfer_window, now)
         self.snapshot_sent = now
-        self.synced = False
+        self.core.synced = False
         self.buffered = []
         try:
             self.peer_dealer.send(StateRequest(self.transfer.req).encode(), flags=zmq.NOBLOCK)
@@ -382,7 +382,7 @@ class CoordinatorServer:
     def _on_state_update(self, u: StateUpdate) -> None:
         if self.core.role != STANDBY:
             return
-        if not self.synced:
+        if not self.core.synced:
             self.buffered.append(u)
             return
         if u.seq <= self.core.state_seq:
@@ -415,20 +415,26 @@ class CoordinatorServer:
             ):
                 core.demote()
                 core.term = self.peer_term
-                self.synced = False  # our state is stale: take the new primary's snapshot
+                self.core.synced = False  # our state is stale: take the new primary's snapshot
                 self.transfer = None
             return
         # standby
         if peer_alive and self.peer_role == PRIMARY:
-            if not self.synced:
+            if not self.core.synced:
                 self._sync(now)
             return
         voted = now - core.last_vote < max(2 * self.cfg.failover_timeout, 2.0)
         if not peer_alive and voted and now - self.started > self.cfg.failover_timeout:
-            if not self.synced:
-                log.warning("promoting with %s state: the primary died before this standby %s",
-                            "stale" if self.ever_synced else "NO replicated",
-                            "finished re-syncing" if self.ever_synced else "ever synced")
+            if not self.ever_synced:
+                # Never held the primary's state (the primary may still be loading its own): taking
+                # over now would present an empty cluster and hand out job ids and versions again.
+                if not self.refusal_logged:
+                    self.refusal_logged = True
+                    log.warning("not promoting: this standby never synced with a primary (start it without "
+                                "--standby to let it start a cluster on its own state)")
+                return
+            if not self.core.synced:
+                log.warning("promoting with the state of an unfinished re-sync (the primary died during it)")
             self.transfer = None
             self.buffered = []
             core.term = max(core.term, self.peer_term)

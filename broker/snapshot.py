@@ -26,7 +26,9 @@ installs it with one :meth:`Coordinator.restore` at the end: it holds the decode
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -46,26 +48,54 @@ def _pack(record: list[Any]) -> bytes:
     return msgpack.packb(record, use_bin_type=True)
 
 
+def sdfs_row(master: Any, name: str) -> list[Any]:
+    """One SDFS entry in compact form ``[next_version, [[version, size, checksum, mtime, holders], ...]]``,
+    read from the live master by the producer thread: each step is one C-level operation (dict get,
+    list of a dict's values, sorted of a set) that the loop thread cannot interleave with, and a
+    VersionMeta's fields other than ``holders`` never change, so the row is some state at or after S."""
+    versions = list((master.files.get(name) or {}).values())
+    rows = [[v.version, v.size, v.checksum, v.mtime, sorted(v.holders)] for v in versions]
+    return [master.next_version.get(name, 1), rows]
+
+
+def entry_of(row: list[Any]) -> dict[str, Any]:
+    """The master's entry form of a compact row (standby side)."""
+    nv, rows = row
+    return {"next_version": int(nv), "versions": [
+        {"version": r[0], "size": r[1], "checksum": r[2], "mtime": r[3], "holders": list(r[4])} for r in rows]}
+
+
 class SnapshotSource:
-    """The primary's side of one transfer: the frozen part of the state at ``seq`` and a lazy encoder."""
+    """The primary's side of one transfer: the frozen part of the state at ``seq``, encoded into chunks
+    by a producer thread that stays at most ``ahead`` chunks ahead of what the standby acknowledged
+    (flow control), so the loop only hands out ready chunks."""
 
     def __init__(self, req: int, seq: int, term: int, head: dict[str, Any], jobs: list[dict[str, Any]],
-                 names: list[str], entry: Callable[[str], dict[str, Any]], chunk_bytes: int, now: float) -> None:
+                 names: list[str], master: Any, chunk_bytes: int, ahead: int, now: float) -> None:
         self.req = req
         self.seq = seq
         self.chunk_bytes = chunk_bytes
+        self.ahead = max(2, ahead)
         self.records = self._records(head | {"seq": seq, "term": term, "jobs": len(jobs), "files": len(names)},
-                                     jobs, names, entry)
-        self.buf = bytearray()
-        self.chunks: dict[int, bytes] = {}  # produced and not yet acknowledged
+                                     jobs, names, master)
+        self.cond = threading.Condition()
+        self.chunks: dict[int, tuple[bytes, bool]] = {}  # produced and not yet acknowledged
         self.produced = 0  # chunks produced so far
-        self.finished = False  # the last chunk has been produced
+        self.end: int | None = None  # index of the last chunk, once produced
+        self.acked = 0  # the standby has every chunk below this
+        self.max_wanted = 0
+        self.waiting: set[int] = set()  # fetched before they were ready
+        self.closed = False
+        self.error = ""
         self.last_used = now
         self.bytes = 0
+        self.started = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name=f"snapshot-{req}", daemon=True)
+        self.thread.start()
 
     @staticmethod
     def _records(head: dict[str, Any], jobs: list[dict[str, Any]], names: list[str],
-                 entry: Callable[[str], dict[str, Any]]) -> Iterator[list[Any]]:
+                 master: Any) -> Iterator[list[Any]]:
         yield ["head", head]
         for job in jobs:
             results = job.pop("results")
@@ -75,35 +105,76 @@ class SnapshotSource:
                 yield ["results", job["job_id"], dict(items[i:i + RESULTS_SLICE])]
         for i in range(0, len(names), SDFS_SLICE):
             # Read now, not at S: whole-entry SDFS updates after S, replayed by the standby, fix it up.
-            yield ["sdfs", {n: entry(n) for n in names[i:i + SDFS_SLICE]}]
+            yield ["sdfs", {n: sdfs_row(master, n) for n in names[i:i + SDFS_SLICE]}]
         yield ["end", {"jobs": len(jobs), "files": len(names)}]
 
-    def chunk(self, index: int, have: int, now: float) -> tuple[bytes, bool] | None:
-        """Chunk ``index`` and whether it is the last; None if it was freed or lies beyond the end."""
-        self.last_used = now
-        for i in [i for i in self.chunks if i < have]:
-            del self.chunks[i]  # the standby has it: never needed again
-        while self.produced <= index and not self.finished:
-            self._produce()
-        data = self.chunks.get(index)
-        if data is None:
-            return None
-        return data, self.finished and index == self.produced - 1
+    def _chunks(self) -> Iterator[tuple[bytes, bool]]:
+        buf = bytearray()
+        for record in self.records:
+            buf += _pack(record)
+            while len(buf) > self.chunk_bytes:
+                yield bytes(buf[: self.chunk_bytes]), False
+                del buf[: self.chunk_bytes]
+        yield bytes(buf), True
 
-    def _produce(self) -> None:
-        while len(self.buf) < self.chunk_bytes:
-            record = next(self.records, None)
-            if record is None:
-                self.finished = True
-                break
-            self.buf += _pack(record)
-        data = bytes(self.buf[: self.chunk_bytes])
-        del self.buf[: self.chunk_bytes]
-        if self.finished and self.buf:
-            self.finished = False  # the last record spills into one more chunk
-        self.chunks[self.produced] = data
-        self.produced += 1
-        self.bytes += len(data)
+    def _run(self) -> None:
+        try:
+            for data, last in self._chunks():
+                with self.cond:
+                    while not self.closed and self.produced >= max(self.acked + self.ahead, self.max_wanted + 1):
+                        self.cond.wait(1.0)
+                    if self.closed:
+                        return
+                    self.chunks[self.produced] = (data, last)
+                    self.bytes += len(data)
+                    if last:
+                        self.end = self.produced
+                    self.produced += 1
+        except Exception as exc:  # a bug here must fail the transfer, not the coordinator
+            log.exception("snapshot transfer %d: producing the state stream failed", self.req)
+            with self.cond:
+                self.error = f"producing the state stream failed: {exc}"
+
+    def fetch(self, index: int, have: int, now: float) -> tuple[bytes, bool] | None:
+        """Chunk ``index`` and whether it is the last, or None when it is not produced yet (it is then
+        handed out by :meth:`ready`). LookupError if it was freed, lies beyond the end, or failed."""
+        with self.cond:
+            self.last_used = now
+            if self.error:
+                raise LookupError(self.error)
+            if have > self.acked:
+                for i in range(self.acked, have):
+                    self.chunks.pop(i, None)  # the standby has it: never needed again
+                self.acked = have
+            if index < self.acked:
+                raise LookupError(f"chunk {index} of transfer {self.req} is gone")
+            if self.end is not None and index > self.end:
+                return None  # asked for before the standby knew where the stream ends: nothing to send
+            self.max_wanted = max(self.max_wanted, index)
+            self.cond.notify()
+            found = self.chunks.get(index)
+            if found is None:
+                self.waiting.add(index)
+            return found
+
+    def ready(self) -> list[tuple[int, bytes, bool]]:
+        """Chunks fetched before they were produced that are ready now."""
+        with self.cond:
+            out = [(i, *self.chunks[i]) for i in sorted(self.waiting) if i in self.chunks]
+            self.waiting.difference_update(i for i, _, _ in out)
+            if self.end is not None:
+                self.waiting = {i for i in self.waiting if i <= self.end}  # past the end: never produced
+            return out
+
+    @property
+    def done(self) -> bool:
+        return self.end is not None and self.acked > self.end
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.chunks.clear()
+            self.cond.notify()
 
 
 class SnapshotReceiver:
@@ -181,7 +252,7 @@ class SnapshotReceiver:
             elif kind == "results":
                 self.jobs[str(record[1])]["results"].update(record[2])
             elif kind == "sdfs":
-                self.entries.update(record[1])
+                self.entries.update((name, entry_of(row)) for name, row in record[1].items())
             elif kind == "end":
                 if len(self.jobs) != self.state["jobs"] or len(self.entries) != self.state["files"]:
                     raise SnapshotError(f"state stream incomplete: {len(self.jobs)}/{self.state['jobs']} jobs, "
