@@ -707,9 +707,10 @@ class Coordinator:
 
     def restore(self, state: dict[str, Any], seq: int, term: int, now: float) -> None:
         self.registry.restore(state["members"], state["view_seq"], state["epoch"], now)
-        self.master.files.clear()
-        self.master.next_version.clear()
-        self.master.apply_entries(state["sdfs"]["entries"])
+        if "sdfs" in state:  # absent when the snapshot transfer already applied the SDFS entries
+            self.master.files.clear()
+            self.master.next_version.clear()
+            self.master.apply_entries(state["sdfs"]["entries"])
         self.jobs = JobTable()
         for jd in state["jobs"]:
             self.jobs.add(Job.restore(jd))

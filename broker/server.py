@@ -14,6 +14,7 @@ with a higher term demotes itself to standby and re-syncs, and workers ignore ol
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -154,6 +155,7 @@ class CoordinatorServer:
         )
         if role == PRIMARY:
             self._save_term()
+        gc.freeze()  # the state loaded from disk is long-lived: full GC passes need not walk it (loop stalls)
         self.started = time.monotonic()
         self.last_expiry = self.started
         self.peer_sub: zmq.Socket | None = None
@@ -195,12 +197,14 @@ class CoordinatorServer:
         (self.data_dir / "term").write_text(str(self.core.term))
 
     # -- loop -----------------------------------------------------------------------------------
-    def step(self, now: float) -> None:
-        gap = now - self.last_step
-        self.last_step = now
+    def _stalled(self, gap: float) -> None:
         self.core.loop_stalled(gap)
         if gap > LOCAL_STALL and self.peer_fd is not None:
             self.peer_fd.excuse(gap)  # our own stall is not the peer's silence
+
+    def step(self, now: float) -> None:
+        self._stalled(now - self.last_step)
+        self.last_step = now
         timeout = max(0.0, min(0.1, self.core.next_deadline(now) - now))
         backlog = False
         # Membership and control traffic first: the ROUTER (heartbeats, results, requests) and the
@@ -215,6 +219,13 @@ class CoordinatorServer:
         if self.pull in ready:
             self._drain_logs()
         now = time.monotonic()
+        # A slow handler (a large message, a GC pause, a busy new primary) is a stall of this loop too,
+        # and it must be excused *before* this step's expiry, or heartbeats still waiting unread in the
+        # socket would count as silence (finding: a busy new primary declared every worker failed).
+        polled = self.last_step + timeout
+        if now - polled > LOCAL_STALL:
+            self._stalled(now - polled)
+            self.last_step = now  # the next step's gap starts after what was excused here
         self._failover_rules(now)
         # With unread messages left (the drain hit its budget), heartbeats may be among them: read on
         # before declaring anyone failed, unless the backlog has held expiry off for too long.
@@ -329,7 +340,14 @@ class CoordinatorServer:
         state, seq, term = t.result()
         self.transfer = None
         t0 = time.monotonic()
+        # The SDFS entries went into the master as they arrived; names the primary did not have at S
+        # (deleted while this standby was behind) go now, then the rest of the state in one piece.
+        master = self.core.master
+        gone = [n for n in master.files if n not in t.names]
+        if gone:
+            master.apply_entries({n: {"next_version": master.next_version.get(n, 1), "versions": []} for n in gone})
         self.core.restore(state, seq, term, now)
+        gc.freeze()  # the replicated state is long-lived: keep the cyclic GC from walking it on every full pass
         took = time.monotonic() - t0
         self.core.synced = self.ever_synced = True
         pending, self.buffered = self.buffered, []
@@ -352,7 +370,7 @@ class CoordinatorServer:
     def _request_snapshot(self, now: float) -> None:
         if self.peer_dealer is None:
             return
-        self.transfer = SnapshotReceiver(next_req(), self.cfg.transfer_window, now)
+        self.transfer = SnapshotReceiver(next_req(), self.cfg.transfer_window, now, sink=self.core.master.apply_entries)
         self.snapshot_sent = now
         self.core.synced = False
         self.buffered = []

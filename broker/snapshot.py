@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -180,8 +180,13 @@ class SnapshotSource:
 class SnapshotReceiver:
     """The standby's side of one transfer: requests with bounded credit, in-order decoding, staging."""
 
-    def __init__(self, req: int, window: int, now: float) -> None:
+    def __init__(self, req: int, window: int, now: float,
+                 sink: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> None:
         self.req = req
+        # With a sink, SDFS entries are handed over slice by slice as they arrive (the standby applies
+        # them to its master at once: no single long install at the end); only their names are kept.
+        self.sink = sink
+        self.names: set[str] = set()
         self.window = max(1, window)
         self.have = 0  # chunks received and decoded, in order
         self.requested = 0  # chunks asked for so far (indexes below this)
@@ -252,11 +257,16 @@ class SnapshotReceiver:
             elif kind == "results":
                 self.jobs[str(record[1])]["results"].update(record[2])
             elif kind == "sdfs":
-                self.entries.update((name, entry_of(row)) for name, row in record[1].items())
+                entries = {name: entry_of(row) for name, row in record[1].items()}
+                self.names.update(entries)
+                if self.sink is not None:
+                    self.sink(entries)
+                else:
+                    self.entries.update(entries)
             elif kind == "end":
-                if len(self.jobs) != self.state["jobs"] or len(self.entries) != self.state["files"]:
+                if len(self.jobs) != self.state["jobs"] or len(self.names) != self.state["files"]:
                     raise SnapshotError(f"state stream incomplete: {len(self.jobs)}/{self.state['jobs']} jobs, "
-                                        f"{len(self.entries)}/{self.state['files']} files")
+                                        f"{len(self.names)}/{self.state['files']} files")
                 self.done = True
             else:
                 raise SnapshotError(f"unknown state record {kind!r:.40}")
@@ -264,11 +274,13 @@ class SnapshotReceiver:
             raise SnapshotError(f"malformed {kind!r:.40} record: {exc!r:.200}") from None
 
     def result(self) -> tuple[dict[str, Any], int, int]:
-        """The staged state in :meth:`Coordinator.snapshot` form, its seq and term (after ``done``)."""
+        """The staged state in :meth:`Coordinator.snapshot` form, its seq and term (after ``done``);
+        without ``sdfs`` when a sink took the SDFS entries."""
         if not self.done or self.state is None:
             raise SnapshotError("transfer not finished")
         head = self.state
         state = {k: head[k] for k in ("members", "view_seq", "epoch", "tasks", "events", "cost")}
         state["jobs"] = list(self.jobs.values())
-        state["sdfs"] = {"entries": self.entries}
+        if self.sink is None:
+            state["sdfs"] = {"entries": self.entries}
         return state, int(head["seq"]), int(head["term"])

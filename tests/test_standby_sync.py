@@ -61,7 +61,10 @@ def synced_line(log_path: str) -> re.Match | None:
 
 @pytest.fixture
 def big_cluster(tmp_path):
-    c = LocalCluster(workers=3, standby=True, data_dir=str(tmp_path / "c"), torch_threads=1)
+    # repair() walks every file each pass (made incremental on another branch); with 100,000 files it
+    # would dominate the primary's loop here, so it runs rarely: this test is about sync and takeover.
+    c = LocalCluster(workers=3, standby=True, data_dir=str(tmp_path / "c"), torch_threads=1,
+                     env={"IDUNNO_REPAIR_INTERVAL": "60"})
     c.coordinator = f"{c.host}:{free_port_block(c.host)}"
     c.standby_addr = f"{c.host}:{free_port_block(c.host)}"
     seed_metadata(Path(c.data_dir) / f"coord-{c.coordinator.replace(':', '-')}" / "metadata.sqlite", FILES)
