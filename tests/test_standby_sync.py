@@ -52,6 +52,14 @@ def view(addr: str) -> dict | None:
         return None
 
 
+def memory_mb(pid: int, key: str) -> float:
+    """VmRSS / VmHWM (peak) of a process, in MB (for the report: the memory ceiling of a transfer)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def synced_line(log_path: str) -> re.Match | None:
     text = Path(log_path).read_text(errors="replace")
     found = re.findall(r"standby synced: state seq (\d+) \(now (\d+)\).*?; ([\d.]+) MB in (\d+) chunks in ([\d.]+)s",
@@ -94,8 +102,10 @@ def test_standby_syncs_50mb_state_and_takes_over_within_3s_losing_nothing(big_cl
     # Restart the standby: it must pull the whole state again, chunk by chunk, while the primary serves.
     standby = next(p for p in c.procs if p.addr == c.standby_addr and p.popen.poll() is None)
     c.kill(standby, signal.SIGKILL)
+    primary_pid = next(p for p in c.procs if p.addr == c.coordinator).popen.pid
+    primary_rss = memory_mb(primary_pid, "VmRSS")
     t0 = time.monotonic()
-    c.start_coordinator(primary=False)
+    restarted = c.start_coordinator(primary=False)
     primary_seq = view(c.coordinator)["state_seq"]
     wait_for(lambda: (v := view(c.standby_addr)) and v["synced"] and v["state_seq"] >= primary_seq, timeout=90,
              what="standby synced")
@@ -104,7 +114,9 @@ def test_standby_syncs_50mb_state_and_takes_over_within_3s_losing_nothing(big_cl
     assert line is not None
     megabytes = float(line[2])
     print(f"\nstandby restart -> synced in {took:.1f}s: {megabytes:.1f} MB in {line[3]} chunks, "
-          f"transfer {line[4]}s")
+          f"transfer {line[4]}s; primary RSS {primary_rss:.0f} MB before, {memory_mb(primary_pid, 'VmRSS'):.0f} MB "
+          f"after (peak {memory_mb(primary_pid, 'VmHWM'):.0f}); standby peak "
+          f"{memory_mb(restarted.popen.pid, 'VmHWM'):.0f} MB, now {memory_mb(restarted.popen.pid, 'VmRSS'):.0f} MB")
     assert megabytes >= 50, f"state of only {megabytes} MB"
     assert view(c.standby_addr)["state_seq"] == view(c.coordinator)["state_seq"]
 
