@@ -182,11 +182,11 @@ def state_round(files: int, workers: int, copies: int) -> list[Any]:
                 wait_until(lambda: (i := coord_info(cluster, cluster.standby_addr)) and i.get("synced"), 180, 0.2,
                            "standby synced")
                 n_inputs, _ = put_copies(cluster, copies, "fo")
+                sdfs_files = cluster.ctl("info", timeout=30.0)["sdfs"]["files"]
                 for _ in range(3):  # enough noop work to still be running at the kill
                     cluster.ctl("submit", model="noop", inputs="fo/", batch=1, start=True, timeout=30.0)
                 wait_until(lambda: any(d["completed"] for d in cluster.ctl("completed", timeout=10.0).values()),
-                           60, 0.1, "first results")
-                sdfs_files = cluster.ctl("info", timeout=10.0)["sdfs"]["files"]
+                           60, 0.05, "first results")
                 old_addr, new_addr = cluster.coordinator, cluster.standby_addr
                 proc = next(p for p in cluster.procs if p.addr == old_addr)
                 proc.popen.send_signal(signal.SIGKILL)
@@ -221,6 +221,7 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=3.0, help="seconds of normal running before each kill")
     ap.add_argument("--large-files", type=int, default=None,
                     help="SDFS files seeded for the large-state takeover (default 100000, quick 20000; 0 = skip)")
+    ap.add_argument("--large-copies", type=int, default=4, help="copies of the 100 images for the noop jobs there")
     ap.add_argument("--only-large", action="store_true", help="skip the AlexNet kills, run the large-state rows")
     args = ap.parse_args()
     large = (20_000 if args.quick else 100_000) if args.large_files is None else args.large_files
@@ -353,7 +354,7 @@ def main() -> int:
 
 
 def large_state_table(files: int, args: argparse.Namespace) -> int:
-    rows = [state_round(0, 3, 2), state_round(files, 3, 2)]
+    rows = [state_round(0, 3, args.large_copies), state_round(files, 3, args.large_copies)]
     base = rows[0][3]
     for r in rows:
         r.insert(4, r[3] / base if base else float("nan"))

@@ -428,6 +428,7 @@ class CoordinatorServer:
                 log.info("no primary heard: starting as primary (term %d)", core.term)
             return
         if core.role == PRIMARY:
+            self.ever_synced = True  # it held the authoritative state: demoted, it may take over again
             if peer_alive and self.peer_role == PRIMARY and (
                 self.peer_term > core.term or (self.peer_term == core.term and self.peer < self.addr)
             ):
