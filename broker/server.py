@@ -28,7 +28,7 @@ import zmq
 
 from broker.coordinator import PRIMARY, PROBING, STANDBY, Coordinator
 from broker.jobs import Job
-from broker.snapshot import SnapshotError, SnapshotReceiver
+from broker.snapshot import SnapshotError, SnapshotReceiver, install
 from common.config import Config
 from common.failure_detector import LOCAL_STALL, PhiAccrual
 from common.logstream import LOG_PORT_OFFSET, MAX_LOG_FRAME, PUB_PORT_OFFSET
@@ -337,16 +337,9 @@ class CoordinatorServer:
                 self.transfer = None  # _failover_rules asks again after request_timeout
 
     def _install(self, t: SnapshotReceiver, now: float) -> None:
-        state, seq, term = t.result()
         self.transfer = None
         t0 = time.monotonic()
-        # The SDFS entries went into the master as they arrived; names the primary did not have at S
-        # (deleted while this standby was behind) go now, then the rest of the state in one piece.
-        master = self.core.master
-        gone = [n for n in master.files if n not in t.names]
-        if gone:
-            master.apply_entries({n: {"next_version": master.next_version.get(n, 1), "versions": []} for n in gone})
-        self.core.restore(state, seq, term, now)
+        seq, term = install(self.core, t, now)
         gc.freeze()  # the replicated state is long-lived: keep the cyclic GC from walking it on every full pass
         took = time.monotonic() - t0
         self.core.synced = self.ever_synced = True

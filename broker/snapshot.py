@@ -284,3 +284,16 @@ class SnapshotReceiver:
         if self.sink is None:
             state["sdfs"] = {"entries": self.entries}
         return state, int(head["seq"]), int(head["term"])
+
+
+def install(core: Any, rx: SnapshotReceiver, now: float) -> tuple[int, int]:
+    """Install a finished transfer whose SDFS slices a sink already applied to ``core.master``: drop the
+    names the primary did not have at S (deleted while this standby was behind), then restore the rest
+    of the state in one piece. Returns (seq, term)."""
+    state, seq, term = rx.result()
+    master = core.master
+    gone = [n for n in master.files if n not in rx.names]
+    if gone:
+        master.apply_entries({n: {"next_version": master.next_version.get(n, 1), "versions": []} for n in gone})
+    core.restore(state, seq, term, now)
+    return seq, term

@@ -10,7 +10,7 @@ import pytest
 from simcluster import MemoryNet, SimCluster
 
 from broker.coordinator import STANDBY, Coordinator
-from broker.snapshot import SnapshotError, SnapshotReceiver
+from broker.snapshot import SnapshotError, SnapshotReceiver, install
 from common.protocol import Delete, Error, ErrorCode, StateChunk, StateFetch, StateRequest, Topic, decode
 
 CHEAP = "sim-cheap"
@@ -79,7 +79,10 @@ def test_standby_gets_a_consistent_copy_while_the_primary_keeps_changing():
     job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
     sim.run_until(2.0)
     standby = standby_of(sim)
-    rx = SnapshotReceiver(77, sim.cfg.transfer_window, sim.t)
+    standby.master.apply_entries({"stale/only-here": {"next_version": 2, "versions": [  # gone at the primary
+        {"version": 1, "size": 1, "checksum": "c", "mtime": 0.0, "holders": ["x"]}]}})
+    # As the server does: SDFS slices go into the standby's master as they arrive.
+    rx = SnapshotReceiver(77, sim.cfg.transfer_window, sim.t, sink=standby.master.apply_entries)
     assert ask(sim, StateRequest(77)) == []  # the transfer starts; chunks come as they are fetched
     seq = sim.core.state_seq
     deleted = []
@@ -95,16 +98,17 @@ def test_standby_gets_a_consistent_copy_while_the_primary_keeps_changing():
     held = pull(sim, rx, lose={1, 4}, between=keep_changing)
     assert held <= sim.cfg.transfer_window + 2  # the primary keeps a window of encoded chunks, not the state
     assert rx.resumes >= 1 and rx.have > 10
-    state, s, term = rx.result()
-    assert s == seq and term == sim.core.term
-    standby.restore(state, s, term, sim.t)
+    assert install(standby, rx, sim.t) == (seq, sim.core.term)
+    assert "stale/only-here" not in standby.master.files
     for u in updates(sim):  # Clone: the updates after S, buffered meanwhile, applied after the install
         if u.seq > standby.state_seq:
             assert u.seq == standby.state_seq + 1
             standby.apply_op(u.op, u.data, sim.t)
             standby.state_seq = u.seq
     assert standby.state_seq == sim.core.state_seq
-    assert standby.master.snapshot() == sim.core.master.snapshot()
+    mine_sdfs = standby.master.snapshot()["entries"]
+    assert mine_sdfs.pop("stale/only-here")["versions"] == []  # removed (its version counter is kept)
+    assert mine_sdfs == sim.core.master.snapshot()["entries"]
     assert not any(n in standby.master.files for n in deleted)
     mine, theirs = standby.jobs.jobs[job], sim.core.jobs.jobs[job]
     assert list(mine.results) == list(theirs.results)  # completion order kept

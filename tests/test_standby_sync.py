@@ -99,6 +99,13 @@ def test_standby_syncs_50mb_state_and_takes_over_within_3s_losing_nothing(big_cl
     wait_for(lambda: (s := [j["state"] for j in c.ctl("jobs", timeout=5.0)]) and len(s) >= JOBS
              and set(s) == {"done"}, timeout=120, what="50 noop jobs done")
 
+    # Every finished job's results file is written (asynchronously) before the state is compared. The
+    # count is taken now: `info` walks every file (O(files) on the primary's loop, see sdfs/master.py),
+    # and a stall just before the kill would only lengthen the standby's adaptive detection.
+    n_jobs = len(c.ctl("jobs", timeout=10.0))
+    before_files = wait_for(lambda: (n := c.ctl("info", timeout=10.0)["sdfs"]["files"]) == FILES + len(images) + n_jobs
+                            and n, timeout=60, what="every results file written")
+
     # Restart the standby: it must pull the whole state again, chunk by chunk, while the primary serves.
     standby = next(p for p in c.procs if p.addr == c.standby_addr and p.popen.poll() is None)
     c.kill(standby, signal.SIGKILL)
@@ -121,8 +128,7 @@ def test_standby_syncs_50mb_state_and_takes_over_within_3s_losing_nothing(big_cl
     assert view(c.standby_addr)["state_seq"] == view(c.coordinator)["state_seq"]
 
     before_jobs = c.ctl("jobs")
-    before_files = c.ctl("info")["sdfs"]["files"]
-    assert before_files == FILES + len(images) + len(before_jobs)  # seeded, inputs, a results file per job
+    assert len(before_jobs) == n_jobs
     workers = {m["node_id"] for m in c.alive_workers()}
 
     primary = next(p for p in c.procs if p.addr == c.coordinator)
