@@ -10,17 +10,19 @@ The stream is a sequence of msgpack records, cut into chunks of ``chunk_bytes`` 
   ["head", {seq, term, members, view_seq, epoch, tasks, events, cost, jobs: n, files: n}]
   ["job", <job snapshot without its results>]          one per job
   ["results", job_id, {"<index>": result, ...}]       a job's results, in completion order, in slices
-  ["sdfs", {name: entry, ...}]                        SDFS entries, in slices
+  ["sdfs", {name: [next_version, [[version, size, checksum, mtime, holders], ...]], ...}]   in slices
   ["end", {jobs: n, files: n}]
 
-Memory: the primary freezes only what is not idempotent at S (members, jobs, tasks: shallow copies
-of their containers) and the list of SDFS names; SDFS entries are read from the live master when
-their chunk is produced, on the loop, a slice at a time. That is a *fuzzy* snapshot for SDFS, and it
-is correct because every SDFS update is an idempotent whole-entry record: the standby applies every
-update after S once the snapshot is installed, so each name ends at its latest entry. Encoded chunks
-are kept only until the standby says it has them (``have``), so the primary holds at most a window
-of encoded bytes. The standby decodes each chunk as it arrives (in order) into a staging state and
-installs it with one :meth:`Coordinator.restore` at the end: it holds the decoded state once.
+Memory and the primary's loop: on the loop, the primary freezes only what is not idempotent at S
+(members, tasks, events, costs, shallow copies of the jobs) and the list of SDFS names. A producer
+thread encodes the stream, reading SDFS entries from the live master when their slice is encoded.
+That is a *fuzzy* snapshot for SDFS, and it is correct because every SDFS update is an idempotent
+whole-entry record: the standby applies every update after S once the snapshot is installed, so each
+name ends at its latest entry. The thread stays a few chunks ahead of what the standby acknowledged
+(``have``); acknowledged chunks are freed, so the primary never holds the encoded state whole.
+The standby decodes each chunk as it arrives (in order), hands SDFS slices to a sink (its master)
+at once, stages the rest, and :func:`install` finishes with one :meth:`Coordinator.restore` of the
+small remainder: it holds the decoded state once, and no single step of the install is long.
 """
 
 from __future__ import annotations
