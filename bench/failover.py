@@ -11,14 +11,23 @@ address as the new standby and wait until it reports role ``standby`` with the n
 
 Baseline: the 3 s takeover target.
 
-    .venv/bin/python bench/failover.py [--quick] [--kills 5]
+Large state: then one more takeover on a fresh cluster whose primary holds ``--large-files`` SDFS
+files (seeded into its metadata database before it starts: putting 100,000 files for real takes
+minutes) and a baseline cluster without them, measured the same way in the same run: kill -> first
+dispatch by the new primary (journal), the state's size (the standby's last sync), restart -> synced.
+
+    .venv/bin/python bench/failover.py [--quick] [--kills 5] [--large-files 100000]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import signal
+import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 from benchlib import (
@@ -26,6 +35,7 @@ from benchlib import (
     console,
     coord_info,
     headline,
+    info,
     put_copies,
     running,
     stats3,
@@ -35,7 +45,7 @@ from benchlib import (
     wait_until,
 )
 
-from cli.cluster import LocalCluster
+from cli.cluster import LocalCluster, free_port_block
 
 TARGET = 3.0
 MODEL = "alexnet"
@@ -126,6 +136,78 @@ def ensure_work(cluster: LocalCluster, batch: int, low: int) -> str | None:
     return job
 
 
+def seed_metadata(db: Path, n: int) -> None:
+    """n SDFS files of three versions each, straight into the master's table (its schema), held by nodes
+    long gone (nothing to repair from). Benchmark-only: the state a long-lived cluster accumulates."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, entry TEXT NOT NULL)")
+    holders = [f"127.0.0.1:{p}@1795967552{p}" for p in (30001, 30002, 30003)]
+    rows = [(f"bulk/run-{i % 97:03d}/camera-{i % 13:02d}/frame-{i:07d}.jpg",
+             json.dumps({"next_version": 4, "versions": [
+                 {"version": v, "size": 1000 + i, "checksum": f"{i:032x}{v:032x}", "mtime": 1.7e9 + i,
+                  "holders": holders} for v in (1, 2, 3)]}))
+            for i in range(n)]
+    with conn:
+        conn.executemany("INSERT INTO files (name, entry) VALUES (?, ?)", rows)
+    conn.close()
+
+
+def synced_mb(log_path: str) -> float | None:
+    found = re.findall(r"standby synced: .*?; ([\d.]+) MB in", Path(log_path).read_text(errors="replace"))
+    return float(found[-1]) if found else None
+
+
+def state_round(files: int, workers: int, copies: int) -> list[Any]:
+    """One takeover on a fresh cluster whose primary starts with ``files`` seeded SDFS files: a noop job
+    runs, the primary is killed; returns the table row."""
+    with temp_dir("idunno-bench-failover-big-") as tmp:
+        # repair() walks every file each pass: rare here, so both rows measure the takeover alone.
+        cluster = LocalCluster(workers=workers, standby=True, data_dir=str(tmp), env={"IDUNNO_REPAIR_INTERVAL": "60"})
+        cluster.coordinator = f"{cluster.host}:{free_port_block(cluster.host)}"
+        cluster.standby_addr = f"{cluster.host}:{free_port_block(cluster.host)}"
+        if files:
+            seed_metadata(Path(cluster.data_dir) / f"coord-{cluster.coordinator.replace(':', '-')}" /
+                          "metadata.sqlite", files)
+        try:
+            cluster.start_coordinator(primary=True)
+            cluster.start_coordinator(primary=False)
+            for _ in range(workers):
+                cluster.add_worker()
+            cluster.save()
+            cluster.wait_ready(workers, timeout=180)
+            cfg = cluster.config()
+            observer = JournalObserver([cluster.coordinator, cluster.standby_addr], cfg)
+            try:
+                wait_until(lambda: (i := coord_info(cluster, cluster.standby_addr)) and i.get("synced"), 180, 0.2,
+                           "standby synced")
+                n_inputs, _ = put_copies(cluster, copies, "fo")
+                sdfs_files = cluster.ctl("info", timeout=30.0)["sdfs"]["files"]
+                for _ in range(3):  # enough noop work to still be running at the kill
+                    cluster.ctl("submit", model="noop", inputs="fo/", batch=1, start=True, timeout=30.0)
+                wait_until(lambda: any(d["completed"] for d in cluster.ctl("completed", timeout=10.0).values()),
+                           60, 0.05, "first results")
+                old_addr, new_addr = cluster.coordinator, cluster.standby_addr
+                proc = next(p for p in cluster.procs if p.addr == old_addr)
+                proc.popen.send_signal(signal.SIGKILL)
+                t_kill = time.time()
+                proc.popen.wait(timeout=10)
+                first = wait_until(lambda: first_dispatch(observer, new_addr, t_kill), 60, 0.02,
+                                   "a dispatch by the new primary")
+                primary_info = info(cluster)
+                r0 = time.perf_counter()
+                restarted = cluster.start_coordinator(primary=True, standby_mode=True)
+                wait_until(lambda: (i := coord_info(cluster, old_addr)) and i["role"] == "standby" and i.get("synced"),
+                           300, 0.2, "restarted coordinator synced")
+                sync = time.perf_counter() - r0
+                return [f"{files:,} seeded + {n_inputs} put", sdfs_files, synced_mb(restarted.log_path),
+                        first - t_kill, primary_info["loop_stall_max"], info(cluster)["failures_detected"], sync]
+            finally:
+                observer.stop()
+        finally:
+            cluster.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 kills")
@@ -137,7 +219,14 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--finish-timeout", type=float, default=120.0, help="wait this long for every job to finish")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds of normal running before each kill")
+    ap.add_argument("--large-files", type=int, default=None,
+                    help="SDFS files seeded for the large-state takeover (default 100000, quick 20000; 0 = skip)")
+    ap.add_argument("--large-copies", type=int, default=4, help="copies of the 100 images for the noop jobs there")
+    ap.add_argument("--only-large", action="store_true", help="skip the AlexNet kills, run the large-state rows")
     args = ap.parse_args()
+    large = (20_000 if args.quick else 100_000) if args.large_files is None else args.large_files
+    if args.only_large:
+        return large_state_table(large, args)
     kills = args.kills or (2 if args.quick else 5)
     copies = args.copies or (6 if args.quick else 10)
 
@@ -256,9 +345,23 @@ def main() -> int:
           done_rows)
     if bad:
         console.print(f"[red]queries unaccounted for: {bad}[/]")
+    if large:
+        large_state_table(large, args)
     headline(f"coordinator takeover median {tmed:.2f}s (min {tmin:.2f}, max {tmax:.2f}, n={len(takeovers)}) = "
              f"{tmed / TARGET:.2f}x of the 3 s target; {redispatched_total} queries dispatched again "
              f"({duplicated_total} of them also answered by the first dispatch), {reused_total} reused task ids")
+    return 0
+
+
+def large_state_table(files: int, args: argparse.Namespace) -> int:
+    rows = [state_round(0, 3, args.large_copies), state_round(files, 3, args.large_copies)]
+    base = rows[0][3]
+    for r in rows:
+        r.insert(4, r[3] / base if base else float("nan"))
+    table(f"takeover with a large state vs a small one (3 workers, noop jobs running; target {TARGET}s)",
+          ["primary's SDFS", "files", "state synced (MB)", "kill -> 1st dispatch (s)", "vs small state",
+           "new primary's max loop stall (s)", "workers declared failed", "restart -> synced standby (s)"],
+          rows)
     return 0
 
 

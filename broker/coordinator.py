@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from broker.jobs import Job, JobState, JobTable, TaskInfo, parse_answers
 from broker.scheduler import Candidate, make_scheduler
+from broker.snapshot import MAX_TRANSFERS, SnapshotSource
 from broker.state_store import StateStore
 from broker.stats import rate_gap, summarize
 from common.commands import AUTO, COMMANDS, check_args
@@ -52,8 +53,9 @@ from common.protocol import (
     Rejoin,
     ReportBad,
     ResultAck,
+    StateChunk,
+    StateFetch,
     StateRequest,
-    StateSnapshot,
     StateUpdate,
     Stored,
     Task,
@@ -162,6 +164,8 @@ class Coordinator:
         self.max_stall = 0.0  # longest gap between two iterations of the socket loop (metric)
         self.slowest: tuple[str, float] = ("", 0.0)  # the message type that took longest to handle, and how long
         self.events: list[dict[str, Any]] = []  # timeline for reports: job added, worker failed, ...
+        self.synced = False  # standby: holds the primary's snapshot and follows its updates (set by the server)
+        self.transfers: dict[bytes, SnapshotSource] = {}  # snapshot transfers being served, by standby
         self.handlers: dict[type[Message], Callable[[bytes, Any, float], None]] = {
             Join: self.on_join,
             Heartbeat: self.on_heartbeat,
@@ -180,6 +184,7 @@ class Coordinator:
             TaskResult: self.on_result,
             Command: self.on_command,
             StateRequest: self.on_state_request,
+            StateFetch: self.on_state_fetch,
         }
         self.ops: dict[str, Callable[[dict[str, Any], float], None]] = {
             "job.add": self._op_job_add,
@@ -292,7 +297,7 @@ class Coordinator:
             return
         # A standby answers only questions about itself (`members` shows its role and term);
         # everything else goes to the primary, so a client never acts on a stale copy.
-        standby_ok = isinstance(msg, (StateRequest, ViewRequest)) or (
+        standby_ok = isinstance(msg, (StateRequest, StateFetch, ViewRequest)) or (
             isinstance(msg, Command) and msg.name == "members"
         )
         if self.role != PRIMARY and not standby_ok:
@@ -323,6 +328,9 @@ class Coordinator:
                     self.addr, self.role, self.term, self.registry.epoch, self.registry.seq, self.state_seq
                 ),
             )
+        if self.transfers:
+            self._serve_transfers(now)
+            self._expire_transfers(now)
         if self.role != PRIMARY:
             return
         if not expire:
@@ -374,6 +382,8 @@ class Coordinator:
 
     def next_deadline(self, now: float) -> float:
         deadlines = [self.next_heartbeat, self.next_repair if self.role == PRIMARY else now + 1.0]
+        if any(t.waiting for t in self.transfers.values()):
+            deadlines.append(now + 0.005)  # a fetched chunk is being produced off the loop
         d = self.registry.next_deadline()
         if d is not None and self.role == PRIMARY:
             deadlines.append(d)
@@ -857,7 +867,8 @@ class Coordinator:
     def restore(self, state: dict[str, Any], seq: int, term: int, now: float) -> None:
         """Install the primary's snapshot (standby). The state store starts a new history from it."""
         self._restore_jobs(state, now)
-        self.master.restore(state["sdfs"])  # tombstones and indexes need the full reset
+        if "sdfs" in state:  # absent when the snapshot transfer already applied the SDFS entries
+            self.master.restore(state["sdfs"])  # tombstones and indexes need the full reset
         self.state_seq = seq
         self.term = max(self.term, term)
         if self.store is not None:
@@ -918,10 +929,77 @@ class Coordinator:
         return True
 
     def on_state_request(self, ident: bytes, m: StateRequest, now: float) -> None:
+        """Start a chunked transfer of the state at the current seq (see broker/snapshot.py)."""
         if self.role != PRIMARY:
             self.reply_error(ident, m.req, ErrorCode.NOT_PRIMARY, f"{self.addr} is {self.role}")
             return
-        self.net.send(ident, StateSnapshot(m.req, self.state_seq, self.term, self.snapshot()))
+        t0 = time.perf_counter()
+        old = self.transfers.pop(ident, None)  # a new request supersedes this standby's earlier transfer
+        if old is not None:
+            old.close()
+        while len(self.transfers) >= MAX_TRANSFERS:
+            self.transfers.pop(min(self.transfers, key=lambda k: self.transfers[k].last_used)).close()
+        # Frozen at S: what is not an idempotent whole-entry record (shallow copies of containers).
+        # SDFS entries are read when their chunk is produced (only the names are taken now).
+        head = {
+            "members": self.registry.view(),
+            "view_seq": self.registry.seq,
+            "epoch": self.registry.epoch,
+            "tasks": [
+                {"task_id": t.task_id, "job_id": t.job_id, "worker": t.worker, "indexes": list(t.indexes),
+                 "dispatched": t.dispatched}
+                for t in self.jobs.tasks.values()
+            ],
+            "events": self.events[-1000:],
+            "cost": dict(self.cost),
+        }
+        jobs = [j.snapshot() for j in self.jobs.jobs.values()]
+        names = list(self.master.files.keys() | self.master.next_version.keys() | self.master.tombs.keys())
+        self.transfers[ident] = SnapshotSource(m.req, self.state_seq, self.term, head, jobs, names, self.master,
+                                               self.cfg.chunk_bytes, self.cfg.transfer_window + 2, now)
+        log.info("snapshot transfer %d for %r: state seq %d, %d jobs, %d files (frozen in %.0f ms)",
+                 m.req, ident[:40], self.state_seq, len(jobs), len(names), (time.perf_counter() - t0) * 1000)
+
+    def on_state_fetch(self, ident: bytes, m: StateFetch, now: float) -> None:
+        src = self.transfers.get(ident)
+        if self.role != PRIMARY:
+            self.reply_error(ident, m.req, ErrorCode.NOT_PRIMARY, f"{self.addr} is {self.role}")
+            return
+        if src is None or src.req != m.req:
+            self.reply_error(ident, m.req, ErrorCode.NOT_FOUND, f"no snapshot transfer {m.req} here: request a new one")
+            return
+        try:
+            out = src.fetch(m.index, m.have, now)
+        except LookupError as exc:
+            self.reply_error(ident, m.req, ErrorCode.NOT_FOUND, str(exc))
+            return
+        if out is not None:
+            self._send_chunk(ident, src, m.index, *out)
+        # else: produced off the loop; sent by _serve_transfers when ready
+
+    def _send_chunk(self, ident: bytes, src: SnapshotSource, index: int, data: bytes, last: bool) -> None:
+        self.net.send(ident, StateChunk(src.req, index, data, last))
+        if last:
+            log.info("snapshot transfer %d sent: %d chunks, %.1f MB in %.2fs", src.req, index + 1, src.bytes / 1e6,
+                     time.monotonic() - src.started)
+
+    def _serve_transfers(self, now: float) -> None:
+        """Send chunks that were fetched before the producer thread had them; drop finished transfers."""
+        for ident, src in list(self.transfers.items()):
+            for index, data, last in src.ready():
+                self._send_chunk(ident, src, index, data, last)
+            if src.error and src.waiting:
+                self.reply_error(ident, src.req, ErrorCode.INTERNAL, src.error)
+                src.waiting.clear()
+            if src.done:
+                src.close()
+                del self.transfers[ident]
+
+    def _expire_transfers(self, now: float) -> None:
+        """A transfer nobody fetched from for a while is abandoned (the standby died or started over)."""
+        idle = max(60.0, 4 * self.cfg.request_timeout)
+        for ident in [k for k, t in self.transfers.items() if now - t.last_used > idle]:
+            self.transfers.pop(ident).close()
 
     def promote(self, now: float) -> None:
         """Standby -> primary: new term, fresh failure-detector grace, unfinished work re-planned."""
@@ -947,6 +1025,9 @@ class Coordinator:
     def demote(self) -> None:
         log.warning("another coordinator has a higher term; becoming standby")
         self.role = STANDBY
+        for src in self.transfers.values():
+            src.close()
+        self.transfers.clear()
 
     # ------------------------------------------------------------------------------------------
     # commands
@@ -1130,7 +1211,8 @@ class Coordinator:
 
     def cmd_members(self, args: dict[str, Any], now: float) -> Any:
         return {"epoch": self.registry.epoch, "seq": self.registry.seq, "members": self.registry.view(),
-                "coordinator": {"addr": self.addr, "role": self.role, "term": self.term}}
+                "coordinator": {"addr": self.addr, "role": self.role, "term": self.term, "state_seq": self.state_seq,
+                                "synced": self.role == PRIMARY or self.synced}}
 
     def cmd_timeline(self, args: dict[str, Any], now: float) -> Any:
         return {

@@ -14,6 +14,7 @@ with a higher term demotes itself to standby and re-syncs, and workers ignore ol
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import zmq
 
 from broker.coordinator import PRIMARY, PROBING, STANDBY, Coordinator
 from broker.jobs import Job
+from broker.snapshot import SnapshotError, SnapshotReceiver, install
 from broker.state_store import StateStore
 from common.config import Config
 from common.failure_detector import LOCAL_STALL, PhiAccrual
@@ -35,10 +37,12 @@ from common.logstream import LOG_PORT_OFFSET, MAX_LOG_FRAME, PUB_PORT_OFFSET
 from common.loop import run_until_stopped
 from common.protocol import (
     CoordinatorHeartbeat,
+    Error,
     LogRecord,
     Message,
+    StateChunk,
+    StateFetch,
     StateRequest,
-    StateSnapshot,
     StateUpdate,
     Topic,
 )
@@ -205,8 +209,9 @@ class CoordinatorServer:
             log.info("state restored in %.2fs", time.monotonic() - t0)
         self.core.role = role
         if role == PRIMARY:
-            self.core.term += 1
+            self.core.term += 1  # persisted (fsync'd) by the term's setter before anything announces it
             self.core.take_over(time.monotonic())
+        gc.freeze()  # the state loaded from disk is long-lived: full GC passes need not walk it (loop stalls)
         self.started = time.monotonic()
         self.last_expiry = self.started
         self.peer_sub: zmq.Socket | None = None
@@ -215,10 +220,11 @@ class CoordinatorServer:
         self.last_step = self.started
         self.peer_role = ""
         self.peer_term = 0
-        self.snapshot_req: int | None = None
-        self.snapshot_sent = 0.0
+        self.transfer: SnapshotReceiver | None = None  # the snapshot being pulled from the primary
+        self.snapshot_sent = -1e9
         self.buffered: list[StateUpdate] = []
-        self.synced = False
+        self.ever_synced = False
+        self.refusal_logged = False
         if self.peer:
             self.peer_sub = make_socket(self.ctx, zmq.SUB, cfg.max_frame_bytes)
             for topic in (Topic.HEARTBEAT, Topic.STATE):
@@ -262,12 +268,14 @@ class CoordinatorServer:
             os.close(dfd)
 
     # -- loop -----------------------------------------------------------------------------------
-    def step(self, now: float) -> None:
-        gap = now - self.last_step
-        self.last_step = now
+    def _stalled(self, gap: float) -> None:
         self.core.loop_stalled(gap)
         if gap > LOCAL_STALL and self.peer_fd is not None:
             self.peer_fd.excuse(gap)  # our own stall is not the peer's silence
+
+    def step(self, now: float) -> None:
+        self._stalled(now - self.last_step)
+        self.last_step = now
         timeout = max(0.0, min(0.1, self.core.next_deadline(now) - now))
         backlog = False
         # Membership and control traffic first: the ROUTER (heartbeats, results, requests) and the
@@ -282,6 +290,13 @@ class CoordinatorServer:
         if self.pull in ready:
             self._drain_logs()
         now = time.monotonic()
+        # A slow handler (a large message, a GC pause, a busy new primary) is a stall of this loop too,
+        # and it must be excused *before* this step's expiry, or heartbeats still waiting unread in the
+        # socket would count as silence (finding: a busy new primary declared every worker failed).
+        polled = self.last_step + timeout
+        if now - polled > LOCAL_STALL:
+            self._stalled(now - polled)
+            self.last_step = now  # the next step's gap starts after what was excused here
         self._failover_rules(now)
         # With unread messages left (the drain hit its budget), heartbeats may be among them: read on
         # before declaring anyone failed, unless the backlog has held expiry off for too long.
@@ -387,35 +402,92 @@ class CoordinatorServer:
     def _drain_peer_dealer(self) -> None:
         if self.peer_dealer is None:
             return
+        budget_end = time.monotonic() + DRAIN_BUDGET  # decoding chunks is real work: let the loop tick
         for _ in range(100):
+            if time.monotonic() > budget_end:
+                return
             try:
                 frame = self.peer_dealer.recv(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             msg = try_decode(frame, self.cfg.max_frame_bytes, "peer coordinator")
-            if isinstance(msg, StateSnapshot) and msg.req == self.snapshot_req and self.core.role == STANDBY:
-                now = time.monotonic()
-                self.core.restore(msg.state, msg.seq, msg.term, now)
-                self.synced = True
-                self.snapshot_req = None
-                pending, self.buffered = self.buffered, []
-                for u in pending:
-                    self._on_state_update(u)
-                log.info("standby synced: state seq %d, term %d, %d jobs", msg.seq, msg.term, len(self.core.jobs.jobs))
+            t = self.transfer
+            if t is None or self.core.role != STANDBY or getattr(msg, "req", None) != t.req:
+                continue  # a chunk of a superseded transfer, or nothing we asked for
+            now = time.monotonic()
+            if isinstance(msg, StateChunk):
+                try:
+                    t.add(msg.index, msg.data, msg.last, now)
+                except SnapshotError as exc:
+                    log.warning("snapshot transfer %d failed: %s; starting over", t.req, exc)
+                    self.transfer = None
+                    continue
+                if t.done:
+                    self._install(t, now)
+                else:
+                    self._fetch(t.wanted())
+            elif isinstance(msg, Error):
+                log.warning("snapshot transfer %d refused by the primary: %s", t.req, msg.message)
+                self.transfer = None  # _failover_rules asks again after request_timeout
+
+    def _install(self, t: SnapshotReceiver, now: float) -> None:
+        self.transfer = None
+        t0 = time.monotonic()
+        seq, term = install(self.core, t, now)
+        gc.freeze()  # the replicated state is long-lived: keep the cyclic GC from walking it on every full pass
+        took = time.monotonic() - t0
+        self.core.synced = self.ever_synced = True
+        pending, self.buffered = self.buffered, []
+        for u in pending:
+            self._on_state_update(u)
+        log.info("standby synced: state seq %d (now %d), term %d, %d jobs, %d files; %.1f MB in %d chunks in "
+                 "%.2fs (%d resumes), installed in %.2fs", seq, self.core.state_seq, term, len(self.core.jobs.jobs),
+                 len(self.core.master.files), t.bytes / 1e6, t.have, now - t.started, t.resumes, took)
+
+    def _fetch(self, indexes: list[int]) -> None:
+        t = self.transfer
+        if t is None or self.peer_dealer is None:
+            return
+        for i in indexes:
+            try:
+                self.peer_dealer.send(StateFetch(t.req, i, t.have).encode(), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return  # not connected yet: the resume timer asks again
 
     def _request_snapshot(self, now: float) -> None:
         if self.peer_dealer is None:
             return
-        self.snapshot_req = next_req()
+        self.transfer = SnapshotReceiver(next_req(), self.cfg.transfer_window, now, sink=self.core.master.apply_entries)
         self.snapshot_sent = now
-        self.synced = False
+        self.core.synced = False
         self.buffered = []
-        self.peer_dealer.send(StateRequest(self.snapshot_req).encode(), flags=zmq.NOBLOCK)
+        try:
+            self.peer_dealer.send(StateRequest(self.transfer.req).encode(), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.transfer = None
+            return
+        self._fetch(self.transfer.wanted())
+
+    def _sync(self, now: float) -> None:
+        """Standby with a live primary: start, resume or restart the snapshot transfer as needed."""
+        t = self.transfer
+        if t is None:
+            if now - self.snapshot_sent > self.cfg.request_timeout:
+                self._request_snapshot(now)
+            return
+        if now - t.last_progress > self.cfg.request_timeout:
+            if t.resumes >= 3:
+                log.warning("snapshot transfer %d stuck at chunk %d: starting over", t.req, t.have)
+                self._request_snapshot(now)
+            else:
+                log.info("snapshot transfer %d: no chunk for %.1fs, resuming at chunk %d", t.req,
+                         now - t.last_progress, t.have)
+                self._fetch(t.resume(now))
 
     def _on_state_update(self, u: StateUpdate) -> None:
         if self.core.role != STANDBY:
             return
-        if not self.synced:
+        if not self.core.synced:
             self.buffered.append(u)
             return
         if u.term > self.core.term:
@@ -447,19 +519,35 @@ class CoordinatorServer:
                 log.info("no primary heard: starting as primary (term %d)", core.term)
             return
         if core.role == PRIMARY:
+            self.ever_synced = True  # it held the authoritative state: demoted, it may take over again
             if peer_alive and self.peer_role == PRIMARY and (
                 self.peer_term > core.term or (self.peer_term == core.term and self.peer < self.addr)
             ):
                 core.demote()
                 core.term = self.peer_term
-                self.synced = False  # our state is stale: take the new primary's snapshot
+                self.core.synced = False  # our state is stale: take the new primary's snapshot
+                self.transfer = None
             return
         # standby
         if peer_alive and self.peer_role == PRIMARY:
-            if not self.synced and (self.snapshot_req is None or now - self.snapshot_sent > self.cfg.request_timeout):
-                self._request_snapshot(now)
+            if not self.core.synced:
+                self._sync(now)
             return
         voted = now - core.last_vote < max(2 * self.cfg.failover_timeout, 2.0)
         if not peer_alive and voted and now - self.started > self.cfg.failover_timeout:
+            if not self.ever_synced:
+                # Never held the primary's state (the primary may still be loading its own): taking
+                # over now would present an empty cluster and hand out job ids and versions again.
+                if not self.refusal_logged:
+                    self.refusal_logged = True
+                    log.warning("not promoting: this standby never synced with a primary (start it without "
+                                "--standby to let it start a cluster on its own state)")
+                return
+            if not self.core.synced:
+                log.warning("promoting with the state of an unfinished re-sync (the primary died during it)")
+            self.transfer = None
+            self.buffered = []
             core.term = max(core.term, self.peer_term)
+            t0 = time.monotonic()
             core.promote(now)
+            log.info("promotion took %.0f ms", (time.monotonic() - t0) * 1000)

@@ -19,8 +19,9 @@ from typing import Any, ClassVar
 
 import msgpack
 
-# 4: streamed partial TaskResults (`final`); 3: PutReplace (pipeline recovery); 2: Ready carries
-# total `slots`. Nodes of different versions refuse each other.
+# 4 (this round): streamed partial TaskResults (`final`), the standby's snapshot as a chunked
+# transfer (StateFetch/StateChunk replace StateSnapshot); 3: PutReplace (pipeline recovery);
+# 2: Ready carries total `slots`. Nodes of different versions refuse each other.
 VERSION = 4
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 
@@ -590,17 +591,33 @@ class Command(Message):
 
 @message
 class StateRequest(Message):
+    """Standby -> primary: start a snapshot transfer with id ``req`` (supersedes the sender's earlier one)."""
+
     TYPE = "state_req"
     req: int
 
 
 @message
-class StateSnapshot(Message):
-    TYPE = "state_snapshot"
+class StateFetch(Message):
+    """Standby -> primary: send chunk ``index`` of transfer ``req``; chunks below ``have`` arrived
+    (the primary frees them). The standby keeps at most ``transfer_window`` fetches outstanding."""
+
+    TYPE = "state_fetch"
     req: int
-    seq: int
-    term: int
-    state: dict[str, Any]
+    index: int
+    have: int
+
+
+@message
+class StateChunk(Message):
+    """Primary -> standby: bytes [index * chunk_bytes, ...) of the msgpack record stream (see
+    broker/snapshot.py); ``last`` marks the final chunk."""
+
+    TYPE = "state_chunk"
+    req: int
+    index: int
+    data: bytes
+    last: bool
 
 
 @message

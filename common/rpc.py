@@ -3,13 +3,22 @@
 A REQ socket gets stuck forever when a reply is lost (zguide "Lazy Pirate"); a DEALER with our own
 request ids and a poll timeout never does. Stale replies (an earlier, timed-out request) are
 recognised by their ``req`` id and dropped.
+
+The client remembers which coordinator last answered as primary: in this process (``_last_good``)
+and, given a ``hint_file``, across processes (each CLI invocation is a new process), so calls after a
+failover go straight to the new primary instead of waiting out the dead one first. A stale hint
+costs one fallback to the other endpoint.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -43,16 +52,52 @@ def next_req() -> int:
     return next(_req_ids)
 
 
+def read_hint(path: str | os.PathLike[str] | None, endpoints: list[str]) -> int | None:
+    """Index in ``endpoints`` of the primary a previous process recorded in ``path`` (None if unknown)."""
+    if not path:
+        return None
+    try:
+        primary = json.loads(Path(path).read_text()).get("primary")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return endpoints.index(primary) if primary in endpoints else None
+
+
+def write_hint(path: str | os.PathLike[str] | None, endpoints: list[str], primary: str) -> None:
+    """Record ``primary`` in ``path`` atomically (write a temporary file, rename it over): a concurrent
+    reader sees the old hint or the new one, never half of one. Only into an existing directory (the
+    data directory of `idunno up`); a failure is not worth an error: the hint is only an optimisation."""
+    if not path:
+        return
+    target = Path(path)
+    if not target.parent.is_dir():
+        return
+    tmp = ""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".primary-", dir=target.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"primary": primary, "coordinators": endpoints, "ts": time.time()}, fh)
+        os.replace(tmp, target)
+    except OSError as exc:
+        log.debug("could not record the primary in %s: %s", target, exc)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+
+
 class RpcClient:
     """Talk to one of several equivalent endpoints (the coordinators), switching on failure."""
 
-    def __init__(self, endpoints: list[str], cfg: Config, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, endpoints: list[str], cfg: Config, ctx: zmq.Context | None = None,
+                 hint_file: str | os.PathLike[str] | None = None) -> None:
         if not endpoints:
             raise ValueError("no endpoint to talk to")
         self.endpoints = list(endpoints)
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
-        self.current = _last_good.get(tuple(self.endpoints), 0)
+        self.hint_file = hint_file
+        known = _last_good.get(tuple(self.endpoints))
+        self.hinted = read_hint(hint_file, self.endpoints) if known is None else known
+        self.current = known if known is not None else (self.hinted or 0)
         self.sock: zmq.Socket | None = None
 
     def _socket(self) -> zmq.Socket:
@@ -72,13 +117,23 @@ class RpcClient:
             self.sock.close(0)
             self.sock = None
 
+    def _answered(self) -> None:
+        """The current endpoint answered as primary: start there next time, in this process and the next."""
+        _last_good[tuple(self.endpoints)] = self.current
+        if self.hint_file and self.hinted != self.current and len(self.endpoints) > 1:
+            write_hint(self.hint_file, self.endpoints, self.endpoints[self.current])
+            self.hinted = self.current
+
     def call(self, msg: Message, timeout: float | None = None, retries: int | None = None) -> Message:
         """Send ``msg`` (its ``req`` is set here) and return the reply; raise RpcError/Unavailable."""
         timeout = self.cfg.request_timeout if timeout is None else timeout
-        attempts = (self.cfg.request_retries if retries is None else retries) * len(self.endpoints)
+        attempts = max(1, (self.cfg.request_retries if retries is None else retries) * len(self.endpoints))
         last = "no attempt"
         started = time.monotonic()
-        for attempt in range(max(1, attempts)):
+        silent: set[int] = set()  # endpoints that did not answer during this call
+        takeover_until: float | None = None
+        attempt = 0
+        while attempt < attempts:
             # With a standby configured, the first round probes each endpoint briefly.
             wait = min(timeout, PROBE_TIMEOUT) if len(self.endpoints) > 1 and attempt < len(self.endpoints) else timeout
             req = next_req()
@@ -88,25 +143,41 @@ class RpcClient:
                 sock.send(msg.encode(), flags=zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 last = str(exc)
+                attempt += 1
                 self._switch()
                 continue
             reply = self._wait(sock, req, wait)
             if reply is None:
                 last = f"no reply from {self.endpoints[self.current]} within {wait:.1f}s"
+                silent.add(self.current)
+                attempt += 1
                 self._switch()
                 continue
             if isinstance(reply, Error):
                 if reply.code == ErrorCode.NOT_PRIMARY:
                     last = reply.message
+                    now = time.monotonic()
+                    others = [i for i in range(len(self.endpoints)) if i != self.current and i not in silent]
+                    if not others and len(self.endpoints) > 1:
+                        # Every other coordinator is silent and this one is alive but not (yet) primary:
+                        # a takeover is under way here. Ask it again shortly instead of waiting out a dead
+                        # primary once more, for as long as a takeover takes.
+                        if takeover_until is None:
+                            takeover_until = now + 2 * self.cfg.failover_timeout + self.cfg.failure_max_timeout
+                        if now < takeover_until:
+                            time.sleep(0.05)  # client side only
+                            continue
+                        silent.clear()  # it is not taking over: try the others again
+                    attempt += 1
                     self._switch()
                     time.sleep(0.05)  # client side only: give a takeover a moment
                     continue
-                _last_good[tuple(self.endpoints)] = self.current
+                self._answered()
                 raise RpcError(reply.code, reply.message)
-            _last_good[tuple(self.endpoints)] = self.current
+            self._answered()
             return reply
         what = getattr(msg, "name", None) or msg.TYPE  # a Command by its name: "jobs", not "cmd"
-        raise Unavailable(f"{what}: no answer from {', '.join(self.endpoints)} after {max(1, attempts)} attempts "
+        raise Unavailable(f"{what}: no answer from {', '.join(self.endpoints)} after {attempts} attempts "
                           f"in {time.monotonic() - started:.1f}s (last: {last})")
 
     def _wait(self, sock: zmq.Socket, req: int, timeout: float) -> Message | None:

@@ -32,6 +32,7 @@ from common.protocol import Command, ErrorCode
 from common.rpc import RpcClient, RpcError, Unavailable
 
 STATE_FILE = "cluster.json"  # written by `idunno up` into its data directory
+PRIMARY_HINT_FILE = "primary.json"  # beside it: the coordinator that last answered as primary (common/rpc.py)
 DEFAULT_DATA_DIR = "var"
 PROBE_TIMEOUT = 1.0  # for the ZeroMQ greeting of any coordinator, before the first request
 NO_CLUSTER_HINT = ("is the cluster running? Start one here with `idunno up --detach`, or say where it is with "
@@ -387,7 +388,8 @@ class Client:
             self._probe(name)
             self._probed = True
         if self._rpc is None:
-            self._rpc = RpcClient(self.cfg.coordinators, self.cfg)
+            self._rpc = RpcClient(self.cfg.coordinators, self.cfg,
+                                  hint_file=Path(self.cfg.data_dir) / PRIMARY_HINT_FILE)
         try:
             reply = self._rpc.call(Command(0, name, args), timeout=timeout or self.timeout)
         except RpcError as exc:

@@ -173,7 +173,7 @@ def test_random_bytes_after_a_valid_header_are_rejected(tail: bytes) -> None:
     assert isinstance(msg, Message)
 
 
-@pytest.mark.parametrize("tname", ["write", "join", "put_plan", "heartbeat", "ok", "state_snapshot"])
+@pytest.mark.parametrize("tname", ["write", "join", "put_plan", "heartbeat", "ok", "state_chunk"])
 def test_every_prefix_of_a_valid_frame_is_rejected(tname: str) -> None:
     frame = sample(TYPES[tname]).encode()
     for n in range(len(frame)):
