@@ -16,6 +16,11 @@ from common.config import Config
 from common.modelnames import MODEL_NAMES
 from common.protocol import Command, Heartbeat, Join, Message, Ok, Ready, ResultAck, Task, TaskResult, decode
 
+# For tests of other mechanics that need a job's first task to be a whole batch, answered at once
+# (no slow start, no streamed pieces).
+WHOLE_BATCHES = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, slow_start=False,
+                       stream_interval=0.0)
+
 
 class MemoryNet:
     def __init__(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from simcluster import SimCluster
+from simcluster import WHOLE_BATCHES, SimCluster
 
 from broker.coordinator import STANDBY, Coordinator
 from broker.stats import rate_gap
@@ -12,9 +12,6 @@ from common.config import Config
 from common.protocol import Error, Heartbeat, Leave, Rejoin, Task, TaskResult, Topic, decode
 
 CHEAP, DEAR = "cheap", "dear"
-# For tests of other mechanics that need a job's first task to be a whole batch, answered at once.
-WHOLE_BATCHES = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, slow_start=False,
-                       stream_interval=0.0)
 
 
 def window_gap(sim: SimCluster, jobs: list[str], t0: float, t1: float, window: float = 10.0) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import DATA, wait_for
 
-from cli.cluster import LocalCluster, ctl, free_port_block
+from cli.cluster import COORD_SLOTS, LocalCluster, ctl, free_port_block
 from common.config import Config
 from common.rpc import RpcError
 from sdfs.client import SdfsClient
@@ -69,13 +69,13 @@ def synced_line(log_path: str) -> re.Match | None:
 
 @pytest.fixture
 def big_cluster(tmp_path):
-    # repair() walks every file each pass (made incremental on another branch); with 100,000 files it
-    # would dominate the primary's loop here, so it runs rarely: this test is about sync and takeover.
+    # Every seeded file has only long-gone holders: repair could do nothing for them but would still
+    # look at each (5,000 per pass after a start from disk), so it runs rarely: this test is about sync.
     c = LocalCluster(workers=3, standby=True, data_dir=str(tmp_path / "c"), torch_threads=1,
                      env={"IDUNNO_REPAIR_INTERVAL": "60"})
     c.coordinator = f"{c.host}:{free_port_block(c.host)}"
     c.standby_addr = f"{c.host}:{free_port_block(c.host)}"
-    seed_metadata(Path(c.data_dir) / f"coord-{c.coordinator.replace(':', '-')}" / "metadata.sqlite", FILES)
+    seed_metadata(Path(c.data_dir) / COORD_SLOTS[0] / "metadata.sqlite", FILES)  # the primary slot's directory
     try:
         c.start_coordinator(primary=True)
         c.start_coordinator(primary=False)
