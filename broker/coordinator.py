@@ -1108,6 +1108,13 @@ class Coordinator:
             raise CommandError(ErrorCode.BAD_REQUEST, str(exc)) from None
         if not isinstance(pattern, str) or not pattern:
             raise CommandError(ErrorCode.BAD_REQUEST, "submit needs an SDFS glob or prefix of inputs")
+        request_id = args.get("request_id") or ""
+        if len(request_id) > 64:
+            raise CommandError(ErrorCode.BAD_REQUEST, "request_id must be at most 64 characters")
+        if request_id in self.jobs.by_request:
+            # A retry of a submit that was done (its reply was lost or late, or went to the old
+            # primary): the same job, not a second one.
+            return self.jobs.jobs[self.jobs.by_request[request_id]].describe()
         # Defaults only for what was not given: 0 is an error, not "use the default".
         batch, target = self._batch_args(args.get("batch"), args.get("latency_target"))
         weight = args.get("weight")
@@ -1118,7 +1125,8 @@ class Coordinator:
         if not inputs:
             raise CommandError(ErrorCode.NOT_FOUND, f"no input files match {pattern!r} in SDFS; `put` them first")
         job_id = self.jobs.new_job_id(model)
-        job = Job(job_id, model, inputs, batch, weight, submitted=self.clock(), latency_target=target)
+        job = Job(job_id, model, inputs, batch, weight, submitted=self.clock(), latency_target=target,
+                  request_id=request_id)
         self.emit("job.add", job.snapshot(), now)
         self.event("job_added", job_id, now)
         if args.get("start") or self.jobs.running():

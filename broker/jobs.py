@@ -54,6 +54,7 @@ class Job:
     # (replicated op ``job.results_written``; None: the primary still owes that write).
     results_version: int | None = None
     latency_target: float = 0.0  # seconds of compute per batch when batch_size is auto (0)
+    request_id: str = ""  # the submit's request id: a retried submit returns this job, not a new one
 
     def __post_init__(self) -> None:
         if self.stats is None:
@@ -91,6 +92,7 @@ class Job:
         d["results"] = {str(k): v for k, v in self.results.items()}
         d["stats"] = self.stats.snapshot() if self.stats else None
         d["dispatches"] = {str(k): v for k, v in self.dispatches.items()}
+        d["request_id"] = self.request_id
         return d
 
     def durable(self) -> dict[str, Any]:
@@ -101,6 +103,7 @@ class Job:
         d["results"] = dict(self.results)
         d["stats"] = self.stats.snapshot() if self.stats else None
         d["dispatches"] = dict(self.dispatches)
+        d["request_id"] = self.request_id
         return d
 
     def durable_key(self) -> tuple[Any, ...] | None:
@@ -128,6 +131,7 @@ class Job:
             dispatches={int(k): int(v) for k, v in (d.get("dispatches") or {}).items()},
             results_version=d.get("results_version"),
             latency_target=float(d.get("latency_target") or 0.0),
+            request_id=str(d.get("request_id") or ""),
         )
         # Whatever was in flight at the old primary is pending again (its late results still count once);
         # a cancelled job has nothing pending.
@@ -186,6 +190,7 @@ def parse_answers(job: Job, task: TaskInfo | None, entries: list[Any]) -> dict[i
 class JobTable:
     def __init__(self) -> None:
         self.jobs: dict[str, Job] = {}
+        self.by_request: dict[str, str] = {}  # submit request id -> job id (replicated with the jobs)
         self.tasks: dict[str, TaskInfo] = {}
         self._task_ids = itertools.count(1)
         self._job_ids = itertools.count(1)
@@ -199,6 +204,8 @@ class JobTable:
 
     def add(self, job: Job) -> None:
         self.jobs[job.job_id] = job
+        if job.request_id:
+            self.by_request[job.request_id] = job.job_id
         # A restored job keeps its number out of the counter: after a restart the next job must
         # not be ``job1-<another model>`` beside the old ``job1-<model>``.
         head = job.job_id.split("-", 1)[0]

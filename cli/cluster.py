@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.commands import COMMANDS, check_args
+from common.commands import COMMANDS, check_args, with_request_id
 from common.config import Config
 from common.protocol import Command
 from common.rpc import RpcClient, RpcError
@@ -74,7 +74,7 @@ def ctl(cfg: Config, name: str, timeout: float | None = None, **args: Any) -> An
     args = check_args(name, args)  # a clear error here, not an overflow in the encoder
     client = RpcClient(cfg.coordinators, cfg)
     try:
-        return client.call(Command(0, name, args), timeout=timeout).data  # type: ignore[attr-defined]
+        return client.call(Command(0, name, with_request_id(name, args)), timeout=timeout).data  # type: ignore[attr-defined]
     finally:
         client.close()
 

@@ -7,6 +7,7 @@ uses the table for autocomplete and ``help``; ``idunno ctl`` for argument parsin
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,12 +80,18 @@ class CommandSpec:
     name: str
     help: str
     args: tuple[Arg, ...] = ()
+    # Not idempotent (it creates something): the client tags each call with a request id that its
+    # retries repeat, so a retry after a lost or late reply (or a failover) returns the first result.
+    once: bool = False
 
     def usage(self) -> str:
         return " ".join([self.name, *(a.usage() for a in self.args)])
 
 
 JOB = Arg("job", help="job id (see `jobs`)")
+REQUEST_ID = Arg("request_id", str, False, "any id up to 64 characters: the same command again with the same id "
+                 "returns the first one's result (set automatically; retries repeat it)", None, option=True,
+                 metavar="ID")
 OPT_JOB = Arg("job", required=False, help="job id; all jobs when omitted")
 
 COMMANDS: dict[str, CommandSpec] = {
@@ -108,7 +115,9 @@ COMMANDS: dict[str, CommandSpec] = {
                     metavar="W"),
                 Arg("start", bool, False, "start right away (a job submitted while others run starts anyway)",
                     False, option=True),
+                REQUEST_ID,
             ),
+            once=True,
         ),
         CommandSpec("jobs", "list jobs with state and progress"),
         CommandSpec("query_rate", "images/s over the last window and count since start", (OPT_JOB,)),
@@ -147,6 +156,14 @@ def arg_spec(command: str, name: str) -> Arg:
         if a.name == name:
             return a
     raise KeyError(name)
+
+
+def with_request_id(command: str, args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` with a fresh request id when ``command`` is not idempotent and the caller set none."""
+    spec = COMMANDS.get(command)
+    if spec is not None and spec.once and not args.get("request_id"):
+        args = {**args, "request_id": uuid.uuid4().hex}
+    return args
 
 
 def check_args(command: str, args: dict[str, Any]) -> dict[str, Any]:

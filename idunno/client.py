@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.commands import COMMANDS, check_args
+from common.commands import COMMANDS, check_args, with_request_id
 from common.config import Config, load_config
 from common.protocol import Command, ErrorCode
 from common.rpc import RpcClient, RpcError, Unavailable
@@ -391,7 +391,7 @@ class Client:
             self._rpc = RpcClient(self.cfg.coordinators, self.cfg,
                                   hint_file=Path(self.cfg.data_dir) / PRIMARY_HINT_FILE)
         try:
-            reply = self._rpc.call(Command(0, name, args), timeout=timeout or self.timeout)
+            reply = self._rpc.call(Command(0, name, with_request_id(name, args)), timeout=timeout or self.timeout)
         except RpcError as exc:
             raise _command_error(exc) from None
         return reply.data  # type: ignore[attr-defined]

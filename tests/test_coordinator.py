@@ -431,3 +431,26 @@ def test_cancel_is_replicated_to_the_standby_and_survives_a_snapshot():
             u = decode(b)
             fresh.apply_op(u.op, u.data, sim.t)
     assert fresh.jobs.jobs[job].state == "cancelled" and not fresh.jobs.jobs[job].pending
+
+
+def test_a_retried_submit_returns_the_first_job_on_this_and_on_a_promoted_standby():
+    from simcluster import MemoryNet  # noqa: PLC0415
+
+    from broker.coordinator import STANDBY, Coordinator  # noqa: PLC0415
+    from common.commands import with_request_id  # noqa: PLC0415
+
+    sim = SimCluster({DEAR: 0.09}, speeds=[1])
+    sim.add_inputs("in", 4)
+    args = with_request_id("submit", {"model": DEAR, "inputs": "in/"})
+    assert len(args["request_id"]) == 32 and with_request_id("jobs", {}) == {}
+    first = sim.command("submit", **args)
+    again = sim.command("submit", **args)  # the client's retry after a lost reply
+    assert again["job_id"] == first["job_id"] and len(sim.core.jobs.jobs) == 1
+    other = sim.command("submit", model=DEAR, inputs="in/", request_id="mine-2")
+    assert other["job_id"] != first["job_id"]
+    with pytest.raises(RuntimeError, match="at most 64"):
+        sim.command("submit", model=DEAR, inputs="in/", request_id="x" * 65)
+    # The standby learns the ids with the jobs: a retry that reaches it after a takeover is no new job.
+    standby = Coordinator(sim.cfg, "sim:2", MemoryNet(), role=STANDBY, models=sim.core.models)
+    standby.restore(sim.core.snapshot(), sim.core.state_seq, sim.core.term, sim.t)
+    assert standby.jobs.by_request == {args["request_id"]: first["job_id"], "mine-2": other["job_id"]}

@@ -176,3 +176,4 @@ def test_latency_target_without_auto_and_bad_batch_words_are_refused():
         with pytest.raises(RuntimeError, match=word):
             sim.command("submit", model=RESNET, inputs="in/", **args)
     assert not sim.core.jobs.jobs
+
