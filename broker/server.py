@@ -27,6 +27,7 @@ import zmq
 
 from broker.coordinator import PRIMARY, PROBING, STANDBY, Coordinator
 from broker.jobs import Job
+from common import security
 from common.config import Config
 from common.failure_detector import LOCAL_STALL, PhiAccrual
 from common.logstream import LOG_PORT_OFFSET, MAX_LOG_FRAME, PUB_PORT_OFFSET
@@ -47,6 +48,9 @@ log = logging.getLogger("idunno.coordinator.server")
 
 # How long one drain of the ROUTER may run before the loop ticks (timers, failure detection).
 DRAIN_BUDGET = 0.05
+# Log records per second (and burst) one sender may push; more are dropped and counted. Senders are
+# told apart by key role and claimed node name, in a bounded table (the rest share one bucket).
+LOG_RATE, LOG_BURST, MAX_LOG_SENDERS = 200.0, 2000.0, 1024
 
 
 class ZmqNet:
@@ -139,7 +143,9 @@ class CoordinatorServer:
         self.pub = make_socket(self.ctx, zmq.PUB, cfg.max_frame_bytes, server=True)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         self.pub.bind(tcp(offset_addr(addr, PUB_PORT_OFFSET)))
-        self.pull = make_socket(self.ctx, zmq.PULL, min(cfg.max_frame_bytes, MAX_LOG_FRAME), server=True)
+        # Only coordinator and worker keys may push log records (ZAP domain NODES).
+        self.pull = make_socket(self.ctx, zmq.PULL, min(cfg.max_frame_bytes, MAX_LOG_FRAME), server=True,
+                                domain=security.NODES)
         self.pull.bind(tcp(offset_addr(addr, LOG_PORT_OFFSET)))
         self.net = ZmqNet(self.router, self.pub)
         self.writer = ResultWriter(cfg, addr, self.data_dir / "spool")
@@ -148,6 +154,7 @@ class CoordinatorServer:
         self.core = Coordinator(
             cfg, addr, self.net, role=role, term=stored_term + (1 if role == PRIMARY else 0),
             db_path=str(self.data_dir / "metadata.sqlite"), scheduler=scheduler, on_job_done=self.writer.submit,
+            grant_key=security.CURRENT.grant_key if security.CURRENT else None,
         )
         if role == PRIMARY:
             self._save_term()
@@ -178,6 +185,7 @@ class CoordinatorServer:
         self.stop_event = threading.Event()
         self.metrics: dict | None = None  # refreshed by the loop for the Prometheus thread
         self.next_metrics = 0.0
+        self.log_buckets: dict[tuple[str, str], list[float]] = {}  # sender -> [tokens, last refill]
         log.info("coordinator %s up as %s (term %d, peer %s)", addr, role, self.core.term, self.peer or "none")
 
     # -- term persistence ---------------------------------------------------------------------
@@ -241,17 +249,18 @@ class CoordinatorServer:
             if time.monotonic() > budget_end:
                 return True
             try:
-                frames = self.router.recv_multipart(flags=zmq.NOBLOCK)
+                frames = self.router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return False
             if len(frames) != 2:
                 log.warning("dropped message with %d frames", len(frames))
                 continue
-            ident, frame = frames
-            msg = try_decode(frame, self.cfg.max_frame_bytes, f"peer {ident[:40]!r}")
+            ident = frames[0].bytes
+            msg = try_decode(frames[1].bytes, self.cfg.max_frame_bytes, f"peer {ident[:40]!r}")
             if msg is not None:
                 t0 = time.monotonic()
-                self.core.handle(ident, msg, t0)
+                # The sender's role comes from its CURVE key (ZAP User-Id), never from the message.
+                self.core.handle(ident, msg, t0, security.role_of(frames[1]))
                 self.core.note_handling(msg.TYPE, time.monotonic() - t0)
         return True
 
@@ -261,12 +270,30 @@ class CoordinatorServer:
             if time.monotonic() > budget_end:
                 return
             try:
-                frame = self.pull.recv(flags=zmq.NOBLOCK)
+                frame = self.pull.recv(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            msg = try_decode(frame, MAX_LOG_FRAME, "log pusher")
-            if isinstance(msg, LogRecord):
-                self.net.publish_raw(Topic.LOG, frame)
+            msg = try_decode(frame.bytes, MAX_LOG_FRAME, "log pusher")
+            if isinstance(msg, LogRecord) and self._log_allowed((security.role_of(frame) or "", msg.node[:200])):
+                self.net.publish_raw(Topic.LOG, frame.bytes)
+
+    def _log_allowed(self, sender: tuple[str, str]) -> bool:
+        """Token bucket per sender: a flood of records from one node costs the others nothing."""
+        now = time.monotonic()
+        bucket = self.log_buckets.get(sender)
+        if bucket is None:
+            if len(self.log_buckets) >= MAX_LOG_SENDERS:
+                sender = (sender[0], "*")  # names made up by the thousand share one bucket
+                bucket = self.log_buckets.get(sender)
+            if bucket is None:
+                bucket = self.log_buckets[sender] = [LOG_BURST, now]
+        bucket[0] = min(LOG_BURST, bucket[0] + (now - bucket[1]) * LOG_RATE)
+        bucket[1] = now
+        if bucket[0] < 1.0:
+            self.core.drop("log_rate", now, "log records from %r over %.0f/s dropped", sender[1][:80], LOG_RATE)
+            return False
+        bucket[0] -= 1.0
+        return True
 
     # -- peer coordinator ---------------------------------------------------------------------
     def _drain_peer_sub(self) -> None:

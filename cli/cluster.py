@@ -96,6 +96,8 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
     metrics_port: int = 0  # Prometheus endpoint of the primary coordinator (0 = none)
+    insecure: bool = False  # no keys: plaintext, unauthenticated (only by this explicit choice)
+    curve_dir: str = ""  # the cluster's keys: made in <data_dir>/keys on first start (or IDUNNO_CURVE_DIR)
     procs: list[Proc] = field(default_factory=list)
     coordinator: str = ""
     standby_addr: str = ""
@@ -108,7 +110,8 @@ class LocalCluster:
     # -- configuration shared by every process --------------------------------------------------
     def config(self) -> Config:
         return Config(coordinator=self.coordinator, standby=self.standby_addr, host=self.host,
-                      torch_threads=self.torch_threads, data_dir=self.data_dir)
+                      torch_threads=self.torch_threads, data_dir=self.data_dir, curve_dir=self.curve_dir,
+                      insecure=self.insecure)
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -118,6 +121,8 @@ class LocalCluster:
         env["IDUNNO_HOST"] = self.host
         env["IDUNNO_TORCH_THREADS"] = str(self.torch_threads)
         env["IDUNNO_DATA_DIR"] = self.data_dir
+        env["IDUNNO_CURVE_DIR"] = self.curve_dir
+        env["IDUNNO_INSECURE"] = "1" if self.insecure else ""
         env.setdefault("OMP_NUM_THREADS", str(self.torch_threads))
         env["PYTHONUNBUFFERED"] = "1"
         return env
@@ -140,6 +145,7 @@ class LocalCluster:
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self, wait: bool = True, timeout: float = 30.0) -> LocalCluster:
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        self.setup_keys()
         self.coordinator = f"{self.host}:{free_port_block(self.host)}"
         self.standby_addr = f"{self.host}:{free_port_block(self.host)}" if self.standby else ""
         self.start_coordinator(primary=True)
@@ -151,6 +157,27 @@ class LocalCluster:
         if wait:
             self.wait_ready(self.workers, timeout)
         return self
+
+    def setup_keys(self) -> str:
+        """The cluster's CURVE keys: IDUNNO_CURVE_DIR if given, else ``<data_dir>/keys``, made on first
+        use. Every daemon gets them through its environment; this launcher (readiness checks, `ctl`)
+        and every client of ``config()`` use the client key."""
+        if self.insecure:
+            self.curve_dir = ""
+            return ""
+        from common import security  # noqa: PLC0415
+
+        d = self.env.get("IDUNNO_CURVE_DIR") or os.environ.get("IDUNNO_CURVE_DIR") or str(Path(self.data_dir) / "keys")
+        d = str(Path(d).resolve())
+        if not security.has_keys(d):
+            security.init_keys(d)
+        self.curve_dir = d
+        return d
+
+    def client_env(self) -> dict[str, str]:
+        """What a CLI or script process needs to reach this cluster (addresses and the client keys)."""
+        return {"IDUNNO_COORDINATOR": self.coordinator, "IDUNNO_STANDBY": self.standby_addr,
+                "IDUNNO_CURVE_DIR": self.curve_dir}
 
     def start_coordinator(self, primary: bool, standby_mode: bool | None = None) -> Proc:
         me, peer = (self.coordinator, self.standby_addr) if primary else (self.standby_addr, self.coordinator)
@@ -252,6 +279,7 @@ class LocalCluster:
             "coordinator": self.coordinator,
             "standby": self.standby_addr,
             "data_dir": self.data_dir,
+            "curve_dir": self.curve_dir,  # clients of this data dir find the keys here ("" = --insecure)
             "procs": [{"role": p.role, "pid": p.popen.pid, "addr": p.addr, **_recorded_identity(p.popen)}
                       for p in self.procs],
         }

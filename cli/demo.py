@@ -34,7 +34,7 @@ def run_demo(ns: argparse.Namespace, console: Console) -> int:
     console.rule("[bold]IDunno demo")
     console.print(render.plain(f"starting a local cluster: coordinator + hot standby + {ns.workers} workers "
                                f"(data in {data_dir})"))
-    cluster = LocalCluster(workers=ns.workers, standby=True, data_dir=data_dir,
+    cluster = LocalCluster(workers=ns.workers, standby=True, data_dir=data_dir, insecure=ns.insecure,
                            env={"IDUNNO_PRELOAD_MODELS": ",".join(models)})
     try:
         cluster.start(timeout=60)
