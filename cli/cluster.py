@@ -162,16 +162,19 @@ class LocalCluster:
         """The cluster's CURVE keys: IDUNNO_CURVE_DIR if given, else ``<data_dir>/keys``, made on first
         use. Every daemon gets them through its environment; this launcher (readiness checks, `ctl`)
         and every client of ``config()`` use the client key."""
+        from common import security  # noqa: PLC0415
+
         if self.insecure:
             self.curve_dir = ""
+            security.DEFAULT_CLIENT = None
             return ""
-        from common import security  # noqa: PLC0415
 
         d = self.env.get("IDUNNO_CURVE_DIR") or os.environ.get("IDUNNO_CURVE_DIR") or str(Path(self.data_dir) / "keys")
         d = str(Path(d).resolve())
         if not security.has_keys(d):
             security.init_keys(d)
         self.curve_dir = d
+        security.DEFAULT_CLIENT = security.load(d, security.CLIENT)  # this launcher's clients reach its cluster
         return d
 
     def client_env(self) -> dict[str, str]:
@@ -267,6 +270,10 @@ class LocalCluster:
                 p.popen.wait(timeout=5)
         state = Path(self.data_dir) / STATE_FILE
         state.unlink(missing_ok=True)
+        from common import security  # noqa: PLC0415
+
+        if security.DEFAULT_CLIENT is not None and str(security.DEFAULT_CLIENT.directory) == self.curve_dir:
+            security.DEFAULT_CLIENT = None
 
     def __enter__(self) -> LocalCluster:
         return self

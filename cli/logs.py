@@ -36,7 +36,8 @@ def stream_logs(cfg: Config, node: str | None = None, level: str = "DEBUG", grep
     if not isinstance(threshold, int):
         raise ValueError(f"unknown log level {level!r}")
     pattern = re.compile(grep) if grep else None
-    sub = make_socket(zmq.Context.instance(), zmq.SUB, cfg.max_frame_bytes, keys=cfg.curve_dir)
+    sub = make_socket(zmq.Context.instance(), zmq.SUB, cfg.max_frame_bytes, keys=cfg.curve_dir,
+                      plain=cfg.insecure)
     sub.setsockopt(zmq.SUBSCRIBE, Topic.LOG)
     for addr in cfg.coordinators:
         sub.connect(tcp(offset_addr(addr, PUB_PORT_OFFSET)))

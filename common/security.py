@@ -65,6 +65,9 @@ class Curve:
 
 
 CURRENT: Curve | None = None  # this process's own keys (daemons); clients may use select(cfg.curve_dir)
+# Client keys for a client socket given no key directory: a launcher's clients reach the cluster it
+# started (`LocalCluster` sets it) without every call naming the keys.
+DEFAULT_CLIENT: Curve | None = None
 _authenticator = None  # the ZAP thread once this process serves securely
 _cache: dict[tuple[str, str], Curve] = {}
 
@@ -165,11 +168,14 @@ def _start_authenticator(curve: Curve):  # noqa: ANN202 - zmq.auth type imported
     return auth
 
 
-def select(curve_dir: str = "") -> Curve | None:
+def select(curve_dir: str = "", plain: bool = False) -> Curve | None:
     """The keys for a client socket: this process's own when it has them for that directory (a
-    daemon), else the client keys of ``curve_dir``; without a directory, the process's (or none)."""
+    daemon), else the client keys of ``curve_dir``; without a directory, the process's (or none);
+    none at all for a cluster known to be ``plain`` (--insecure)."""
+    if plain:
+        return None
     if not curve_dir:
-        return CURRENT
+        return CURRENT or DEFAULT_CLIENT
     if CURRENT is not None and Path(curve_dir) == CURRENT.directory:
         return CURRENT
     return load(curve_dir, CLIENT)

@@ -163,7 +163,8 @@ class SdfsClient:
     def _data(self, addr: str) -> zmq.Socket:
         sock = self._data_socks.get(addr)
         if sock is None:
-            sock = make_socket(self.ctx, zmq.DEALER, self.cfg.max_frame_bytes, keys=self.cfg.curve_dir, peer=DATA)
+            sock = make_socket(self.ctx, zmq.DEALER, self.cfg.max_frame_bytes, keys=self.cfg.curve_dir, peer=DATA,
+                               plain=self.cfg.insecure)
             sock.connect(tcp(addr))
             self._data_socks[addr] = sock
         return sock
