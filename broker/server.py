@@ -51,6 +51,9 @@ DRAIN_BUDGET = 0.05
 # Log records per second (and burst) one sender may push; more are dropped and counted. Senders are
 # told apart by key role and claimed node name, in a bounded table (the rest share one bucket).
 LOG_RATE, LOG_BURST, MAX_LOG_SENDERS = 200.0, 2000.0, 1024
+# What a client or worker key may read on the PUB socket; everything else (the state journal) is for
+# coordinator keys only (see _drain_subscriptions).
+PUBLIC_TOPICS = (Topic.HEARTBEAT, Topic.VIEW, Topic.LOG)
 
 
 class ZmqNet:
@@ -140,7 +143,9 @@ class CoordinatorServer:
         self.router = make_socket(self.ctx, zmq.ROUTER, cfg.max_frame_bytes, server=True)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker with the same id takes over
         self.router.bind(tcp(addr))
-        self.pub = make_socket(self.ctx, zmq.PUB, cfg.max_frame_bytes, server=True)
+        # XPUB with manual subscriptions: the state journal (Topic.STATE) goes to coordinator keys only.
+        self.pub = make_socket(self.ctx, zmq.XPUB, cfg.max_frame_bytes, server=True)
+        self.pub.setsockopt(zmq.XPUB_MANUAL, 1)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         self.pub.bind(tcp(offset_addr(addr, PUB_PORT_OFFSET)))
         # Only coordinator and worker keys may push log records (ZAP domain NODES).
@@ -179,7 +184,7 @@ class CoordinatorServer:
             self.peer_dealer = make_socket(self.ctx, zmq.DEALER, cfg.max_frame_bytes)
             self.peer_dealer.connect(tcp(self.peer))
         self.poller = zmq.Poller()
-        for s in (self.router, self.pull, self.peer_sub, self.peer_dealer):
+        for s in (self.router, self.pull, self.peer_sub, self.peer_dealer, self.pub):
             if s is not None:
                 self.poller.register(s, zmq.POLLIN)
         self.stop_event = threading.Event()
@@ -218,6 +223,8 @@ class CoordinatorServer:
             self._drain_peer_dealer()
         if self.pull in ready:
             self._drain_logs()
+        if self.pub in ready:
+            self._drain_subscriptions()
         now = time.monotonic()
         self._failover_rules(now)
         # With unread messages left (the drain hit its budget), heartbeats may be among them: read on
@@ -276,6 +283,31 @@ class CoordinatorServer:
             msg = try_decode(frame.bytes, MAX_LOG_FRAME, "log pusher")
             if isinstance(msg, LogRecord) and self._log_allowed((security.role_of(frame) or "", msg.node[:200])):
                 self.net.publish_raw(Topic.LOG, frame.bytes)
+
+    def _drain_subscriptions(self) -> None:
+        """Apply each subscriber's (un)subscription; a non-coordinator key gets only what it covers of
+        PUBLIC_TOPICS ("everything" becomes the public topics; the state journal, nothing)."""
+        for _ in range(1000):
+            try:
+                frame = self.pub.recv(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = frame.bytes
+            if not data or data[0] not in (0, 1):
+                continue
+            option = zmq.SUBSCRIBE if data[0] == 1 else zmq.UNSUBSCRIBE
+            topic = data[1:]
+            role = security.role_of(frame)
+            if role is None or role == security.COORDINATOR:
+                topics = [topic]
+            else:  # the public topics this subscription covers, never more
+                topics = list(dict.fromkeys([t for t in PUBLIC_TOPICS if t.startswith(topic)]
+                                            + [topic for t in PUBLIC_TOPICS if topic.startswith(t)]))
+                if not topics:
+                    self.core.drop("state_subscription", time.monotonic(), "a %s key's subscription to %r refused",
+                                   role or "unknown", topic[:40])
+            for t in topics:  # XPUB_MANUAL: applies to the pipe whose message was read last
+                self.pub.setsockopt(option, t)
 
     def _log_allowed(self, sender: tuple[str, str]) -> bool:
         """Token bucket per sender: a flood of records from one node costs the others nothing."""

@@ -130,6 +130,13 @@ def test_a_client_key_cannot_act_as_a_worker_or_read_the_state(make_cluster):
     state.close()
     wait_for(lambda: c.ctl("info")["dropped"].get("wrong_role", 0) >= before + 11, timeout=10,
              what="the rogue's messages to be refused")
+    # Nor through the PUB socket: the state journal goes to coordinator keys only.
+    subs = {}
+    for name, curve, topic in (("client, everything", client_key, b""), ("client, state", client_key, P.Topic.STATE),
+                               ("coordinator", security.load(c.curve_dir, security.COORDINATOR), P.Topic.STATE)):
+        subs[name] = keyed(zmq.SUB, offset_addr(c.coordinator, 1), curve)
+        subs[name].setsockopt(zmq.SUBSCRIBE, topic)
+    wait_for(lambda: subs["client, everything"].poll(100), timeout=10, what="the subscription to take")
     job = c.ctl("submit", model="noop", inputs="in/", batch=1, start=True)["job_id"]
 
     def forge_and_collect() -> bool:
@@ -156,6 +163,16 @@ def test_a_client_key_cannot_act_as_a_worker_or_read_the_state(make_cluster):
     assert tasks == []
     for s in rogues.values():
         s.close()
+    seen = {}
+    for name, s in subs.items():
+        seen[name] = set()
+        while s.poll(0):
+            seen[name].add(s.recv_multipart()[0])
+        s.close()
+    assert P.Topic.HEARTBEAT in seen["client, everything"] and P.Topic.STATE not in seen["client, everything"]
+    assert seen["client, state"] == set()
+    assert seen["coordinator"] == {P.Topic.STATE}  # the journal itself flows (12 results were journalled)
+    assert c.ctl("info")["dropped"].get("state_subscription", 0) >= 1
 
 
 def test_a_raw_write_to_a_data_port_plants_nothing(make_cluster, tmp_path):
