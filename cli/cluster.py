@@ -96,7 +96,9 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
     metrics_port: int = 0  # Prometheus endpoint of the primary coordinator (0 = none)
-    insecure: bool = False  # no keys: plaintext, unauthenticated (only by this explicit choice)
+    # No keys: plaintext, unauthenticated. Only by this explicit choice (or IDUNNO_INSECURE=1, which
+    # the daemons honour as well: e.g. to measure what CURVE costs a test run).
+    insecure: bool = field(default_factory=lambda: os.environ.get("IDUNNO_INSECURE", "").lower() in ("1", "true"))
     curve_dir: str = ""  # the cluster's keys: made in <data_dir>/keys on first start (or IDUNNO_CURVE_DIR)
     procs: list[Proc] = field(default_factory=list)
     coordinator: str = ""
