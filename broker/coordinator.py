@@ -80,7 +80,7 @@ SENDER_NAMED: tuple[type[Message], ...] = (Join, Heartbeat, Leave, Ready, TaskRe
 # Who may send what, by the CURVE role of the sender's key (the ZAP User-Id of the frame, never a
 # field of the message). Types not listed here are open to every authenticated key (commands, SDFS
 # metadata). New coordinator-to-coordinator types (state transfer) belong with StateRequest.
-# In plain mode (--insecure) there is no role to check: ``handle(..., role=None)`` trusts everyone.
+# In plain mode (--insecure) there is no role to check: ``handle(..., sender_role=None)`` trusts every sender.
 WORKER_ONLY = frozenset({WORKER})
 COORDINATOR_ONLY = frozenset({COORDINATOR})
 SENDER_ROLES: dict[type[Message], frozenset[str]] = {
