@@ -98,7 +98,7 @@ class LocalCluster:
     metrics_port: int = 0  # Prometheus endpoint of the primary coordinator (0 = none)
     # No keys: plaintext, unauthenticated. Only by this explicit choice (or IDUNNO_INSECURE=1, which
     # the daemons honour as well: e.g. to measure what CURVE costs a test run).
-    insecure: bool = field(default_factory=lambda: os.environ.get("IDUNNO_INSECURE", "").lower() in ("1", "true"))
+    insecure: bool = field(default_factory=lambda: env_insecure())
     curve_dir: str = ""  # the cluster's keys: made in <data_dir>/keys on first start (or IDUNNO_CURVE_DIR)
     procs: list[Proc] = field(default_factory=list)
     coordinator: str = ""
@@ -293,6 +293,11 @@ class LocalCluster:
                       for p in self.procs],
         }
         (Path(self.data_dir) / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def env_insecure() -> bool:
+    """IDUNNO_INSECURE=1: the same explicit choice as --insecure, for every process of a run."""
+    return os.environ.get("IDUNNO_INSECURE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _port_taken(proc: Proc) -> bool:

@@ -378,7 +378,7 @@ def preload_list(spec: str) -> list[str]:
 
 
 def cmd_up(ns: argparse.Namespace, console: Console) -> int:
-    from cli.cluster import LocalCluster, load_state  # noqa: PLC0415
+    from cli.cluster import LocalCluster, env_insecure, load_state  # noqa: PLC0415
 
     data_dir = data_dir_of(ns)
     if load_state(data_dir):
@@ -392,10 +392,10 @@ def cmd_up(ns: argparse.Namespace, console: Console) -> int:
     preload = preload_list(ns.preload)
     if preload:
         env["IDUNNO_PRELOAD_MODELS"] = ",".join(preload)
-    if ns.insecure:
+    if ns.insecure or env_insecure():
         print(f"idunno: {INSECURE_WARNING}", file=sys.stderr)
     cluster = LocalCluster(workers=ns.workers, standby=not ns.no_standby, data_dir=data_dir, env=env,
-                           metrics_port=ns.metrics_port, insecure=ns.insecure)
+                           metrics_port=ns.metrics_port, insecure=ns.insecure or env_insecure())
     try:
         cluster.start(timeout=ns.timeout)
     except BaseException:
