@@ -25,7 +25,13 @@
     ``python -c pass`` in the same run (the three alternate, N times each, after one untimed run of
     each so the bytecode cache is warm as on a user's machine). Goal: at most 0.15 s over the baseline.
 
+(e) The cost of encryption: the same measurements against a cluster started with ``--insecure``
+    (plaintext, no ZAP) and one with the default CURVE keys, alternating rounds (both 2 workers, no
+    standby): the (b) noop dispatch rate, (c) 'members' RPC round trips and an SDFS put of a 32 MB
+    file (RF 4, so 128 MB encrypted in and out). Baseline (same run): the --insecure cluster.
+
     .venv/bin/python bench/throughput.py [--quick] [--images 300] [--round-trips 10000] [--cli-only]
+                                         [--curve-only]
 """
 
 from __future__ import annotations
@@ -247,6 +253,7 @@ def cli_round_trips(cluster: LocalCluster, n: int) -> tuple[dict[str, list[float
     """Wall seconds and CPU seconds (user + system, which a busy shared machine inflates less) of whole
     processes: the baseline interpreter and two `idunno ctl jobs` forms."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDUNNO_") and k != "PYTHONDONTWRITEBYTECODE"}
+    env["IDUNNO_CURVE_DIR"] = cluster.curve_dir  # the cluster's keys ("" for an --insecure cluster)
     ctl = [sys.executable, "-m", "cli.main", "ctl", "jobs", "--coordinator", cluster.coordinator]
     cmds = {"python -c pass": [sys.executable, "-c", "pass"], "idunno ctl jobs --json": [*ctl, "--json"],
             "idunno ctl jobs (table)": ctl}
@@ -297,6 +304,55 @@ def cli_only(n: int) -> int:
     return 0
 
 
+# -- (e) ------------------------------------------------------------------------------------------
+def put_rate(cluster: LocalCluster, path: str, name: str) -> float:
+    from sdfs.client import SdfsClient  # noqa: PLC0415
+
+    size = os.path.getsize(path)
+    with SdfsClient(cluster.config()) as client:
+        t0 = time.perf_counter()
+        client.put(path, name)
+        return size / (time.perf_counter() - t0) / 1e6
+
+
+def curve_cost(repeat: int, round_trips: int, noop_copies: int) -> list[list]:
+    """(e): CURVE against --insecure, alternating rounds on two idle clusters of the same shape."""
+    measured: dict[bool, dict[str, list[float]]] = {m: {"noop": [], "rpc": [], "put": []} for m in (True, False)}
+    with temp_dir("idunno-bench-curve-") as tmp:
+        blob = tmp / "blob.bin"
+        blob.write_bytes(os.urandom(32 << 20))
+        clusters = {insecure: LocalCluster(workers=2, standby=False, data_dir=str(tmp / f"c-{insecure}"),
+                                           torch_threads=1, insecure=insecure) for insecure in (True, False)}
+        with running(clusters[True], timeout=120), running(clusters[False], timeout=120):
+            for c in clusters.values():
+                put_copies(c, noop_copies, "np")
+                run_job(c, "np/0/img_00*", 1, model=NOOP)  # warm-up, untimed
+                put_rate(c, str(blob), "warm.bin")
+            for r in range(repeat):
+                for insecure, c in clusters.items():
+                    m = measured[insecure]
+                    job = run_job(c, "np/", 1, model=NOOP)
+                    m["noop"].append(job["n"] / job["seconds"])
+                    rpc_s, _ = rpc_round_trips(c, round_trips)
+                    m["rpc"].append(round_trips / rpc_s)
+                    m["put"].append(put_rate(c, str(blob), f"blob{r}.bin"))
+                plain, curve = measured[True], measured[False]
+                console.print(f"    round {r + 1}/{repeat}: noop queries/s plain {plain['noop'][-1]:,.0f} "
+                              f"CURVE {curve['noop'][-1]:,.0f}; put MB/s plain {plain['put'][-1]:.1f} "
+                              f"CURVE {curve['put'][-1]:.1f}")
+    rows = []
+    for key, what in (("noop", "noop dispatch, queries/s"), ("rpc", "'members' RPC, round trips/s"),
+                      ("put", "SDFS put of 32 MB (RF 4), MB/s")):
+        plain, curve = statistics.median(measured[True][key]), statistics.median(measured[False][key])
+        rows.append([what, plain, curve, curve / plain])
+    return rows
+
+
+def curve_table(rows: list[list], repeat: int) -> None:
+    table(f"(e) the cost of encryption: CURVE (default) against --insecure (baseline), median of {repeat} "
+          f"alternating rounds", ["measure", "--insecure", "CURVE", "x --insecure"], rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 100 images, 2000 round trips")
@@ -309,10 +365,19 @@ def main() -> int:
     ap.add_argument("--standby", action="store_true", help="run the cluster with a hot standby (default: none)")
     ap.add_argument("--cli-runs", type=int, default=None, help="(d) runs of each process (default 30, quick 10)")
     ap.add_argument("--cli-only", action="store_true", help="only (d), on a small cluster of its own")
+    ap.add_argument("--curve-only", action="store_true", help="only (e), on two small clusters of its own")
     args = ap.parse_args()
     cli_runs = args.cli_runs or (10 if args.quick else 30)
     if args.cli_only:
         return cli_only(cli_runs)
+    curve_rounds = args.repeat or (1 if args.quick else 3)
+    curve_trips = (args.round_trips or (2000 if args.quick else 10_000)) // 2
+    curve_copies = max(1, math.ceil((args.noop_queries or (200 if args.quick else 1000)) / 100))
+    if args.curve_only:
+        rows = curve_cost(curve_rounds, curve_trips, curve_copies)
+        curve_table(rows, curve_rounds)
+        headline("CURVE costs: " + "; ".join(f"{r[0]} {r[3]:.2f}x --insecure" for r in rows))
+        return 0
     n_images = args.images or (100 if args.quick else 300)
     copies = max(1, math.ceil(n_images / 100))
     round_trips = args.round_trips or (2000 if args.quick else 10_000)
@@ -363,6 +428,8 @@ def main() -> int:
             rpc_s, rpc_size = rpc_round_trips(cluster, round_trips)
             console.print(f"(d) {cli_runs} x (python -c pass, idunno ctl jobs --json, idunno ctl jobs)")
             cli_times, cli_cpu = cli_round_trips(cluster, cli_runs)
+    console.print(f"(e) CURVE against --insecure: {curve_rounds} alternating rounds on two 2-worker clusters")
+    curve_rows = curve_cost(curve_rounds, curve_trips, curve_copies)
 
     nat_rates = [n / sec for sec, n in nat_runs]
     clu_rates = [r["n"] / r["seconds"] for r in clu_runs]
@@ -406,12 +473,13 @@ def main() -> int:
         ],
     )
     cli_base, cli_over = cli_table(cli_times, cli_cpu)
+    curve_table(curve_rows, curve_rounds)
     headline(f"cluster {MODEL} {clu_rate:.1f} images/s = {clu_rate / nat_rate:.2f}x native single process "
              f"({nat_rate:.1f} images/s, 2 threads; goal >= 0.95x); noop dispatch {noop_rate:,.0f} queries/s = "
              f"{noop_rate / raw_rate:.2f}x raw ROUTER-DEALER ({raw_rate:,.0f}/s; goal >= 0.5x); 'members' RPC "
              f"{rpc_rate:,.0f} round trips/s = {rpc_rate / echo_rate:.2f}x raw echo ({echo_rate:,.0f}/s); CLI "
              f"`ctl jobs --json` {cli_base + cli_over:.3f} s = python -c pass + {cli_over:.3f} s "
-             f"(goal <= +{CLI_GOAL} s)")
+             f"(goal <= +{CLI_GOAL} s); CURVE: " + "; ".join(f"{r[0]} {r[3]:.2f}x --insecure" for r in curve_rows))
     return 0
 
 

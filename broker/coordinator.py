@@ -66,6 +66,7 @@ from common.protocol import (
     ViewUpdate,
     Welcome,
 )
+from common.security import COORDINATOR, WORKER, grant
 from sdfs.master import MasterError, SdfsMaster
 
 log = logging.getLogger("idunno.coordinator")
@@ -78,6 +79,18 @@ PRIMARY, STANDBY, PROBING = "primary", "standby", "probing"
 # from (a worker's DEALER identity is its node id). ReportBad is not one of them: its node_id
 # names the replica being reported, and any reader may report one.
 SENDER_NAMED: tuple[type[Message], ...] = (Join, Heartbeat, Leave, Ready, TaskResult, Stored)
+
+# Who may send what, by the CURVE role of the sender's key (the ZAP User-Id of the frame, never a
+# field of the message). Types not listed here are open to every authenticated key (commands, SDFS
+# metadata). New coordinator-to-coordinator types (state transfer) belong with StateRequest.
+# In plain mode (--insecure) there is no role to check: ``handle(..., sender_role=None)`` trusts every sender.
+WORKER_ONLY = frozenset({WORKER})
+COORDINATOR_ONLY = frozenset({COORDINATOR})
+SENDER_ROLES: dict[type[Message], frozenset[str]] = {
+    **{t: WORKER_ONLY for t in (Join, Heartbeat, Pulse, Leave, Ready, TaskResult, Stored)},
+    StateRequest: COORDINATOR_ONLY,
+    StateFetch: COORDINATOR_ONLY,  # the chunks of a state transfer: only the other coordinator's key
+}
 
 MAX_ELAPSED = 86_400.0  # seconds of compute for one batch: anything longer is not a measurement
 
@@ -112,10 +125,13 @@ class WorkerSlot:
     models: tuple[str, ...] = ()
     cost: float = 0.0  # EWMA seconds per image (any model) on this worker
     costs: dict[str, float] = field(default_factory=dict)  # EWMA seconds per image, per model, on this worker
+    # A non-worker key spoke under this worker's routing id (ROUTER handover gave it the id): send
+    # it nothing until the worker's own key is heard on that id again.
+    hijacked: bool = False
 
     @property
     def credit(self) -> int:
-        return max(0, self.slots - len(self.outstanding)) if self.ready else 0
+        return max(0, self.slots - len(self.outstanding)) if self.ready and not self.hijacked else 0
 
 
 class Coordinator:
@@ -133,8 +149,10 @@ class Coordinator:
         models: Collection[str] = MODEL_NAMES,
         store: StateStore | None = None,
         persist_term: Callable[[int], None] | None = None,
+        grant_key: bytes | None = None,
     ) -> None:
         self.cfg = cfg
+        self.grant_key = grant_key  # signs write grants (common/security.py); None in --insecure mode
         self.store = store  # durable journal + snapshots of the replicated state (None: memory only)
         self.persist_term = persist_term or (lambda term: None)
         self._term = self._persisted_term = term  # the caller loaded it from where it persists it
@@ -280,14 +298,25 @@ class Coordinator:
     # ------------------------------------------------------------------------------------------
     # entry points
 
-    def handle(self, ident: bytes, msg: Message, now: float) -> None:
+    def handle(self, ident: bytes, msg: Message, now: float, sender_role: str | None = None) -> None:
+        """One message from ROUTER peer ``ident`` whose key has CURVE ``sender_role`` (None: plain mode)."""
         handler = self.handlers.get(type(msg))
         if handler is None:
             req = getattr(msg, "req", 0)
             self.reply_error(ident, req, ErrorCode.BAD_REQUEST, f"{msg.TYPE} is not a coordinator request")
             return
-        # The one place that checks who sent a message: a node speaks only for itself. Checked
-        # before anything else, so a forged Join or Heartbeat is no failover vote either.
+        # The one place that checks who sent a message: only a worker key speaks the worker protocol
+        # and only a coordinator key asks for the state; a node speaks only for itself. Checked
+        # before anything else, so a forged Join or Heartbeat is no failover vote either, and a
+        # message the sender may not send gets no answer at all.
+        allowed = SENDER_ROLES.get(type(msg))
+        slot = self.slots.get(ident.decode(errors="replace")) if sender_role is not None else None
+        if slot is not None:
+            slot.hijacked = sender_role != WORKER
+        if sender_role is not None and allowed is not None and sender_role not in allowed:
+            self.drop("wrong_role", now, "%s from a %s key (sender %r) dropped",
+                      msg.TYPE, sender_role or "unknown", ident[:80])
+            return
         if isinstance(msg, SENDER_NAMED) and ident != msg.node_id.encode() or (
             # A worker's pulse sidecar speaks for its worker under the node id + /pulse identity.
             isinstance(msg, Pulse) and ident != (msg.node_id + PULSE_SUFFIX).encode()
@@ -478,10 +507,18 @@ class Coordinator:
             self.reply_error(ident, req, exc.code, str(exc))
 
     def on_put_begin(self, ident: bytes, m: PutBegin, now: float) -> None:
-        self._master_call(ident, m.req, lambda: PutPlan(m.req, self.master.begin_put(m.files, now)))
+        self._master_call(ident, m.req, lambda: PutPlan(m.req, self._granted(self.master.begin_put(m.files, now))))
 
     def on_put_replace(self, ident: bytes, m: PutReplace, now: float) -> None:
-        self._master_call(ident, m.req, lambda: PutPlan(m.req, self.master.replace_targets(m.puts)))
+        self._master_call(ident, m.req, lambda: PutPlan(m.req, self._granted(self.master.replace_targets(m.puts))))
+
+    def _granted(self, plans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Sign each planned write: a data node stores a version only with the master's grant for it."""
+        for p in plans:
+            put = self.master.pending.get(p["put_id"])
+            p["grant"] = (grant(self.grant_key, put.name, put.version, put.size, put.checksum)
+                          if self.grant_key and put is not None else "")
+        return plans
 
     def on_put_commit(self, ident: bytes, m: PutCommit, now: float) -> None:
         failed, out = self.master.commit_put(m.commits, now)

@@ -31,6 +31,7 @@ from broker.coordinator import PRIMARY, PROBING, STANDBY, Coordinator
 from broker.jobs import Job
 from broker.snapshot import SnapshotError, SnapshotReceiver, install
 from broker.state_store import StateStore
+from common import security
 from common.config import Config
 from common.failure_detector import LOCAL_STALL, PhiAccrual
 from common.logstream import LOG_PORT_OFFSET, MAX_LOG_FRAME, PUB_PORT_OFFSET
@@ -53,6 +54,12 @@ log = logging.getLogger("idunno.coordinator.server")
 
 # How long one drain of the ROUTER may run before the loop ticks (timers, failure detection).
 DRAIN_BUDGET = 0.05
+# Log records per second (and burst) one sender may push; more are dropped and counted. Senders are
+# told apart by key role and claimed node name, in a bounded table (the rest share one bucket).
+LOG_RATE, LOG_BURST, MAX_LOG_SENDERS = 200.0, 2000.0, 1024
+# What a client or worker key may read on the PUB socket; everything else (the state journal) is for
+# coordinator keys only (see _drain_subscriptions).
+PUBLIC_TOPICS = (Topic.HEARTBEAT, Topic.VIEW, Topic.LOG)
 
 
 class ZmqNet:
@@ -186,10 +193,14 @@ class CoordinatorServer:
         self.router = make_socket(self.ctx, zmq.ROUTER, cfg.max_frame_bytes, server=True)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker with the same id takes over
         self.router.bind(tcp(addr))
-        self.pub = make_socket(self.ctx, zmq.PUB, cfg.max_frame_bytes, server=True)
+        # XPUB with manual subscriptions: the state journal (Topic.STATE) goes to coordinator keys only.
+        self.pub = make_socket(self.ctx, zmq.XPUB, cfg.max_frame_bytes, server=True)
+        self.pub.setsockopt(zmq.XPUB_MANUAL, 1)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         self.pub.bind(tcp(offset_addr(addr, PUB_PORT_OFFSET)))
-        self.pull = make_socket(self.ctx, zmq.PULL, min(cfg.max_frame_bytes, MAX_LOG_FRAME), server=True)
+        # Only coordinator and worker keys may push log records (ZAP domain NODES).
+        self.pull = make_socket(self.ctx, zmq.PULL, min(cfg.max_frame_bytes, MAX_LOG_FRAME), server=True,
+                                domain=security.NODES)
         self.pull.bind(tcp(offset_addr(addr, LOG_PORT_OFFSET)))
         self.net = ZmqNet(self.router, self.pub)
         self.writer = ResultWriter(cfg, addr, self.data_dir / "spool")
@@ -202,6 +213,7 @@ class CoordinatorServer:
             cfg, addr, self.net, role=STANDBY, term=self._load_term(),
             db_path=str(self.data_dir / "metadata.sqlite"), scheduler=scheduler, on_job_done=self.writer.submit,
             store=self.store, persist_term=self._save_term,
+            grant_key=security.CURRENT.grant_key if security.CURRENT else None,
         )
         t0 = time.monotonic()
         restored = self.core.load_state(t0)
@@ -234,13 +246,14 @@ class CoordinatorServer:
             self.peer_dealer = make_socket(self.ctx, zmq.DEALER, cfg.max_frame_bytes)
             self.peer_dealer.connect(tcp(self.peer))
         self.poller = zmq.Poller()
-        for s in (self.router, self.pull, self.peer_sub, self.peer_dealer):
+        for s in (self.router, self.pull, self.peer_sub, self.peer_dealer, self.pub):
             if s is not None:
                 self.poller.register(s, zmq.POLLIN)
         self.stop_event = threading.Event()
         self.metrics: dict | None = None  # refreshed by the loop for the Prometheus thread
         self.next_metrics = 0.0
         self.compact_loop_max = 0.0  # longest time a compaction held the loop (seconds)
+        self.log_buckets: dict[tuple[str, str], list[float]] = {}  # sender -> [tokens, last refill]
         log.info("coordinator %s up as %s (term %d, peer %s)", addr, role, self.core.term, self.peer or "none")
 
     # -- term persistence ---------------------------------------------------------------------
@@ -289,6 +302,8 @@ class CoordinatorServer:
             self._drain_peer_dealer()
         if self.pull in ready:
             self._drain_logs()
+        if self.pub in ready:
+            self._drain_subscriptions()
         now = time.monotonic()
         # A slow handler (a large message, a GC pause, a busy new primary) is a stall of this loop too,
         # and it must be excused *before* this step's expiry, or heartbeats still waiting unread in the
@@ -350,17 +365,18 @@ class CoordinatorServer:
             if time.monotonic() > budget_end:
                 return True
             try:
-                frames = self.router.recv_multipart(flags=zmq.NOBLOCK)
+                frames = self.router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return False
             if len(frames) != 2:
                 log.warning("dropped message with %d frames", len(frames))
                 continue
-            ident, frame = frames
-            msg = try_decode(frame, self.cfg.max_frame_bytes, f"peer {ident[:40]!r}")
+            ident = frames[0].bytes
+            msg = try_decode(frames[1].bytes, self.cfg.max_frame_bytes, f"peer {ident[:40]!r}")
             if msg is not None:
                 t0 = time.monotonic()
-                self.core.handle(ident, msg, t0)
+                # The sender's role comes from its CURVE key (ZAP User-Id), never from the message.
+                self.core.handle(ident, msg, t0, security.role_of(frames[1]))
                 self.core.note_handling(msg.TYPE, time.monotonic() - t0)
         return True
 
@@ -370,12 +386,55 @@ class CoordinatorServer:
             if time.monotonic() > budget_end:
                 return
             try:
-                frame = self.pull.recv(flags=zmq.NOBLOCK)
+                frame = self.pull.recv(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            msg = try_decode(frame, MAX_LOG_FRAME, "log pusher")
-            if isinstance(msg, LogRecord):
-                self.net.publish_raw(Topic.LOG, frame)
+            msg = try_decode(frame.bytes, MAX_LOG_FRAME, "log pusher")
+            if isinstance(msg, LogRecord) and self._log_allowed((security.role_of(frame) or "", msg.node[:200])):
+                self.net.publish_raw(Topic.LOG, frame.bytes)
+
+    def _drain_subscriptions(self) -> None:
+        """Apply each subscriber's (un)subscription; a non-coordinator key gets only what it covers of
+        PUBLIC_TOPICS ("everything" becomes the public topics; the state journal, nothing)."""
+        for _ in range(1000):
+            try:
+                frame = self.pub.recv(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = frame.bytes
+            if not data or data[0] not in (0, 1):
+                continue
+            option = zmq.SUBSCRIBE if data[0] == 1 else zmq.UNSUBSCRIBE
+            topic = data[1:]
+            role = security.role_of(frame)
+            if role is None or role == security.COORDINATOR:
+                topics = [topic]
+            else:  # the public topics this subscription covers, never more
+                topics = list(dict.fromkeys([t for t in PUBLIC_TOPICS if t.startswith(topic)]
+                                            + [topic for t in PUBLIC_TOPICS if topic.startswith(t)]))
+                if not topics:
+                    self.core.drop("state_subscription", time.monotonic(), "a %s key's subscription to %r refused",
+                                   role or "unknown", topic[:40])
+            for t in topics:  # XPUB_MANUAL: applies to the pipe whose message was read last
+                self.pub.setsockopt(option, t)
+
+    def _log_allowed(self, sender: tuple[str, str]) -> bool:
+        """Token bucket per sender: a flood of records from one node costs the others nothing."""
+        now = time.monotonic()
+        bucket = self.log_buckets.get(sender)
+        if bucket is None:
+            if len(self.log_buckets) >= MAX_LOG_SENDERS:
+                sender = (sender[0], "*")  # names made up by the thousand share one bucket
+                bucket = self.log_buckets.get(sender)
+            if bucket is None:
+                bucket = self.log_buckets[sender] = [LOG_BURST, now]
+        bucket[0] = min(LOG_BURST, bucket[0] + (now - bucket[1]) * LOG_RATE)
+        bucket[1] = now
+        if bucket[0] < 1.0:
+            self.core.drop("log_rate", now, "log records from %r over %.0f/s dropped", sender[1][:80], LOG_RATE)
+            return False
+        bucket[0] -= 1.0
+        return True
 
     # -- peer coordinator ---------------------------------------------------------------------
     def _drain_peer_sub(self) -> None:

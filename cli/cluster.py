@@ -28,7 +28,7 @@ from common.commands import COMMANDS, check_args, with_request_id
 from common.config import Config
 from common.protocol import Command
 from common.rpc import RpcClient, RpcError
-from idunno.client import STATE_FILE, read_cluster_state
+from idunno.client import PRIMARY_HINT_FILE, STATE_FILE, read_cluster_state
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -99,6 +99,10 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
     metrics_port: int = 0  # Prometheus endpoint of the primary coordinator (0 = none)
+    # No keys: plaintext, unauthenticated. Only by this explicit choice (or IDUNNO_INSECURE=1, which
+    # the daemons honour as well: e.g. to measure what CURVE costs a test run).
+    insecure: bool = field(default_factory=lambda: env_insecure())
+    curve_dir: str = ""  # the cluster's keys: made in <data_dir>/keys on first start (or IDUNNO_CURVE_DIR)
     procs: list[Proc] = field(default_factory=list)
     coordinator: str = ""
     standby_addr: str = ""
@@ -111,7 +115,8 @@ class LocalCluster:
     # -- configuration shared by every process --------------------------------------------------
     def config(self) -> Config:
         return Config(coordinator=self.coordinator, standby=self.standby_addr, host=self.host,
-                      torch_threads=self.torch_threads, data_dir=self.data_dir)
+                      torch_threads=self.torch_threads, data_dir=self.data_dir, curve_dir=self.curve_dir,
+                      insecure=self.insecure)
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -121,6 +126,8 @@ class LocalCluster:
         env["IDUNNO_HOST"] = self.host
         env["IDUNNO_TORCH_THREADS"] = str(self.torch_threads)
         env["IDUNNO_DATA_DIR"] = self.data_dir
+        env["IDUNNO_CURVE_DIR"] = self.curve_dir
+        env["IDUNNO_INSECURE"] = "1" if self.insecure else ""
         env.setdefault("OMP_NUM_THREADS", str(self.torch_threads))
         env["PYTHONUNBUFFERED"] = "1"
         return env
@@ -143,6 +150,7 @@ class LocalCluster:
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self, wait: bool = True, timeout: float = 30.0) -> LocalCluster:
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        self.setup_keys()
         self.coordinator = f"{self.host}:{free_port_block(self.host)}"
         self.standby_addr = f"{self.host}:{free_port_block(self.host)}" if self.standby else ""
         self.start_coordinator(primary=True)
@@ -154,6 +162,30 @@ class LocalCluster:
         if wait:
             self.wait_ready(self.workers, timeout)
         return self
+
+    def setup_keys(self) -> str:
+        """The cluster's CURVE keys: IDUNNO_CURVE_DIR if given, else ``<data_dir>/keys``, made on first
+        use. Every daemon gets them through its environment; this launcher (readiness checks, `ctl`)
+        and every client of ``config()`` use the client key."""
+        from common import security  # noqa: PLC0415
+
+        if self.insecure:
+            self.curve_dir = ""
+            security.DEFAULT_CLIENT = None
+            return ""
+
+        d = self.env.get("IDUNNO_CURVE_DIR") or os.environ.get("IDUNNO_CURVE_DIR") or str(Path(self.data_dir) / "keys")
+        d = str(Path(d).resolve())
+        if not security.has_keys(d):
+            security.init_keys(d)
+        self.curve_dir = d
+        security.DEFAULT_CLIENT = security.load(d, security.CLIENT)  # this launcher's clients reach its cluster
+        return d
+
+    def client_env(self) -> dict[str, str]:
+        """What a CLI or script process needs to reach this cluster (addresses and the client keys)."""
+        return {"IDUNNO_COORDINATOR": self.coordinator, "IDUNNO_STANDBY": self.standby_addr,
+                "IDUNNO_CURVE_DIR": self.curve_dir}
 
     def start_coordinator(self, primary: bool, standby_mode: bool | None = None) -> Proc:
         """Start (or restart) the coordinator of the primary slot or the standby slot. Each slot has a
@@ -253,6 +285,10 @@ class LocalCluster:
                 p.popen.wait(timeout=5)
         state = Path(self.data_dir) / STATE_FILE
         state.unlink(missing_ok=True)
+        from common import security  # noqa: PLC0415
+
+        if security.DEFAULT_CLIENT is not None and str(security.DEFAULT_CLIENT.directory) == self.curve_dir:
+            security.DEFAULT_CLIENT = None
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -265,15 +301,24 @@ class LocalCluster:
             "coordinator": self.coordinator,
             "standby": self.standby_addr,
             "data_dir": self.data_dir,
+            "curve_dir": self.curve_dir,  # clients of this data dir find the keys here ("" = --insecure)
             "procs": [{"role": p.role, "pid": p.popen.pid, "addr": p.addr, "name": p.name,
                        **_recorded_identity(p.popen)} for p in self.procs],
         }
         (Path(self.data_dir) / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
+def env_insecure() -> bool:
+    """IDUNNO_INSECURE=1: the same explicit choice as --insecure, for every process of a run."""
+    return os.environ.get("IDUNNO_INSECURE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 COORD_SLOTS = ("coord-0", "coord-1")  # data directories of the primary slot and the standby slot
 # What `up` leaves in its data directory; `up --fresh` / `down --purge` remove these and nothing else.
-_CLUSTER_ENTRIES = re.compile(r"(coord-[\w.-]+|coordinator-\d+|worker-[\w.-]+|logs|" + re.escape(STATE_FILE) + ")")
+_CLUSTER_ENTRIES = re.compile(r"(coord-[\w.-]+|coordinator-\d+|worker-[\w.-]+|logs|" + re.escape(STATE_FILE) + "|"
+                              + re.escape(PRIMARY_HINT_FILE) + ")")
+# Kept by a wipe: the cluster's CURVE keys are its identity, not its state (clients hold copies).
+_KEPT_ENTRIES = {"keys"}
 
 
 def cluster_entries(data_dir: str) -> list[Path]:
@@ -286,7 +331,10 @@ def cluster_entries(data_dir: str) -> list[Path]:
         raise ValueError(f"{root} is not a directory")
     entries, strangers = [], []
     for e in sorted(root.iterdir()):
-        ours = _CLUSTER_ENTRIES.fullmatch(e.name) and (e.is_dir() and not e.is_symlink()) != (e.name == STATE_FILE)
+        if e.name in _KEPT_ENTRIES and e.is_dir():
+            continue
+        is_file_entry = e.name in (STATE_FILE, PRIMARY_HINT_FILE)
+        ours = _CLUSTER_ENTRIES.fullmatch(e.name) and (e.is_dir() and not e.is_symlink()) != is_file_entry
         (entries if ours else strangers).append(e)
     if strangers:
         shown = ", ".join(e.name for e in strangers[:5]) + (" ..." if len(strangers) > 5 else "")

@@ -22,11 +22,18 @@ def _on_term(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def warn_if_insecure(cfg: Config) -> None:
+    if not cfg.curve_dir:  # only reached with --insecure (resolve_config refuses otherwise)
+        log.warning("--insecure: no encryption, no authentication; anyone who can reach this node's ports "
+                    "can act as any node or client")
+
+
 def run_coordinator(cfg: Config, addr: str, peer: str | None, standby: bool, data_dir: str | None,
                     scheduler: str = "fair-time", shell: bool = False) -> int:
     from broker.server import CoordinatorServer  # noqa: PLC0415
 
     setup_logging(f"coord-{addr}", [addr], cfg.log_level, cfg.max_frame_bytes)
+    warn_if_insecure(cfg)
     server = CoordinatorServer(cfg, addr, peer=peer, standby=standby, data_dir=data_dir, scheduler=scheduler)
     if cfg.metrics_port:
         from broker.metrics import serve_metrics  # noqa: PLC0415
@@ -73,6 +80,7 @@ def run_worker(cfg: Config, port: int, data_dir: str | None, name: str | None = 
     if not stable:
         log.warning("worker started without --name or --port: its identity and data directory (%s) "
                     "will not be found again after a restart", base)
+    warn_if_insecure(cfg)
     _on_term(w.stop_event)
     w.run()
     return 0

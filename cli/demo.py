@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from cli import render
-from cli.cluster import LocalCluster
+from cli.cluster import LocalCluster, env_insecure
 from cli.top import live_view
 from sdfs.client import SdfsClient
 
@@ -34,7 +34,7 @@ def run_demo(ns: argparse.Namespace, console: Console) -> int:
     console.rule("[bold]IDunno demo")
     console.print(render.plain(f"starting a local cluster: coordinator + hot standby + {ns.workers} workers "
                                f"(data in {data_dir})"))
-    cluster = LocalCluster(workers=ns.workers, standby=True, data_dir=data_dir,
+    cluster = LocalCluster(workers=ns.workers, standby=True, data_dir=data_dir, insecure=ns.insecure or env_insecure(),
                            env={"IDUNNO_PRELOAD_MODELS": ",".join(models)})
     try:
         cluster.start(timeout=60)

@@ -16,6 +16,18 @@ from common.logstream import PUB_PORT_OFFSET
 from common.protocol import LogRecord, Topic
 from common.transport import make_socket, offset_addr, tcp, try_decode
 
+# Terminal escape sequences (CSI, OSC, other ESC sequences) and every other control character: a log
+# record is text from another process and must never drive this terminal (colours, titles, cursor).
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to show: escape sequences removed, control characters as ``?``, and each line
+    after the first indented, so a record cannot pose as another record's line."""
+    text = _CONTROL.sub("?", _ESCAPES.sub("", text))
+    return text.replace("\n", "\n    ")
+
 
 def stream_logs(cfg: Config, node: str | None = None, level: str = "DEBUG", grep: str | None = None,
                 out: TextIO = sys.stdout, duration: float | None = None, count: int | None = None) -> int:
@@ -24,7 +36,8 @@ def stream_logs(cfg: Config, node: str | None = None, level: str = "DEBUG", grep
     if not isinstance(threshold, int):
         raise ValueError(f"unknown log level {level!r}")
     pattern = re.compile(grep) if grep else None
-    sub = make_socket(zmq.Context.instance(), zmq.SUB, cfg.max_frame_bytes)
+    sub = make_socket(zmq.Context.instance(), zmq.SUB, cfg.max_frame_bytes, keys=cfg.curve_dir,
+                      plain=cfg.insecure)
     sub.setsockopt(zmq.SUBSCRIBE, Topic.LOG)
     for addr in cfg.coordinators:
         sub.connect(tcp(offset_addr(addr, PUB_PORT_OFFSET)))
@@ -49,7 +62,8 @@ def stream_logs(cfg: Config, node: str | None = None, level: str = "DEBUG", grep
             if pattern and not pattern.search(rec.msg):
                 continue
             ts = dt.datetime.fromtimestamp(rec.ts).strftime("%H:%M:%S.%f")[:-3]
-            out.write(f"{ts} {rec.node} {rec.level:<7} {rec.logger}: {rec.msg}\n")
+            node_, level_, logger_ = (printable(x).replace("\n", " ") for x in (rec.node, rec.level, rec.logger))
+            out.write(f"{ts} {node_} {level_:<7} {logger_}: {printable(rec.msg)}\n")
             out.flush()
             shown += 1
     except KeyboardInterrupt:

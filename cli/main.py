@@ -25,6 +25,10 @@ GLOBAL_VALUE_OPTIONS = ("--config", "--coordinator", "--data-dir", "--host", "--
 GLOBAL_FLAG_OPTIONS = ("--json",)
 # Commands whose arguments are free text (argparse REMAINDER) and their own options.
 REMAINDER_OPTIONS = {"ctl": ((), ()), "sdfs": (("--node",), ())}
+INSECURE_HELP = ("no keys: plaintext, and anyone who can reach the ports can join, submit and read "
+                 "(default: CURVE keys, made in the data directory on first use)")
+INSECURE_WARNING = ("WARNING: --insecure: no encryption, no authentication; "
+                    "anyone who can reach the ports owns the cluster")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -125,6 +129,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port")
     p.add_argument("--shell", action=argparse.BooleanOptionalAction, default=None,
                    help="attach the interactive shell (default: when stdin is a terminal)")
+    p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
 
     p = sub.add_parser("worker", help="run a worker (inference + SDFS storage)")
     _common(p)
@@ -132,6 +137,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--name", help="the node's stable identity and data directory (<data-dir>/<name>); "
                                   "default worker-<host>-<port>")
     p.add_argument("--torch-threads", type=int)
+    p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
 
     p = sub.add_parser("up", help="start a local cluster on loopback")
     _common(p)
@@ -145,6 +151,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="wipe the cluster state in --data-dir first (SDFS files, jobs); by default `up` "
                         "brings back the same nodes with their data")
+    p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
 
     p = sub.add_parser("down", help="stop the local cluster started by `idunno up`")
     _common(p)
@@ -194,6 +201,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--models", default="alexnet,resnet50")
     p.add_argument("--report", default="report.png", help="where to write the run report ('' for none)")
+    p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     return parser
 
 
@@ -243,14 +251,15 @@ def dispatch(ns: argparse.Namespace) -> int:
     if cmd == "coordinator":
         from cli.daemons import run_coordinator  # noqa: PLC0415
 
-        cfg = resolve_config(ns, metrics_port=ns.metrics_port)
+        cfg = resolve_config(ns, metrics_port=ns.metrics_port, role="coordinator", insecure=ns.insecure or None)
         addr = ns.bind or cfg.coordinator
         shell = sys.stdin.isatty() if ns.shell is None else ns.shell
         return run_coordinator(cfg, addr, ns.peer or ns.primary, ns.standby, ns.data_dir, ns.scheduler, shell)
     if cmd == "worker":
         from cli.daemons import run_worker  # noqa: PLC0415
 
-        return run_worker(resolve_config(ns, torch_threads=ns.torch_threads), ns.port, ns.data_dir, ns.name)
+        cfg = resolve_config(ns, torch_threads=ns.torch_threads, role="worker", insecure=ns.insecure or None)
+        return run_worker(cfg, ns.port, ns.data_dir, ns.name)
     if cmd == "up":
         return cmd_up(ns, console)
     if cmd == "down":
@@ -291,8 +300,10 @@ def dispatch(ns: argparse.Namespace) -> int:
 
         d = init_keys(ns.dir, overwrite=ns.force)
         console.print(plain(f"keys written to {d}; start every node and client with IDUNNO_CURVE_DIR={d.resolve()} "
-                            f"(or curve_dir in the config). Add a client's public key to {d / 'authorized'} "
-                            f"to admit it."))
+                            f"(or curve_dir in the config). Coordinator hosts need coordinator.key_secret and "
+                            f"grant.key, worker hosts worker.key_secret and grant.key, clients client.key_secret; "
+                            f"every host the public *.key files. Add another client's public key to "
+                            f"{d / 'authorized'} to admit it."))
         return 0
     if cmd == "report":
         from cli.report import write_report  # noqa: PLC0415
@@ -382,7 +393,7 @@ def preload_list(spec: str) -> list[str]:
 
 
 def cmd_up(ns: argparse.Namespace, console: Console) -> int:
-    from cli.cluster import LocalCluster, cluster_entries, existing_workers, load_state  # noqa: PLC0415
+    from cli.cluster import LocalCluster, cluster_entries, env_insecure, existing_workers, load_state  # noqa: PLC0415
 
     data_dir = data_dir_of(ns)
     if ns.workers < 1:
@@ -413,8 +424,10 @@ def cmd_up(ns: argparse.Namespace, console: Console) -> int:
     preload = preload_list(ns.preload)
     if preload:
         env["IDUNNO_PRELOAD_MODELS"] = ",".join(preload)
+    if ns.insecure or env_insecure():
+        print(f"idunno: {INSECURE_WARNING}", file=sys.stderr)
     cluster = LocalCluster(workers=ns.workers, standby=not ns.no_standby, data_dir=data_dir, env=env,
-                           metrics_port=ns.metrics_port)
+                           metrics_port=ns.metrics_port, insecure=ns.insecure or env_insecure())
     try:
         cluster.start(timeout=ns.timeout)
     except BaseException:

@@ -71,7 +71,8 @@ class Config:
     # --- storage -------------------------------------------------------------------------
     data_dir: str = "var"
     metrics_port: int = 0  # 0 = no Prometheus endpoint
-    curve_dir: str = ""  # key directory from `idunno keys init`: enables CURVE on every TCP socket
+    curve_dir: str = ""  # cluster key directory (`idunno up` makes one, `idunno keys init`): CURVE on every TCP socket
+    insecure: bool = False  # daemons run without keys (plaintext, no authentication) only when this is set
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict)
     # --- durable coordinator state (broker/state_store.py, docs/durability.md) -----------------

@@ -20,8 +20,9 @@ from typing import Any, ClassVar
 import msgpack
 
 # 4 (this round): streamed partial TaskResults (`final`), the standby's snapshot as a chunked
-# transfer (StateFetch/StateChunk replace StateSnapshot); 3: PutReplace (pipeline recovery);
-# 2: Ready carries total `slots`. Nodes of different versions refuse each other.
+# transfer (StateFetch/StateChunk replace StateSnapshot), WriteChunk carries the master's write
+# `grant`; 3: PutReplace (pipeline recovery); 2: Ready carries total `slots`. Nodes of different
+# versions refuse each other.
 VERSION = 4
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 
@@ -488,6 +489,9 @@ class WriteChunk(Message):
     size: int  # total size
     checksum: str
     last: bool
+    # The master's write grant for exactly (name, version, size, checksum), from the PutPlan; needed on
+    # the first chunk when the cluster has keys (common/security.py), so nobody plants a version.
+    grant: str = ""
 
 
 @message

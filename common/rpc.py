@@ -102,7 +102,8 @@ class RpcClient:
 
     def _socket(self) -> zmq.Socket:
         if self.sock is None:
-            self.sock = make_socket(self.ctx, zmq.DEALER, self.cfg.max_frame_bytes)
+            self.sock = make_socket(self.ctx, zmq.DEALER, self.cfg.max_frame_bytes, keys=self.cfg.curve_dir,
+                                    plain=self.cfg.insecure)
             self.sock.connect(tcp(self.endpoints[self.current]))
         return self.sock
 

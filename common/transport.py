@@ -15,13 +15,19 @@ log = logging.getLogger("idunno.transport")
 
 def make_socket(
     ctx: zmq.Context, kind: int, max_frame: int, identity: bytes | None = None, server: bool = False,
-    secure: bool = True,
+    secure: bool = True, keys: str = "", peer: str = security.COORDINATOR, domain: str = "", plain: bool = False,
 ) -> zmq.Socket:
     """A socket with the project's safety options; ``server`` for bound TCP sockets, ``secure=False``
-    for inproc pipes inside one process (CURVE, when enabled, applies to every TCP socket)."""
+    for inproc pipes inside one process (CURVE, when enabled, applies to every TCP socket).
+
+    CURVE: ``keys`` is the client's key directory (``Config.curve_dir``; default: this process's
+    own keys; ``plain``: an --insecure cluster), ``peer`` which kind of server it connects to (a
+    coordinator or ``security.DATA``),
+    ``domain`` the ZAP domain of a server socket (``security.NODES``: coordinators and workers only).
+    """
     sock = ctx.socket(kind)
     if secure:
-        security.apply(sock, server)
+        security.apply(sock, server, None if server else security.select(keys, plain), peer, domain)
     sock.setsockopt(zmq.LINGER, 0)  # shutdown never hangs on unsent messages
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame + 1024)  # libzmq drops peers that send larger frames
     if identity is not None:

@@ -133,29 +133,37 @@ def read_cluster_state(data_dir: str | os.PathLike[str]) -> dict[str, Any] | Non
 
 
 def resolve_config(coordinator: str | None = None, standby: str | None = None, *, config: str | None = None,
-                   data_dir: str | None = None, curve_dir: str | None = None, **overrides: Any) -> Config:
+                   data_dir: str | None = None, curve_dir: str | None = None, role: str | None = None,
+                   **overrides: Any) -> Config:
     """Where the cluster is: explicit addresses, else ``IDUNNO_COORDINATOR``/config, else the cluster
     that `idunno up` recorded in the data directory (``IDUNNO_DATA_DIR``, default ./var).
 
-    ``coordinator`` may be ``"host:port,standby-host:port"``.
+    ``coordinator`` may be ``"host:port,standby-host:port"``. The keys: ``curve_dir`` (or
+    ``IDUNNO_CURVE_DIR``/config), else those `idunno up` recorded with the cluster. A daemon passes its
+    ``role`` ("coordinator", "worker"): the whole process then uses that role's keys.
     """
     if coordinator and "," in coordinator:
         parts = [a.strip() for a in coordinator.split(",") if a.strip()]
         coordinator, standby = parts[0], (parts[1] if len(parts) > 1 else standby)
     data_dir = data_dir or os.environ.get("IDUNNO_DATA_DIR") or DEFAULT_DATA_DIR
-    if coordinator is None and "IDUNNO_COORDINATOR" not in os.environ:
-        state = read_cluster_state(data_dir)
-        if state:
-            coordinator, standby = state["coordinator"], state.get("standby", "")
+    state = read_cluster_state(data_dir)
+    if coordinator is None and "IDUNNO_COORDINATOR" not in os.environ and state:
+        coordinator, standby = state["coordinator"], state.get("standby", "")
     if coordinator is not None and standby is None:
         standby = ""  # an explicit single address: no standby unless given
+    if (not curve_dir and not os.environ.get("IDUNNO_CURVE_DIR") and state and state.get("curve_dir")
+            and (coordinator or os.environ.get("IDUNNO_COORDINATOR")) in (state["coordinator"], state.get("standby"))):
+        curve_dir = str(state["curve_dir"])  # the keys `idunno up` made for this cluster
     cfg = load_config(config, coordinator=coordinator, standby=standby, data_dir=data_dir, curve_dir=curve_dir,
                       **overrides)
-    if cfg.curve_dir:
+    if role is not None:
         from common import security  # noqa: PLC0415
 
-        if security.CURRENT is None:
-            security.enable(cfg.curve_dir)
+        if cfg.curve_dir:
+            security.enable(cfg.curve_dir, role)
+        elif not cfg.insecure:
+            raise ValueError(f"no keys for this {role}: set IDUNNO_CURVE_DIR to the cluster's key directory "
+                             f"(`idunno keys init`), or run it plaintext and unauthenticated with --insecure")
     return cfg
 
 

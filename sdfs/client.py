@@ -42,6 +42,7 @@ from common.protocol import (
     decode,
 )
 from common.rpc import RpcClient, RpcError, next_req
+from common.security import DATA
 from common.transport import make_socket, tcp
 from sdfs.names import validate_name
 from sdfs.store import file_checksum, new_hasher
@@ -81,6 +82,7 @@ class _Stream:
     started: bool = False
     put_id: str = ""
     began: float = 0.0
+    grant: str = ""  # the master's write grant for this version (sent with the first chunk)
 
 
 @dataclass
@@ -94,10 +96,11 @@ class _Put:
     streams: list[_Stream] = field(default_factory=list)
     first_done: float | None = None  # when the first replica acknowledged its last chunk
     quorum_at: float | None = None  # when the quorum-th replica did
+    grant: str = ""
 
     def add(self, local: str, f: dict[str, Any], replicas: list[dict[str, str]]) -> list[_Stream]:
         new = [_Stream(local, self.name, self.version, f["size"], f["checksum"], r["addr"], r["node_id"],
-                       put_id=self.put_id) for r in replicas]
+                       put_id=self.put_id, grant=self.grant) for r in replicas]
         self.streams += new
         return new
 
@@ -160,7 +163,8 @@ class SdfsClient:
     def _data(self, addr: str) -> zmq.Socket:
         sock = self._data_socks.get(addr)
         if sock is None:
-            sock = make_socket(self.ctx, zmq.DEALER, self.cfg.max_frame_bytes)
+            sock = make_socket(self.ctx, zmq.DEALER, self.cfg.max_frame_bytes, keys=self.cfg.curve_dir, peer=DATA,
+                               plain=self.cfg.insecure)
             sock.connect(tcp(addr))
             self._data_socks[addr] = sock
         return sock
@@ -222,7 +226,7 @@ class SdfsClient:
         groups: dict[str, _Put] = {}
         for p in plan.plans:
             f = by_name[p["name"]]
-            g = _Put(p["put_id"], p["name"], p["version"], int(p["quorum"]))
+            g = _Put(p["put_id"], p["name"], p["version"], int(p["quorum"]), grant=str(p.get("grant") or ""))
             g.add(locals_[p["name"]], f, p["replicas"])
             groups[g.put_id] = g
         streams = [st for g in groups.values() for st in g.streams]
@@ -357,7 +361,8 @@ class SdfsClient:
             data = s.fh.read(self.cfg.chunk_bytes)
             last = s.next_offset + len(data) >= s.size
             req = next_req()
-            msg = WriteChunk(req, s.name, s.version, s.next_offset, data, s.size, s.checksum, last)
+            msg = WriteChunk(req, s.name, s.version, s.next_offset, data, s.size, s.checksum, last,
+                             s.grant if s.next_offset == 0 else "")
             try:
                 sock.send(msg.encode(), flags=zmq.NOBLOCK)
             except zmq.ZMQError as exc:

@@ -11,6 +11,7 @@ import threading
 
 import zmq
 
+from common import security
 from common.config import Config
 from common.loop import run_until_stopped
 from common.protocol import ChunkData, Error, ErrorCode, Message, Ok, ReadChunk, StoreList, WriteAck, WriteChunk
@@ -24,9 +25,12 @@ PARTIAL_IDLE_TIMEOUT = 60.0
 
 
 class StorageServer:
-    def __init__(self, cfg: Config, store: LocalStore, ctx: zmq.Context | None = None, port: int = 0) -> None:
+    def __init__(self, cfg: Config, store: LocalStore, ctx: zmq.Context | None = None, port: int = 0,
+                 grant_key: bytes | None = None) -> None:
         self.cfg = cfg
         self.store = store
+        # With keys, a version is stored only with the master's grant for it (common/security.py).
+        self.grant_key = grant_key or (security.CURRENT.grant_key if security.CURRENT else None)
         self.ctx = ctx or zmq.Context.instance()
         self.sock = make_socket(self.ctx, zmq.ROUTER, cfg.max_frame_bytes, server=True)
         self.port = bind(self.sock, cfg.host, port)
@@ -98,6 +102,10 @@ class StorageServer:
             if partial is None:
                 if m.offset != 0:
                     raise StoreError(f"no transfer in progress for {m.name} v{m.version}")
+                if self.grant_key is not None:
+                    why = security.check_grant(self.grant_key, m.grant, m.name, m.version, m.size, m.checksum)
+                    if why:
+                        raise StoreError(why)
                 if self.store.has(m.name, m.version):
                     info = self.store.info(m.name, m.version)
                     if info is not None and info.checksum == m.checksum:

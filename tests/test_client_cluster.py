@@ -118,7 +118,7 @@ def test_cli_options_anywhere_wait_cancel_and_strict_json(make_cluster):
     r = idunno("ctl", "wait", job, "--timeout", "60", data_dir=d)
     assert r.returncode == 0 and f"{job} done: 40/40 results" in r.stdout, r.stdout + r.stderr
     # Global options after the command and its arguments; the coordinator given explicitly.
-    r = idunno("ctl", "results", job, "--limit", "3", "--json", "--coordinator", c.coordinator)
+    r = idunno("ctl", "results", job, "--limit", "3", "--json", "--coordinator", c.coordinator, data_dir=d)
     rows = strict_json(r.stdout)["results"]
     assert len(rows) == 3 and all(row["completed_at"] and row["dispatches"] >= 1 for row in rows), rows
     r = idunno("--json", "ctl", "query_rate", job, data_dir=d)

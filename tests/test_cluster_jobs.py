@@ -121,7 +121,7 @@ def test_corrupt_inputs_yield_error_results_and_empty_jobs_are_refused(make_clus
         c.ctl("submit", model="alexnet", inputs="empty/")
     with pytest.raises(RpcError, match="unknown model 'no_such_net'"):  # refused at submit, not per query
         c.ctl("submit", model="no_such_net", inputs="in/img_000", start=True)
-    env = dict(os.environ, IDUNNO_COORDINATOR=c.coordinator)
+    env = dict(os.environ, **c.client_env())
     cli = [sys.executable, "-m", "cli.main", "ctl"]
     for args, msg, code in [
         (["submit", "alexnet", "missing/*"], "no input files match", 1),

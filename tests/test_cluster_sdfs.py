@@ -249,7 +249,7 @@ def test_bad_names_and_missing_files_fail_clearly(five, tmp_path):
     finally:
         client.close()
     run = [sys.executable, "-m", "cli.main", "sdfs", "--data-dir", five.data_dir]
-    env = dict(os.environ, IDUNNO_COORDINATOR=five.coordinator)
+    env = dict(os.environ, **five.client_env())
     for args, message in [
         (["get", "no/such/file", str(tmp_path / "x")], "no such file"),
         (["put", str(tmp_path / "missing"), "x"], "local file not found"),

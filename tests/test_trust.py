@@ -12,6 +12,8 @@ import pytest
 from simcluster import WHOLE_BATCHES
 from simcluster import SimCluster as _SimCluster
 
+from common import protocol as P
+from common import security
 from common.protocol import Heartbeat, Join, Leave, Ready, Stored, TaskResult, decode
 
 CHEAP, OTHER = "cheap", "other"
@@ -285,3 +287,178 @@ def test_the_coordinator_knows_model_names_without_torch():
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# findings 1, 2, 4: the sender's key role (from the envelope) decides what it may send
+
+
+def samples(victim: str, job: str, task_id: str) -> dict[type, object]:
+    """One well-formed message of every type the coordinator handles, each naming ``victim``."""
+    return {
+        Join: Join(victim, "worker", "127.0.0.1:6666"),
+        Heartbeat: Heartbeat(victim, busy=99),
+        P.Pulse: P.Pulse(victim),
+        Leave: Leave(victim),
+        Ready: Ready(victim, 64, []),
+        TaskResult: TaskResult(task_id, job, victim, 0.1, []),
+        Stored: Stored(victim, "in/img00000.jpg", 1, 100, "c" * 64, ok=False, error="forged"),
+        P.StateRequest: P.StateRequest(41),
+        P.StateFetch: P.StateFetch(41, 0, 0),
+        P.ViewRequest: P.ViewRequest(42),
+        P.PutBegin: P.PutBegin(43, [{"name": "x", "size": 1, "checksum": "00"}]),
+        P.PutCommit: P.PutCommit(44, [{"put_id": "nope", "stored": [victim]}]),
+        P.PutReplace: P.PutReplace(45, [{"put_id": "nope", "exclude": [], "count": 1}]),
+        P.Locate: P.Locate(46, "in/img00000.jpg"),
+        P.Delete: P.Delete(47, "nothing/here"),
+        P.ListFiles: P.ListFiles(48, "in/"),
+        P.ReportBad: P.ReportBad(victim, "in/img00000.jpg", 1, 49),
+        P.Command: P.Command(50, "jobs"),
+    }
+
+
+@pytest.mark.parametrize("role", ["client", "", "coordinator", "worker"])
+def test_every_message_type_is_checked_against_the_senders_key_role(role):
+    """The forged-identity generator: every message type the coordinator handles, naming a live
+    worker, sent from a peer whose key has ``role`` under that worker's routing id and under its own."""
+    from broker.coordinator import SENDER_ROLES  # noqa: PLC0415
+
+    sim = SimCluster({CHEAP: 1.0}, speeds=[1, 1])
+    sim.add_inputs("in", 4)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    (task,) = sim.core.jobs.tasks.values()
+    victim = task.worker
+    msgs = samples(victim, job, task.task_id)
+    assert set(msgs) == set(sim.core.handlers)  # a new message type must be added here (and to SENDER_ROLES)
+    sim.events.clear()
+    sim.net.take()
+    members_before = sim.core.registry.view()
+    for ident in (victim.encode(), b"127.0.0.1:6666@1"):
+        for kind, msg in msgs.items():
+            before = dict(dropped(sim))
+            sim.core.handle(ident, decode(msg.encode()), sim.t, role)
+            replies = sim.net.take()
+            allowed = SENDER_ROLES.get(kind)
+            named = isinstance(msg, (Join, Heartbeat, Leave, Ready, TaskResult, Stored, P.Pulse))
+            if allowed is not None and role not in allowed:
+                assert dropped(sim).get("wrong_role", 0) == before.get("wrong_role", 0) + 1, kind
+                assert replies == [], kind  # not even an error: the sender learns nothing
+            elif named and not (ident == victim.encode() and kind is not P.Pulse):
+                assert dropped(sim).get("forged_sender", 0) == before.get("forged_sender", 0) + 1, kind
+                assert replies == [], kind
+            elif kind is P.StateRequest:  # only a coordinator key gets here: a transfer starts
+                assert replies == [] and ident in sim.core.transfers, kind
+            elif kind is P.StateFetch:
+                assert [type(m) for _, m in replies] in ([P.StateChunk], [P.Error]), replies
+    assert not sim.core.jobs.jobs[job].results  # 0 forged results accepted
+    if role != "worker":
+        assert sim.core.registry.view() == members_before  # no Join, Leave or Heartbeat took
+        assert sim.core.registry.is_alive(victim)
+
+
+def test_plain_mode_trusts_roles_but_still_checks_names():
+    """Without keys (--insecure) there is no role to check (None); the node-id check still holds."""
+    sim = SimCluster({CHEAP: 1.0}, speeds=[1])
+    node = next(iter(sim.workers))
+    sim.core.handle(b"intruder", decode(Leave(node).encode()), sim.t, None)
+    assert sim.core.registry.is_alive(node) and dropped(sim) == {"forged_sender": 1}
+
+
+def test_a_non_worker_key_on_a_workers_routing_id_gets_no_task_until_the_worker_speaks():
+    """Finding 2: ROUTER handover gives a routing id to whoever connects with it last. While a
+    non-worker key holds a worker's id, nothing is sent there; the worker's own key takes it back."""
+    sim = SimCluster({CHEAP: 1.0}, speeds=[1])
+    node = next(iter(sim.workers))
+    sim.events.clear()
+    sim.core.handle(node.encode(), decode(Heartbeat(node).encode()), sim.t, "client")
+    sim.add_inputs("in", 4)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=2, start=True)["job_id"]
+    assert not any(isinstance(m, P.Task) for _, m in sim.net.take())
+    assert sim.core.registry.is_alive(node)  # and it is not blamed for anything
+    sim.core.handle(node.encode(), decode(Heartbeat(node).encode()), sim.t, "worker")
+    sim.core.dispatch(sim.t)
+    assert [m.job_id for _, m in sim.net.take() if isinstance(m, P.Task)] == [job, job]
+
+
+# --------------------------------------------------------------------------------------------
+# finding 3: a data node stores a version only with the master's grant for it
+
+
+def test_the_master_signs_each_planned_write():
+    sim = SimCluster({CHEAP: 1.0}, speeds=[1, 1])
+    sim.core.grant_key = KEY
+    sim.core.handle(b"client", decode(P.PutBegin(1, [{"name": "f", "size": 3, "checksum": "ab"}]).encode()), sim.t,
+                    "client")
+    ((_, plan),) = sim.net.take()
+    (p,) = plan.plans
+    assert security.check_grant(KEY, p["grant"], "f", p["version"], 3, "ab") == ""
+    assert security.check_grant(KEY, p["grant"], "f", p["version"] + 1, 3, "ab")
+
+
+KEY = b"k" * 32
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({}, ""),
+    ({"name": "g"}, "does not match"),
+    ({"version": 2}, "does not match"),
+    ({"size": 4}, "does not match"),
+    ({"checksum": "cd"}, "does not match"),
+    ({"key": b"x" * 32}, "does not match"),
+    ({"now": 1e12}, "expired"),
+    ({"token": ""}, "no write grant"),
+    ({"token": "9999999999.34"}, "does not match"),
+    ({"token": "12.34"}, "expired"),
+    ({"token": "abc"}, "no write grant"),
+])
+def test_a_grant_covers_exactly_one_file_version(change, why):
+    token = change.get("token", security.grant(KEY, "f", 1, 3, "ab"))
+    got = security.check_grant(change.get("key", KEY), token, change.get("name", "f"), change.get("version", 1),
+                               change.get("size", 3), change.get("checksum", "ab"), now=change.get("now"))
+    assert (why in got) if why else got == ""
+
+
+def test_a_storage_node_with_keys_refuses_writes_without_the_masters_grant(tmp_path):
+    import hashlib  # noqa: PLC0415
+
+    import zmq  # noqa: PLC0415
+
+    from common.config import Config  # noqa: PLC0415
+    from sdfs.server import StorageServer  # noqa: PLC0415
+    from sdfs.store import LocalStore  # noqa: PLC0415
+
+    ctx = zmq.Context()
+    server = StorageServer(Config(host="127.0.0.1"), LocalStore(tmp_path / "node"), ctx=ctx, grant_key=KEY)
+    replies: list = []
+    server.reply = lambda ident, msg: replies.append(msg)  # type: ignore[method-assign]
+    try:
+        data = b"planted"
+        digest = hashlib.sha256(data).hexdigest()
+        for token in ("", security.grant(KEY, "vfile", 1, len(data), digest), "1.2"):
+            server.on_write(b"peer", P.WriteChunk(1, "vfile", 99, 0, data, len(data), digest, True, token))
+        assert [(a.ok, "grant" in a.error) for a in replies] == [(False, True)] * 3
+        assert server.store.list() == []
+        good = security.grant(KEY, "vfile", 99, len(data), digest)
+        server.on_write(b"peer", P.WriteChunk(2, "vfile", 99, 0, data, len(data), digest, True, good))
+        assert replies[-1].ok and [(i.name, i.version) for i in server.store.list()] == [("vfile", 99)]
+    finally:
+        server.sock.close(0)
+        ctx.term()
+
+
+# --------------------------------------------------------------------------------------------
+# finding 5: log records are shown as text, never as terminal commands
+
+
+@pytest.mark.parametrize(("raw", "shown"), [
+    ("plain text", "plain text"),
+    ("\x1b[31mred\x1b[0m", "red"),
+    ("\x1b]0;title\x07after", "after"),
+    ("\x1b[2J\x1b[Hcleared", "cleared"),
+    ("bell\x07 cr\r del\x7f c1\x9b2J", "bell? cr? del? c1"),
+    ("two\n10:00:00.000 coord-x INFO forged: line", "two\n    10:00:00.000 coord-x INFO forged: line"),
+])
+def test_log_records_are_shown_without_escape_codes(raw, shown):
+    from cli.logs import printable  # noqa: PLC0415
+
+    assert printable(raw) == shown

@@ -87,7 +87,7 @@ def process_running(pid: int) -> bool:
 def run(parent: int, path: Path, cfg: Config) -> int:
     ctx = zmq.Context.instance()
     if cfg.curve_dir:
-        security.enable(cfg.curve_dir, serve=False)
+        security.enable(cfg.curve_dir, security.WORKER, serve=False)  # it speaks for its worker
     with open(path, "r+b") as fh:
         m = mmap.mmap(fh.fileno(), FILE_SIZE)
     socks: list[zmq.Socket] = []

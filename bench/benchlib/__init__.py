@@ -86,6 +86,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.cluster import LocalCluster, Proc
+from common import security
 from common.config import Config
 from common.logstream import PUB_PORT_OFFSET
 from common.protocol import Command, ProtocolError, StateUpdate, Topic, decode
@@ -373,6 +374,8 @@ class JournalObserver:
             s = ctx.socket(zmq.SUB)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.RCVHWM, 1_000_000)
+            if self.cfg.curve_dir:  # the state journal is for coordinator keys only
+                security.apply(s, False, security.load(self.cfg.curve_dir, security.COORDINATOR))
             s.setsockopt(zmq.SUBSCRIBE, Topic.STATE)
             s.connect(tcp(offset_addr(a, PUB_PORT_OFFSET)))
             socks[s] = a

@@ -147,6 +147,13 @@ class NetnsCluster:
 
     def start(self, timeout: float = 60.0) -> NetnsCluster:
         d = self.data_dir
+        if "IDUNNO_CURVE_DIR" not in self.extra_env:  # secured like any cluster: keys for every host
+            from common import security  # noqa: PLC0415
+
+            keys = d / "keys"
+            if not security.has_keys(keys):
+                security.init_keys(keys)
+            self.extra_env["IDUNNO_CURVE_DIR"] = str(keys)
         self.spawn("coordinator", self.primary_host, ["coordinator", "--bind", self.coordinator, "--peer",
                                                       self.standby, "--data-dir", str(d / "coord-a")])
         self.spawn("standby", self.standby_host, ["coordinator", "--bind", self.standby, "--peer",

@@ -15,7 +15,8 @@ from conftest import DATA, wait_for
 
 from cli.logs import stream_logs
 from common import protocol as P
-from common.transport import make_socket, offset_addr, tcp
+from common import security
+from common.transport import offset_addr, tcp
 from sdfs.client import SdfsClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
@@ -83,8 +84,21 @@ def forged_identity_frames(rnd: random.Random, node_ids: list[str], job: str, to
     return [rnd.choice(makers)(rnd.choice(node_ids)).encode() for _ in range(n)]
 
 
+def keyed_socket(kind: int, max_frame: int, curve: security.Curve | None, identity: bytes | None = None,
+                 peer: str = security.COORDINATOR) -> zmq.Socket:
+    """A socket holding one of the cluster's keys: the hostile frames come from inside the trust boundary."""
+    s = zmq.Context.instance().socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.MAXMSGSIZE, max_frame)
+    security.apply(s, False, curve, peer)
+    if identity is not None:
+        s.setsockopt(zmq.IDENTITY, identity)
+    return s
+
+
 def test_messages_naming_another_node_are_all_refused(make_cluster):
-    """Every message type that carries a node id, sent with a real worker's id from another sender."""
+    """Every message type that carries a node id, sent with a real worker's id from another sender:
+    a client key (refused for its role) and a worker key speaking for another node (refused by name)."""
     c = make_cluster(workers=2)
     rnd = random.Random(13)
     with SdfsClient(c.config()) as client:
@@ -93,13 +107,17 @@ def test_messages_naming_another_node_are_all_refused(make_cluster):
     members = {m["node_id"]: m for m in c.alive_workers()}
     assert len(members) == 2
     sent, counted = [], []
-    # Senders: anonymous DEALERs, and one whose identity is a node id that is not a member.
-    for identity in (None, b"127.0.0.1:1@1", None):
+    client_key, worker_key = (security.load(c.curve_dir, r) for r in (security.CLIENT, security.WORKER))
+    # Senders: anonymous DEALERs, and ones whose identity is a node id that is not a member.
+    for identity, curve in ((None, client_key), (b"127.0.0.1:1@1", client_key), (None, worker_key),
+                            (b"127.0.0.1:1@1", worker_key)):
         frames = forged_identity_frames(rnd, list(members), job, 4, 1000)
-        reply = blast(c.coordinator, zmq.DEALER, frames, P.Command(779, "info"), identity=identity)
+        reply = blast(c.coordinator, zmq.DEALER, frames, P.Command(779, "info"), identity=identity, curve=curve)
         assert isinstance(reply, P.Ok)
         sent.append(len(frames) + (sent[-1] if sent else 0))
-        counted.append(reply.data.get("dropped", {}).get("forged_sender"))
+        drops = reply.data.get("dropped", {})
+        counted.append(drops.get("forged_sender", 0) + drops.get("wrong_role", 0))
+    assert reply.data["dropped"]["wrong_role"] == 2000 and reply.data["dropped"]["forged_sender"] == 2000
     assert c.ctl("completed", job=job)[job]["completed"] == 0  # 0 forged results accepted
     assert {m["node_id"]: m for m in c.alive_workers()} == members  # no forged Leave/Join/Heartbeat took
     assert all(p.popen.poll() is None for p in c.procs)
@@ -112,9 +130,10 @@ def test_messages_naming_another_node_are_all_refused(make_cluster):
 
 
 def blast(addr: str, kind: int, frames: list[bytes], probe: P.Message, timeout: float = 60.0,
-          identity: bytes | None = None) -> P.Message:
+          identity: bytes | None = None, curve: security.Curve | None = None,
+          peer: str = security.COORDINATOR) -> P.Message:
     """Send every frame, then a well-formed probe on the same pipe; its reply proves all were processed."""
-    s = make_socket(zmq.Context.instance(), kind, 8 << 20, identity=identity)
+    s = keyed_socket(kind, 8 << 20, curve, identity=identity, peer=peer)
     s.setsockopt(zmq.SNDHWM, 0)
     s.connect(tcp(addr))
     try:
@@ -142,11 +161,14 @@ def test_ten_thousand_hostile_frames_per_socket(make_cluster, tmp_path):
 
     before = wait_for(settled, timeout=60, interval=0, what="daemon memory to settle")
     workers = c.worker_procs()
-    assert isinstance(blast(c.coordinator, zmq.DEALER, hostile_frames(rnd, 10_000), P.Command(777, "jobs")), P.Ok)
+    client_key, worker_key = (security.load(c.curve_dir, r) for r in (security.CLIENT, security.WORKER))
+    assert isinstance(blast(c.coordinator, zmq.DEALER, hostile_frames(rnd, 10_000), P.Command(777, "jobs"),
+                            curve=client_key), P.Ok)
     for w in workers:
-        assert isinstance(blast(w.addr, zmq.DEALER, hostile_frames(rnd, 10_000), P.StoreList(778)), P.Ok)
-    # The log PULL socket has no replies: push the garbage, then prove the stream still flows.
-    push = make_socket(zmq.Context.instance(), zmq.PUSH, 8 << 20)
+        assert isinstance(blast(w.addr, zmq.DEALER, hostile_frames(rnd, 10_000), P.StoreList(778), curve=client_key,
+                                peer=security.DATA), P.Ok)
+    # The log PULL socket (node keys only) has no replies: push the garbage, then prove the stream still flows.
+    push = keyed_socket(zmq.PUSH, 8 << 20, worker_key)
     push.connect(tcp(offset_addr(c.coordinator, 2)))
     for f in hostile_frames(rnd, 10_000):
         push.send(f)
@@ -156,7 +178,7 @@ def test_ten_thousand_hostile_frames_per_socket(make_cluster, tmp_path):
                          kwargs={"out": out, "duration": 30, "count": 1, "grep": "after-fuzz-marker"})
     t.start()
     time.sleep(0.5)  # subscription handshake before the marker is pushed
-    marker = make_socket(zmq.Context.instance(), zmq.PUSH, 8 << 20)
+    marker = keyed_socket(zmq.PUSH, 8 << 20, worker_key)
     marker.connect(tcp(offset_addr(c.coordinator, 2)))
     marker.send(P.LogRecord("fuzzer", time.time(), "INFO", "fuzz", "after-fuzz-marker").encode())
     marker.close(linger=2000)
@@ -181,7 +203,8 @@ def test_oversized_log_records_are_refused_at_the_transport(make_cluster):
     c = make_cluster(workers=1)
     coordinator = next(p for p in c.procs if p.addr == c.coordinator)
     before = rss_kb(coordinator.popen.pid)
-    push = make_socket(zmq.Context.instance(), zmq.PUSH, 64 << 20)
+    worker_key = security.load(c.curve_dir, security.WORKER)
+    push = keyed_socket(zmq.PUSH, 64 << 20, worker_key)
     push.connect(tcp(offset_addr(c.coordinator, 2)))
     big = P.LogRecord("fuzzer", 0.0, "INFO", "fuzz", "x" * (4 << 20)).encode()
     for _ in range(20):
@@ -195,7 +218,7 @@ def test_oversized_log_records_are_refused_at_the_transport(make_cluster):
     t = threading.Thread(target=stream_logs, args=(c.config(),),
                          kwargs={"out": out, "duration": 30, "count": 1, "grep": "after-big-marker"})
     t.start()
-    marker = make_socket(zmq.Context.instance(), zmq.PUSH, 8 << 20)
+    marker = keyed_socket(zmq.PUSH, 8 << 20, worker_key)
     marker.connect(tcp(offset_addr(c.coordinator, 2)))
     try:
         wait_for(lambda: (marker.send(P.LogRecord("ok", time.time(), "INFO", "t", "after-big-marker").encode())
