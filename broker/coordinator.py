@@ -438,6 +438,9 @@ class Coordinator:
             # node must start a new incarnation, so nobody trusts state from before its absence.
             self.net.send(ident, Rejoin(f"{m.node_id} was declared {known.state}"))
             return
+        for gone in self.registry.superseded_by(m.node_id):
+            log.info("member %s replaced by its new incarnation %s", gone.member.node_id, m.node_id)
+            self.member_gone(gone, now)
         member = Member(m.node_id, m.role, m.data_addr, joined_at=self.clock())
         ev = self.registry.join(member, now)
         if ev is not None:

@@ -133,6 +133,9 @@ class LocalCluster:
         return env
 
     def _spawn(self, role: str, args: list[str], name: str) -> Proc:
+        # Any daemon started (also one restarted after stop(), without start()) gets the cluster's
+        # keys, and this launcher keeps its client key to reach them.
+        self.setup_keys()
         logs = Path(self.data_dir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{name}.log"
@@ -248,7 +251,11 @@ class LocalCluster:
             if dead:
                 p = dead[0]
                 raise RuntimeError(f"{p.role} exited with {p.popen.returncode}; see {p.log_path}:\n{_tail(p.log_path)}")
-            if len(self.alive_workers()) >= n:
+            # Only members at the addresses of the workers started here count: a coordinator that
+            # restored its member list from disk still lists the previous run's incarnations as alive
+            # until they are replaced or time out, and their addresses lead nowhere.
+            ours = {p.addr for p in self.procs if p.role == "worker"}
+            if sum(1 for m in self.alive_workers() if m.get("data_addr") in ours) >= n:
                 return
             time.sleep(0.1)  # polling the cluster from outside; there is no event to wait on
         raise TimeoutError(f"cluster not ready within {timeout}s")

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from common.failure_detector import DetectorParams, PhiAccrual
+from common.identity import split_node_id
 
 
 class MemberState(StrEnum):
@@ -156,6 +157,25 @@ class MemberRegistry:
             return None
         m.state = MemberState.LEFT
         return self._event(Event.LEAVE, m)
+
+    def superseded_by(self, node_id: str) -> list[MembershipEvent]:
+        """A node joining as a new incarnation of a name: the older incarnations of that name still
+        listed alive are dead (a process restarted faster than its failure could be detected, or a
+        coordinator restored its member list from disk) and are declared failed now, or their stale
+        addresses would be served until their heartbeats time out."""
+        name, inc = split_node_id(node_id)
+        events = []
+        for m in self.members.values():
+            if m.state is not MemberState.ALIVE or m.node_id == node_id:
+                continue
+            try:
+                other, other_inc = split_node_id(m.node_id)
+            except ValueError:
+                continue
+            if other == name and other_inc < inc:
+                m.state = MemberState.FAILED
+                events.append(self._event(Event.FAIL, m))
+        return events
 
     def expire(self, now: float) -> list[MembershipEvent]:
         events = []

@@ -132,6 +132,7 @@ class RpcClient:
         last = "no attempt"
         started = time.monotonic()
         silent: set[int] = set()  # endpoints that did not answer during this call
+        refused: set[int] = set()  # endpoints that answered "not primary" during this call
         takeover_until: float | None = None
         attempt = 0
         while attempt < attempts:
@@ -158,15 +159,20 @@ class RpcClient:
                 if reply.code == ErrorCode.NOT_PRIMARY:
                     last = reply.message
                     now = time.monotonic()
+                    refused.add(self.current)
                     others = [i for i in range(len(self.endpoints)) if i != self.current and i not in silent]
-                    if not others and len(self.endpoints) > 1:
-                        # Every other coordinator is silent and this one is alive but not (yet) primary:
-                        # a takeover is under way here. Ask it again shortly instead of waiting out a dead
-                        # primary once more, for as long as a takeover takes.
+                    # Every other coordinator is silent, or all of them say "not primary" (both just
+                    # started and still probing for each other): a takeover or an election is under way.
+                    electing = len(refused) == len(self.endpoints)
+                    if (not others or electing) and len(self.endpoints) > 1:
+                        # Ask again shortly instead of waiting out a dead primary once more, for as long
+                        # as a takeover (or a start-up election) takes.
                         if takeover_until is None:
                             takeover_until = now + 2 * self.cfg.failover_timeout + self.cfg.failure_max_timeout
                         if now < takeover_until:
                             time.sleep(0.05)  # client side only
+                            if electing:
+                                self._switch()  # ask each in turn: whichever wins answers
                             continue
                         silent.clear()  # it is not taking over: try the others again
                     attempt += 1

@@ -281,3 +281,15 @@ def test_later_incarnation_is_larger(monkeypatch: pytest.MonkeyPatch) -> None:
     # the incarnation is wall-clock milliseconds
     monkeypatch.setattr(identity.time, "time_ns", lambda: 1_234_567_891_000_000)
     assert new_incarnation() == 1_234_567_891
+
+
+def test_a_new_incarnation_of_a_name_declares_the_older_ones_failed():
+    from common.membership import Member, MemberRegistry  # noqa: PLC0415
+
+    reg = MemberRegistry(1.5)
+    for node in ("worker-0@100", "worker-1@100", "worker-10@50"):
+        reg.join(Member(node, "worker", "127.0.0.1:1"), 0.0)
+    events = reg.superseded_by("worker-0@200")
+    assert [(str(e.event), e.member.node_id) for e in events] == [("fail", "worker-0@100")]
+    assert not reg.is_alive("worker-0@100") and reg.is_alive("worker-1@100") and reg.is_alive("worker-10@50")
+    assert reg.superseded_by("worker-1@90") == []  # an older incarnation supersedes nothing

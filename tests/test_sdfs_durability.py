@@ -54,7 +54,7 @@ def test_down_up_keeps_every_file_and_fresh_or_purge_wipes(tmp_path):
         ok(idunno("down", data_dir=var))
         # The same nodes, by name, with their data directories: not one per port.
         assert {p.name for p in var.iterdir() if p.is_dir()} == {"coord-0", "coord-1", "worker-0", "worker-1",
-                                                                   "worker-2", "logs"}
+                                                                   "worker-2", "logs", "keys"}
 
         out = ok(idunno(*up, data_dir=var))
         assert "come back with their replicas" in out
@@ -95,8 +95,11 @@ def test_purge_refuses_a_directory_that_is_not_only_the_clusters(tmp_path):
     assert r.returncode == 1 and "refusing to wipe" in r.stderr
     assert (var / "worker-0" / "sdfs" / "x").exists() and (var / "notes.txt").exists()
     (var / "notes.txt").unlink()
-    assert {p.name for p in cluster_entries(str(var))} == {"coord-0", "worker-0", "logs", "cluster.json"}
-    assert purge_data_dir(str(var)) == 4 and list(var.iterdir()) == []
+    (var / "keys").mkdir()  # the cluster's identity: kept by a wipe (clients hold copies of its keys)
+    (var / "primary.json").write_text("{}")
+    assert {p.name for p in cluster_entries(str(var))} == {"coord-0", "worker-0", "logs", "cluster.json",
+                                                           "primary.json"}
+    assert purge_data_dir(str(var)) == 5 and [p.name for p in var.iterdir()] == ["keys"]
 
 
 @pytest.mark.slow
