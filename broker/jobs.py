@@ -42,6 +42,7 @@ class Job:
     inputs: list[tuple[str, int]]  # (sdfs name, version)
     batch_size: int
     weight: float = 1.0
+    weights: str = ""  # pinned SDFS checkpoint (submit --weights); "" = the model's default weights
     state: JobState = JobState.QUEUED
     submitted: float = field(default_factory=time.time)
     started: float | None = None
@@ -71,6 +72,7 @@ class Job:
             "state": str(self.state),
             "batch_size": self.batch_size,
             "weight": self.weight,
+            "weights": self.weights,
             "total": self.total,
             "completed": len(self.results),
             "pending": len(self.pending),
@@ -95,6 +97,7 @@ class Job:
             inputs=[(str(n), int(v)) for n, v in d["inputs"]],
             batch_size=int(d["batch_size"]),
             weight=float(d.get("weight", 1.0)),
+            weights=str(d.get("weights") or ""),
             state=JobState(d["state"]),
             submitted=float(d["submitted"]),
             started=d.get("started"),

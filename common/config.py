@@ -52,6 +52,13 @@ class Config:
     torch_threads: int = 1
     preload_models: str = ""  # comma list loaded at worker start, so a job's first batch does not wait
     worker_credit: int = 2  # batches a worker holds: one computing, one prefetched
+    # Models (docs/models.md): a worker keeps its loaded models within model_memory_mb (0: derived from
+    # this machine's memory and the workers on it), evicting the least recently used.
+    model_memory_mb: int = 0
+    model_in_use_window: float = 30.0  # a preload (warm start) never evicts a model used this recently
+    weights_check_interval: float = 2.0  # a worker re-checks SDFS for a new or deleted weights file this often
+    weights_mirror: str = ""  # base URL serving torchvision's checkpoint files for `models pull` ("" = published)
+    download_timeout: float = 5.0  # `models pull`: connect/read timeout, so an offline machine fails at once
     default_batch_size: int = 8
     task_timeout_min: float = 30.0  # floor for the per-task timeout (scaled from measured cost)
     rate_window: float = 10.0
@@ -144,6 +151,8 @@ def load_config(path: str | None = None, env: dict[str, str] | None = None, **ov
         value = getattr(cfg, key)
         if not math.isfinite(value) or value < 0 or (key == "failure_phi" and value <= 0):
             raise ValueError(f"{key} must be a finite number >= 0 (failure_phi > 0)")
+    if cfg.model_memory_mb < 0 or not cfg.weights_check_interval >= 0 or not cfg.download_timeout > 0:
+        raise ValueError("model_memory_mb and weights_check_interval must be >= 0, download_timeout > 0")
     for key in ("replication_factor", "max_versions", "chunk_bytes", "transfer_window", "worker_credit"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1")

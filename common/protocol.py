@@ -19,8 +19,9 @@ from typing import Any, ClassVar
 
 import msgpack
 
-# 3: PutReplace (pipeline recovery); 2: Ready carries total `slots`. Nodes of different versions refuse each other.
-VERSION = 3
+# 4: Task carries `weights`, Preload; 3: PutReplace (pipeline recovery); 2: Ready carries total `slots`.
+# Nodes of different versions refuse each other.
+VERSION = 4
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 
 
@@ -549,6 +550,7 @@ class Task(Message):
     model: str
     term: int
     queries: list[dict[str, Any]]  # {"qid": str, "input": str, "version": int}
+    weights: str = ""  # the job's pinned SDFS checkpoint (submit --weights); "" = the model's default weights
 
 
 @message
@@ -565,6 +567,22 @@ class TaskResult(Message):
 class ResultAck(Message):
     TYPE = "result_ack"
     task_id: str
+
+
+# models (coordinator -> worker), see docs/models.md
+
+
+@message
+class Preload(Message):
+    """Load this model (with these weights) now: a job that needs it was submitted (warm start).
+
+    A hint: the worker loads it off its loop, within its memory budget, and answers nothing; the
+    model then shows in its Heartbeat/Ready ``models``.
+    """
+
+    TYPE = "preload"
+    model: str
+    weights: str = ""  # as Task.weights
 
 
 # --------------------------------------------------------------------------------------------
