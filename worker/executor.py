@@ -72,7 +72,7 @@ class WeightsSpec:
 
     model: str  # resolved torchvision name
     slot: tuple[str, str]  # (model, pinned SDFS name or ""): a new key for a slot replaces the old model
-    key: tuple[Any, ...] = ()  # exact identity of the weights (SDFS name, version and checksum; hub file; seed)
+    key: tuple[Any, ...] = ()  # the model and the exact weights (SDFS name, version, checksum; hub file; seed)
     path: str | None = None
     label: str = ""  # "sdfs:models/alexnet.pth v3", "hub-cache:...", "seeded"
     error: str | None = None
@@ -168,7 +168,7 @@ class WeightsResolver:
                 self.seen.pop(sdfs_name, None)
                 return WeightsSpec(name, slot, error=f"cannot fetch weights {sdfs_name} v{found['version']} "
                                                      f"from SDFS: {exc}")
-            key = ("sdfs", sdfs_name, int(found["version"]), str(found.get("checksum", "")))
+            key = (name, "sdfs", sdfs_name, int(found["version"]), str(found.get("checksum", "")))
             return WeightsSpec(name, slot, key, path, f"sdfs:{sdfs_name} v{found['version']}")
         if had is not None and had[1] is not None:
             self.gone.append(slot)
@@ -177,9 +177,9 @@ class WeightsResolver:
         hub = registry.hub_cache_path(registry.default_weights(name))
         try:
             st = os.stat(hub)
-            return WeightsSpec(name, slot, ("hub", hub, st.st_mtime_ns, st.st_size), hub, f"hub-cache:{hub}")
+            return WeightsSpec(name, slot, (name, "hub", hub, st.st_mtime_ns, st.st_size), hub, f"hub-cache:{hub}")
         except OSError:
-            return WeightsSpec(name, slot, ("seeded", 0), None, "seeded")
+            return WeightsSpec(name, slot, (name, "seeded", 0), None, "seeded")
 
 
 class Executor:

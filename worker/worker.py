@@ -422,6 +422,7 @@ class Worker:
         self.unacked.pop(m.task_id, None)
 
     def on_preload(self, m: Preload) -> None:
+        log.info("preloading %s%s (a job was submitted)", m.model, f" with {m.weights}" if m.weights else "")
         self.executor.preload(m.model, m.weights)  # loads off this loop (worker/executor.py)
 
     def _workers_on_host(self) -> int:
