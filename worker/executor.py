@@ -107,7 +107,8 @@ class WeightsResolver:
         self.dir = cache_dir / "weights"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.seen: dict[str, tuple[float, dict[str, Any] | None]] = {}  # sdfs name -> (checked at, newest version)
-        self.gone: list[tuple[str, str]] = []  # slots whose SDFS file was deleted: the compute stage unloads them
+        # Slots whose SDFS file was deleted, for the compute stage to unload (a queue: two threads).
+        self.gone: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
 
     def _locate(self, quick: SdfsClient, name: str) -> dict[str, Any] | None:
         now = time.monotonic()
@@ -171,7 +172,7 @@ class WeightsResolver:
             key = (name, "sdfs", sdfs_name, int(found["version"]), str(found.get("checksum", "")))
             return WeightsSpec(name, slot, key, path, f"sdfs:{sdfs_name} v{found['version']}")
         if had is not None and had[1] is not None:
-            self.gone.append(slot)
+            self.gone.put(slot)
         if pinned:
             return WeightsSpec(name, slot, error=f"pinned weights {pinned!r} not found in SDFS")
         hub = registry.hub_cache_path(registry.default_weights(name))
@@ -208,6 +209,7 @@ class Executor:
         self.resolver = WeightsResolver(cfg, store, cache_dir)
         self._cache: Any = None  # models.ModelCache, built by the compute thread (torch loads there)
         self.loaded: list[str] = []  # models loaded now; read by the loop thread (Heartbeat, Ready)
+        self._noop_used = False  # noop has nothing to load, but it is served (and shown) once asked for
         self.stop_event = threading.Event()
         self.threads = [
             threading.Thread(target=self._fetch_loop, name="fetch", daemon=True),
@@ -330,7 +332,7 @@ class Executor:
         cache = self.cache
         for slot in self._take_gone():
             if cache.drop_slot(slot):
-                self.loaded = cache.names()
+                self._update_loaded()
 
         def load() -> Any:
             t0 = time.perf_counter()
@@ -342,10 +344,18 @@ class Executor:
             return cache.get(spec.key, spec.slot, spec.model, load, spec.label,
                              spare_used_within=self.cfg.model_in_use_window if preload else None)
         finally:
-            self.loaded = cache.names()
+            self._update_loaded()
+
+    def _update_loaded(self) -> None:
+        from models import NOOP_MODEL  # noqa: PLC0415
+
+        # One assignment of a new list: the loop thread reads it without a lock.
+        self.loaded = self.cache.names() + ([NOOP_MODEL] if self._noop_used else [])
 
     def _take_gone(self) -> list[tuple[str, str]]:
-        gone, self.resolver.gone = self.resolver.gone, []
+        gone = []
+        while not self.resolver.gone.empty():
+            gone.append(self.resolver.gone.get_nowait())
         return gone
 
     def _compute_loop(self) -> None:
@@ -368,7 +378,9 @@ class Executor:
             out.close(0)
 
     def _preload(self, prep: Prepared) -> None:
-        if prep.weights is None:
+        if prep.weights is None:  # noop
+            self._noop_used = True
+            self._update_loaded()
             return
         try:
             self._model(prep.weights, preload=True)
@@ -385,6 +397,9 @@ class Executor:
                 from models import get_classifier  # noqa: PLC0415
 
                 clf = get_classifier(task.model)  # noop: nothing to load
+                if not self._noop_used:
+                    self._noop_used = True
+                    self._update_loaded()
             else:
                 clf = self._model(prep.weights)
             ok = [i for i, img in enumerate(prep.images) if img is not None]
