@@ -21,6 +21,7 @@ from conftest import DATA, wait_for
 import models
 from cli.cluster import LocalCluster
 from cli.main import main as idunno
+from cli.models_cmd import weights_source
 from common.rpc import RpcError
 from sdfs.client import SdfsClient
 
@@ -128,7 +129,11 @@ def test_a_new_version_is_loaded_and_a_deleted_file_is_dropped(cluster, tmp_path
     assert cli(cluster, "models", "put", str(newer), MODEL) == 0
     assert_same_as_torchvision(run_job(cluster), newer)
     with SdfsClient(cluster.config()) as client:
+        kind, text = weights_source(client, MODEL)  # what `idunno demo` prints per job
+        assert kind == "sdfs" and text.startswith(f"SDFS checkpoint models/{MODEL}.pth v2")
         client.delete(f"models/{MODEL}.pth")
+        kind, text = weights_source(client, MODEL)
+        assert kind == "seeded" and f"idunno models pull {MODEL}" in text and f"idunno models put FILE {MODEL}" in text
     assert_same_as_torchvision(run_job(cluster), None, seed=0)  # back to the seeded weights (empty hub cache)
 
 
