@@ -151,8 +151,10 @@ def load_config(path: str | None = None, env: dict[str, str] | None = None, **ov
         value = getattr(cfg, key)
         if not math.isfinite(value) or value < 0 or (key == "failure_phi" and value <= 0):
             raise ValueError(f"{key} must be a finite number >= 0 (failure_phi > 0)")
-    if cfg.model_memory_mb < 0 or not cfg.weights_check_interval >= 0 or not cfg.download_timeout > 0:
-        raise ValueError("model_memory_mb and weights_check_interval must be >= 0, download_timeout > 0")
+    if (cfg.model_memory_mb < 0 or not cfg.weights_check_interval >= 0 or not cfg.model_in_use_window >= 0
+            or not 0 < cfg.download_timeout < math.inf):
+        raise ValueError("model_memory_mb, weights_check_interval and model_in_use_window must be >= 0, "
+                         "download_timeout a finite number > 0")
     for key in ("replication_factor", "max_versions", "chunk_bytes", "transfer_window", "worker_credit"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1")

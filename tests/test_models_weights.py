@@ -192,3 +192,11 @@ def test_preload_never_evicts_a_model_in_use() -> None:
     assert cache.names() == ["a"]
     _get(cache, loads, "b", spare_used_within=0.0)  # a is idle by that measure: it may go
     assert cache.names() == ["b"]
+
+
+@pytest.mark.parametrize("key,value", [("MODEL_MEMORY_MB", "-1"), ("DOWNLOAD_TIMEOUT", "0"),
+                                       ("WEIGHTS_CHECK_INTERVAL", "nan"), ("MODEL_IN_USE_WINDOW", "-5")])
+def test_model_settings_are_checked(key: str, value: str) -> None:
+    with pytest.raises(ValueError, match="model_memory_mb"):
+        load_config(env={f"IDUNNO_{key}": value})
+    assert load_config(env={}).model_memory_mb == 0  # 0: derived from the machine (worker/executor.py)
