@@ -29,7 +29,7 @@ from common.config import Config
 from common.failure_detector import LOCAL_STALL
 from common.identity import PULSE_SUFFIX, split_node_id
 from common.membership import Member, MemberRegistry, MembershipEvent
-from common.modelnames import MODEL_NAMES, resolve_model
+from common.modelnames import MODEL_NAMES, NOOP, resolve_model
 from common.protocol import (
     Command,
     CoordinatorHeartbeat,
@@ -44,6 +44,7 @@ from common.protocol import (
     Located,
     Message,
     Ok,
+    Preload,
     Pulse,
     PutBegin,
     PutCommit,
@@ -636,7 +637,8 @@ class Coordinator:
             slot.outstanding[task_id] = now
             self.scheduler.charge(job.job_id, n, job.weight)
             self.charged[task_id] = n
-            if not self.net.send(node.encode(), Task(task_id, job.job_id, job.model, self.term, queries)):
+            if not self.net.send(node.encode(), Task(task_id, job.job_id, job.model, self.term, queries,
+                                                     job.weights)):
                 log.warning("worker %s unreachable; task %s re-queued", node, task_id)
                 unreachable.add(node)
                 self.emit("task.requeue", {"task_id": task_id}, now)
@@ -1164,16 +1166,29 @@ class Coordinator:
         inputs = [i for i in inputs if not i[0].startswith("results/")]
         if not inputs:
             raise CommandError(ErrorCode.NOT_FOUND, f"no input files match {pattern!r} in SDFS; `put` them first")
+        weights = args.get("weights") or ""
+        if weights:
+            try:  # a pinned checkpoint must exist now, not fail every query at the workers
+                self.master.locate(weights, 1)
+            except MasterError as exc:
+                raise CommandError(exc.code, f"--weights: {exc}") from None
         job_id = self.jobs.new_job_id(model)
-        job = Job(job_id, model, inputs, batch, weight, submitted=self.clock(), latency_target=target,
-                  request_id=request_id)
+        job = Job(job_id, model, inputs, batch, weight, weights=weights, submitted=self.clock(),
+                  latency_target=target, request_id=request_id)
         self.emit("job.add", job.snapshot(), now)
+        self.preload(job)
         self.event("job_added", job_id, now)
         if args.get("start") or self.jobs.running():
             self.emit("job.start", {"job_ids": [job_id], "ts": self.clock()}, now)
             self.event("job_started", job_id, now)
             self.dispatch(now)
         return self.jobs.jobs[job_id].describe()
+
+    def preload(self, job: Job) -> None:
+        """Warm start: every live worker loads the job's model now, before its first batch (docs/models.md)."""
+        if self.role == PRIMARY and job.model != NOOP:
+            for m in self.registry.alive("worker"):
+                self.net.send(m.node_id.encode(), Preload(job.model, job.weights))
 
     def cmd_jobs(self, args: dict[str, Any], now: float) -> Any:
         return [j.describe() for j in self.jobs.jobs.values()]

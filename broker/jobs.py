@@ -42,6 +42,7 @@ class Job:
     inputs: list[tuple[str, int]]  # (sdfs name, version)
     batch_size: int  # 0: auto, sized per dispatch from the worker's measured cost and latency_target
     weight: float = 1.0
+    weights: str = ""  # pinned SDFS checkpoint (submit --weights); "" = the model's default weights
     state: JobState = JobState.QUEUED
     submitted: float = field(default_factory=time.time)
     started: float | None = None
@@ -77,6 +78,7 @@ class Job:
             "batch_size": self.batch_size or "auto",
             "latency_target": self.latency_target or None,
             "weight": self.weight,
+            "weights": self.weights,
             "total": self.total,
             "completed": len(self.results),
             "pending": len(self.pending),
@@ -122,6 +124,7 @@ class Job:
             inputs=[(str(n), int(v)) for n, v in d["inputs"]],
             batch_size=0 if d["batch_size"] == "auto" else int(d["batch_size"]),
             weight=float(d.get("weight", 1.0)),
+            weights=str(d.get("weights") or ""),
             state=JobState(d["state"]),
             submitted=float(d["submitted"]),
             started=d.get("started"),

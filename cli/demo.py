@@ -18,6 +18,7 @@ from rich.console import Console
 
 from cli import render
 from cli.cluster import LocalCluster, env_insecure
+from cli.models_cmd import weights_source
 from cli.top import live_view
 from sdfs.client import SdfsClient
 
@@ -47,11 +48,15 @@ def run_demo(ns: argparse.Namespace, console: Console) -> int:
         console.print(f"loaded {len(files)} images into SDFS (replication factor {cfg.replication_factor}) "
                       f"in {time.monotonic() - t1:.2f}s")
         jobs = []
-        for model in models:
-            job = cluster.ctl("submit", model=model, inputs="data/", batch=ns.batch)
-            jobs.append(job["job_id"])
-            console.print(render.plain(f"submitted {job['job_id']}: {model} over {job['total']} images, "
-                                       f"batch {ns.batch}"))
+        with SdfsClient(cfg) as client:
+            for model in models:
+                job = cluster.ctl("submit", model=model, inputs="data/", batch=ns.batch)
+                jobs.append(job["job_id"])
+                console.print(render.plain(f"submitted {job['job_id']}: {model} over {job['total']} images, "
+                                           f"batch {ns.batch}"))
+                # Where its workers get the weights (docs/models.md), and how to get real ones.
+                kind, text = weights_source(client, job["model"], job.get("weights") or "")
+                console.print(render.plain("  weights: ", (text, "yellow" if kind == "seeded" else "green")))
         cluster.ctl("start")
         live_view(cfg, console, until_done=jobs)
         console.print()

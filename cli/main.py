@@ -95,7 +95,7 @@ def normalize_argv(argv: list[str], commands: set[str]) -> list[str]:
 
 
 COMMAND_NAMES = ("coordinator", "worker", "up", "down", "members", "ctl", "shell", "sdfs", "logs", "top", "report",
-                 "keys", "demo")
+                 "keys", "demo", "models")
 
 
 class _Skipped:
@@ -202,6 +202,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--models", default="alexnet,resnet50")
     p.add_argument("--report", default="report.png", help="where to write the run report ('' for none)")
     p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
+
+    if only in (None, "models"):
+        from cli.models_cmd import add_parser as add_models_parser  # noqa: PLC0415
+
+        add_models_parser(subparsers, _common)
     return parser
 
 
@@ -318,6 +323,10 @@ def dispatch(ns: argparse.Namespace) -> int:
             timeline["jobs"] = {j: timeline["jobs"][j] for j in ns.jobs}
         console.print(plain(f"report written to {write_report(timeline, ns.out)}"))
         return 0
+    if cmd == "models":
+        from cli.models_cmd import run_models  # noqa: PLC0415
+
+        return run_models(ns, resolve_config(ns), console)
     if cmd == "demo":
         from cli.demo import run_demo  # noqa: PLC0415
 

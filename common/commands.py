@@ -115,6 +115,8 @@ COMMANDS: dict[str, CommandSpec] = {
                     metavar="W"),
                 Arg("start", bool, False, "start right away (a job submitted while others run starts anyway)",
                     False, option=True),
+                Arg("weights", str, False, "pin the job to this SDFS checkpoint (default: models/<model>.pth, "
+                    "see docs/models.md)", None, option=True, metavar="SDFS_NAME"),
                 REQUEST_ID,
             ),
             once=True,

@@ -59,6 +59,13 @@ class Config:
     # of compute left: a batch queued behind seconds of work makes completions lag dispatches, and
     # the live query rates of fairly served jobs swing by whole batches (seen: 18 % median gap).
     prefetch_lead: float = 1.0
+    # Models (docs/models.md): a worker keeps its loaded models within model_memory_mb (0: derived from
+    # this machine's memory and the workers on it), evicting the least recently used.
+    model_memory_mb: int = 0
+    model_in_use_window: float = 30.0  # a preload (warm start) never evicts a model used this recently
+    weights_check_interval: float = 2.0  # a worker re-checks SDFS for a new or deleted weights file this often
+    weights_mirror: str = ""  # base URL serving torchvision's checkpoint files for `models pull` ("" = published)
+    download_timeout: float = 5.0  # `models pull`: connect/read timeout, so an offline machine fails at once
     default_batch_size: int = 8
     default_latency_target: float = 1.0  # seconds of compute per batch for `--batch auto`
     task_timeout_min: float = 30.0  # floor for the per-task timeout (scaled from measured cost)
@@ -160,6 +167,10 @@ def load_config(path: str | None = None, env: dict[str, str] | None = None, **ov
         value = getattr(cfg, key)
         if not math.isfinite(value) or value < 0 or (key == "failure_phi" and value <= 0):
             raise ValueError(f"{key} must be a finite number >= 0 (failure_phi > 0)")
+    if (cfg.model_memory_mb < 0 or not cfg.weights_check_interval >= 0 or not cfg.model_in_use_window >= 0
+            or not 0 < cfg.download_timeout < math.inf):
+        raise ValueError("model_memory_mb, weights_check_interval and model_in_use_window must be >= 0, "
+                         "download_timeout a finite number > 0")
     for key in ("replication_factor", "max_versions", "chunk_bytes", "transfer_window", "worker_credit",
                 "state_compact_ops"):
         if getattr(cfg, key) < 1:

@@ -21,8 +21,8 @@ import msgpack
 
 # 4 (this round): streamed partial TaskResults (`final`), the standby's snapshot as a chunked
 # transfer (StateFetch/StateChunk replace StateSnapshot), WriteChunk carries the master's write
-# `grant`; 3: PutReplace (pipeline recovery); 2: Ready carries total `slots`. Nodes of different
-# versions refuse each other.
+# `grant`, Task carries `weights`, Preload; 3: PutReplace (pipeline recovery); 2: Ready carries
+# total `slots`. Nodes of different versions refuse each other.
 VERSION = 4
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 
@@ -555,6 +555,7 @@ class Task(Message):
     model: str
     term: int
     queries: list[dict[str, Any]]  # {"qid": str, "input": str, "version": int}
+    weights: str = ""  # the job's pinned SDFS checkpoint (submit --weights); "" = the model's default weights
 
 
 @message
@@ -575,6 +576,22 @@ class ResultAck(Message):
     TYPE = "result_ack"
     task_id: str
     final: bool = True  # only the ack of a final result lets the worker forget the task's results
+
+
+# models (coordinator -> worker), see docs/models.md
+
+
+@message
+class Preload(Message):
+    """Load this model (with these weights) now: a job that needs it was submitted (warm start).
+
+    A hint: the worker loads it off its loop, within its memory budget, and answers nothing; the
+    model then shows in its Heartbeat/Ready ``models``.
+    """
+
+    TYPE = "preload"
+    model: str
+    weights: str = ""  # as Task.weights
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Works fully offline: pretrained weights are used only if a checkpoint is given
 or already in the torch hub cache; otherwise models get seeded random weights.
+``download`` fetches a published checkpoint (hash checked) for the CLI's ``models pull``.
 """
 
+from .cache import ModelCache, ModelTooLarge, NoRoom
 from .predict import (
     IMAGE_FORMATS,
     NOOP_MODEL,
@@ -19,6 +21,16 @@ from .predict import (
     resnet_predict,
 )
 from .registry import ALIASES, list_models, resolve_name
+from .weights import (
+    WeightsDownloadError,
+    WeightsHashError,
+    WeightsInfo,
+    default_url,
+    download,
+    hash_prefix,
+    model_nbytes,
+    validate,
+)
 
 __all__ = [
     "ALIASES",
@@ -26,6 +38,9 @@ __all__ = [
     "NOOP_MODEL",
     "Classifier",
     "ImageDecodeError",
+    "ModelCache",
+    "ModelTooLarge",
+    "NoRoom",
     "NoopClassifier",
     "Prediction",
     "alexnet_predict",
@@ -36,4 +51,12 @@ __all__ = [
     "list_models",
     "resnet_predict",
     "resolve_name",
+    "validate",
+    "WeightsDownloadError",
+    "WeightsHashError",
+    "WeightsInfo",
+    "default_url",
+    "download",
+    "hash_prefix",
+    "model_nbytes",
 ]

@@ -76,7 +76,8 @@ class Classifier:
     Weights come from, in order: ``weights_path`` (a state_dict or a checkpoint
     with a "state_dict" key), the torch hub cache file of the model's DEFAULT
     weights, or seeded random init (deterministic, but predictions are not
-    meaningful; a warning is logged). Nothing is ever downloaded.
+    meaningful; a warning is logged). Nothing is ever downloaded. ``label`` names where
+    ``weights_path`` came from (e.g. an SDFS file and version) in ``weights_source``.
 
     ``num_threads`` calls ``torch.set_num_threads``, which is process-wide: it
     affects every model in the process, not only this one.
@@ -90,6 +91,7 @@ class Classifier:
         weights_path: str | None = None,
         num_threads: int | None = None,
         seed: int = 0,
+        label: str | None = None,
     ) -> None:
         self.name = registry.resolve_name(name)
         weights = registry.default_weights(self.name)
@@ -130,7 +132,7 @@ class Classifier:
                 raise ValueError(f"{self.name}: weights in {source} do not fit this model: {exc}") from exc
             self.pretrained = True
             origin = "file" if source == weights_path else "hub-cache"
-            self.weights_source = f"{origin}:{source}"
+            self.weights_source = label if label and source == weights_path else f"{origin}:{source}"
 
         self.model.eval()
         for param in self.model.parameters():

@@ -10,7 +10,7 @@ import zmq
 from common.config import Config
 from common.protocol import Task, decode
 from sdfs.store import LocalStore
-from worker.executor import Executor, Prepared
+from worker.executor import Executor, Prepared, WeightsSpec
 
 
 class SlowModel:
@@ -26,9 +26,14 @@ class SlowModel:
         return [[("label", 0.9)] for _ in images]
 
 
-def _executor(tmp_path: Path, cfg: Config) -> Executor:
-    return Executor(cfg, lambda: "w@1", LocalStore(tmp_path / "store"), tmp_path / "cache", lambda: [],
-                    "inproc://unused", zmq.Context.instance())
+def _executor(tmp_path: Path, cfg: Config, model: object = None) -> Executor:
+    ex = Executor(cfg, lambda: "w@1", LocalStore(tmp_path / "store"), tmp_path / "cache", lambda: [],
+                  "inproc://unused", zmq.Context.instance())
+    ex._model = lambda spec, preload=False: model  # the stand-in, whatever weights were chosen  # type: ignore
+    return ex
+
+
+SPEC = WeightsSpec("slow", ("slow", ""), label="seeded")
 
 
 def _task(n: int) -> Task:
@@ -37,10 +42,10 @@ def _task(n: int) -> Task:
 
 
 def test_pieces_follow_the_measured_cost_and_only_the_last_is_final(tmp_path):
-    ex = _executor(tmp_path, Config(stream_interval=0.1))
-    model = ex.models["slow"] = SlowModel(0.03)
+    model = SlowModel(0.03)
+    ex = _executor(tmp_path, Config(stream_interval=0.1), model)
     task = _task(8)
-    pieces = [decode(m.encode()) for m in ex._run(Prepared(task, 0, ["img"] * 8, [None] * 8))]
+    pieces = [decode(m.encode()) for m in ex._run(Prepared(task, 0, ["img"] * 8, [None] * 8, SPEC))]
     # The first piece measures one image; then ~0.1 s of compute per piece (3 images at 0.03 s).
     assert model.calls[0] == 1 and all(1 <= c <= 4 for c in model.calls[1:]) and sum(model.calls) == 8
     assert [p.final for p in pieces] == [False] * (len(pieces) - 1) + [True]
@@ -50,20 +55,19 @@ def test_pieces_follow_the_measured_cost_and_only_the_last_is_final(tmp_path):
 
 
 def test_a_cheap_model_sends_its_batch_in_one_piece_once_measured(tmp_path):
-    ex = _executor(tmp_path, Config(stream_interval=0.25))
-    ex.models["slow"] = SlowModel(0.001)
+    ex = _executor(tmp_path, Config(stream_interval=0.25), SlowModel(0.001))
     ex.cost["slow"] = 0.001
-    pieces = list(ex._run(Prepared(_task(8), 0, ["img"] * 8, [None] * 8)))
+    pieces = list(ex._run(Prepared(_task(8), 0, ["img"] * 8, [None] * 8, SPEC)))
     assert len(pieces) == 1 and pieces[0].final and len(pieces[0].results) == 8
 
 
 def test_inputs_that_failed_to_load_and_a_broken_model_still_answer_every_query(tmp_path):
-    ex = _executor(tmp_path, Config(stream_interval=0.0))
-    ex.models["slow"] = SlowModel(0.0)
+    ex = _executor(tmp_path, Config(stream_interval=0.0), SlowModel(0.0))
     errors = [None, "ImageDecodeError: corrupt", None]
-    (piece,) = ex._run(Prepared(_task(3), 0, ["img", None, "img"], errors))
+    (piece,) = ex._run(Prepared(_task(3), 0, ["img", None, "img"], errors, SPEC))
     assert [r["error"] for r in piece.results] == errors and piece.results[1]["top5"] is None
-    ex.model_errors["broken"] = "cannot load model 'broken': boom"
+    broken = WeightsSpec("broken", ("broken", ""), error="cannot load model 'broken': boom")
+    ex._model = Executor._model.__get__(ex)  # the real one: it refuses a spec that carries an error
     task = Task("t1.2-job1", "job1", "broken", 1, _task(2).queries)
-    (piece,) = ex._run(Prepared(task, 0, ["img", "img"], [None, None]))
+    (piece,) = ex._run(Prepared(task, 0, ["img", "img"], [None, None], broken))
     assert piece.final and all("boom" in r["error"] for r in piece.results)

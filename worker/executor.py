@@ -6,16 +6,24 @@ compute stage runs the model. The queue between them holds one decoded batch, so
 is ready the moment the current one finishes: the CPU never waits on the network or SDFS.
 Finished tasks go back to the loop as encoded messages over an inproc PUSH socket, which wakes
 the loop's poll (ZeroMQ sockets are not shared between threads).
+
+Models (docs/models.md): the fetch stage also decides which weights a batch runs with (the job's
+pinned SDFS checkpoint, else ``models/<name>.pth`` in SDFS, else the torch hub cache, else seeded
+weights), re-checking SDFS every ``weights_check_interval`` so a new or deleted file is seen, and
+downloads the file. The compute stage keeps loaded models in a :class:`models.ModelCache` within
+``model_memory_mb``, least recently used evicted first. A ``Preload`` hint loads a model the same
+way before a job's first batch.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,20 +31,156 @@ from typing import Any
 import zmq
 
 from common.config import Config
-from common.protocol import Task, TaskResult
+from common.protocol import ErrorCode, Task, TaskResult
+from common.rpc import RpcError
 from common.transport import make_socket
 from sdfs.client import SdfsClient
 from sdfs.store import LocalStore
 
 log = logging.getLogger("idunno.worker.executor")
 
+MB = 1024 * 1024
+# Share of this machine's memory the workers on it may fill with models when model_memory_mb is 0:
+# the rest is for activations, decoded images, SDFS buffers and the other processes.
+MODEL_MEMORY_SHARE = 0.5
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory, or the cgroup's limit when it is lower (a container)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def default_model_memory(workers_on_host: int) -> int:
+    return int(machine_memory_bytes() * MODEL_MEMORY_SHARE / max(1, workers_on_host))
+
+
+def weights_sdfs_name(model: str) -> str:
+    """Where a model's default weights live in SDFS (``idunno models put/pull``)."""
+    return f"models/{model}.pth"
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """Which weights a batch runs with: decided in the fetch stage, loaded in the compute stage."""
+
+    model: str  # resolved torchvision name
+    slot: tuple[str, str]  # (model, pinned SDFS name or ""): a new key for a slot replaces the old model
+    key: tuple[Any, ...] = ()  # the model and the exact weights (SDFS name, version, checksum; hub file; seed)
+    path: str | None = None
+    label: str = ""  # "sdfs:models/alexnet.pth v3", "hub-cache:...", "seeded"
+    error: str | None = None
+
 
 @dataclass
 class Prepared:
-    task: Task
+    task: Task | None  # None: a preload (nothing to answer)
     generation: int
     images: list[Any]  # PIL image or None for a failed input
     errors: list[str | None]
+    weights: WeightsSpec | None = None  # None for noop
+
+
+@dataclass(frozen=True)
+class PreloadItem:
+    model: str
+    weights: str = ""
+
+
+class WeightsResolver:
+    """Pinned checkpoint, then ``models/<name>.pth`` in SDFS, then the hub cache, then seeded weights.
+
+    SDFS is asked (Locate) at most every ``weights_check_interval`` per file, so a changed or deleted
+    file is seen within that interval at the cost of one small request per interval. Downloaded files
+    are kept per version and checksum in ``cache_dir``; a replica this node stores is read in place.
+    """
+
+    def __init__(self, cfg: Config, store: LocalStore, cache_dir: Path) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.dir = cache_dir / "weights"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.seen: dict[str, tuple[float, dict[str, Any] | None]] = {}  # sdfs name -> (checked at, newest version)
+        # Slots whose SDFS file was deleted, for the compute stage to unload (a queue: two threads).
+        self.gone: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+
+    def _locate(self, quick: SdfsClient, name: str) -> dict[str, Any] | None:
+        now = time.monotonic()
+        last = self.seen.get(name)
+        if last is not None and now - last[0] < self.cfg.weights_check_interval:
+            return last[1]
+        try:
+            found: dict[str, Any] | None = quick.locate(name, 1)[0]
+        except RpcError as exc:
+            if exc.code != ErrorCode.NOT_FOUND:
+                # SDFS did not answer (a failover): keep what we knew, ask again next interval.
+                log.info("cannot check %s in SDFS: %s", name, exc)
+                found = last[1] if last is not None else None
+            else:
+                found = None
+        except Exception as exc:  # noqa: BLE001 - a lookup must never kill the fetch stage
+            log.info("cannot check %s in SDFS: %s", name, exc)
+            found = last[1] if last is not None else None
+        if last is not None and last[1] is not None and found is None:
+            log.info("weights %s were deleted from SDFS", name)
+        self.seen[name] = (now, found)
+        return found
+
+    def _fetch(self, client: SdfsClient, name: str, v: dict[str, Any]) -> str:
+        version, checksum = int(v["version"]), str(v.get("checksum", ""))
+        if self.store.has(name, version):
+            return str(self.store.path(name, version))  # our own verified replica
+        stem = urllib.parse.quote(name, safe="")
+        dest = self.dir / f"{stem}@{version}-{checksum[:16]}.pth"
+        if not dest.exists():
+            tmp = self.dir / f".{stem}.download"
+            got = client.get(name, tmp)
+            if int(got["version"]) != version or str(got.get("checksum", "")) != checksum:
+                self.seen.pop(name, None)  # a newer version arrived meanwhile: file it under its own key
+                dest = self.dir / f"{stem}@{got['version']}-{str(got.get('checksum', ''))[:16]}.pth"
+            tmp.replace(dest)
+            # Keep the two newest: a batch prepared against the previous version may still load it.
+            older = sorted(self.dir.glob(f"{stem}@*.pth"), key=lambda p: p.stat().st_mtime)[:-2]
+            for p in older:
+                p.unlink(missing_ok=True)
+        return str(dest)
+
+    def resolve(self, quick: SdfsClient, client: SdfsClient, model: str, pinned: str = "") -> WeightsSpec:
+        from models import registry  # noqa: PLC0415 - torchvision: off the loop thread's start-up
+
+        try:
+            name = registry.resolve_name(model)
+        except ValueError as exc:
+            return WeightsSpec(model, (model, pinned), error=str(exc))
+        slot = (name, pinned)
+        sdfs_name = pinned or weights_sdfs_name(name)
+        had = self.seen.get(sdfs_name)
+        found = self._locate(quick, sdfs_name)
+        if found is not None:
+            try:
+                path = self._fetch(client, sdfs_name, found)
+            except Exception as exc:  # noqa: BLE001 - the batch gets the error; the next one tries again
+                self.seen.pop(sdfs_name, None)
+                return WeightsSpec(name, slot, error=f"cannot fetch weights {sdfs_name} v{found['version']} "
+                                                     f"from SDFS: {exc}")
+            key = (name, "sdfs", sdfs_name, int(found["version"]), str(found.get("checksum", "")))
+            return WeightsSpec(name, slot, key, path, f"sdfs:{sdfs_name} v{found['version']}")
+        if had is not None and had[1] is not None:
+            self.gone.put(slot)
+        if pinned:
+            return WeightsSpec(name, slot, error=f"pinned weights {pinned!r} not found in SDFS")
+        hub = registry.hub_cache_path(registry.default_weights(name))
+        try:
+            st = os.stat(hub)
+            return WeightsSpec(name, slot, (name, "hub", hub, st.st_mtime_ns, st.st_size), hub, f"hub-cache:{hub}")
+        except OSError:
+            return WeightsSpec(name, slot, (name, "seeded", 0), None, "seeded")
 
 
 class Executor:
@@ -49,6 +193,7 @@ class Executor:
         coordinators_fn,
         results_endpoint: str,
         ctx: zmq.Context,
+        host_workers_fn: Callable[[], int] | None = None,
     ) -> None:
         self.cfg = cfg
         self.node_id_fn = node_id_fn
@@ -58,11 +203,13 @@ class Executor:
         self.coordinators_fn = coordinators_fn
         self.results_endpoint = results_endpoint
         self.ctx = ctx
-        self.tasks: queue.Queue[tuple[Task, int] | None] = queue.Queue()
+        self.tasks: queue.Queue[tuple[Task | PreloadItem, int] | None] = queue.Queue()
         self.ready: queue.Queue[Prepared | None] = queue.Queue(maxsize=1)
-        self.models: dict[str, Any] = {}
-        self.model_errors: dict[str, str] = {}
-        self.loaded: list[str] = []
+        self.host_workers_fn = host_workers_fn or (lambda: 1)
+        self.resolver = WeightsResolver(cfg, store, cache_dir)
+        self._cache: Any = None  # models.ModelCache, built by the compute thread (torch loads there)
+        self.loaded: list[str] = []  # models loaded now; read by the loop thread (Heartbeat, Ready)
+        self._noop_used = False  # noop has nothing to load, but it is served (and shown) once asked for
         self.cost: dict[str, float] = {}  # seconds per image, per model, measured here (sizes streamed pieces)
         self.stop_event = threading.Event()
         self.threads = [
@@ -73,6 +220,27 @@ class Executor:
     def start(self) -> None:
         for t in self.threads:
             t.start()
+        # Loaded at start (cfg.preload_models), the same way as a Preload hint.
+        for name in filter(None, (m.strip() for m in self.cfg.preload_models.split(","))):
+            self.preload(name)
+
+    def budget_bytes(self) -> int:
+        """The model memory budget: model_memory_mb, or this machine's share for each of its workers."""
+        if self.cfg.model_memory_mb > 0:
+            return self.cfg.model_memory_mb * MB
+        return default_model_memory(self.host_workers_fn())
+
+    @property
+    def cache(self) -> Any:
+        if self._cache is None:
+            from models import ModelCache  # noqa: PLC0415
+
+            self._cache = ModelCache(self.budget_bytes)
+        return self._cache
+
+    def preload(self, model: str, weights: str = "") -> None:
+        """Load ``model`` (with the pinned ``weights``, if any) before a task needs it: a warm start."""
+        self.tasks.put((PreloadItem(model, weights), 0))
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -88,6 +256,8 @@ class Executor:
     # -- fetch stage ---------------------------------------------------------------------------
     def _fetch_loop(self) -> None:
         client = SdfsClient(self.cfg, self.coordinators_fn(), self.ctx)
+        # Weights lookups use short timeouts: an unanswered check keeps the weights known so far.
+        quick = SdfsClient(self.cfg.replace(request_timeout=2.0, request_retries=1), self.coordinators_fn(), self.ctx)
         try:
             while not self.stop_event.is_set():
                 item = self.tasks.get()
@@ -102,6 +272,10 @@ class Executor:
                     decode = not is_noop(task.model)
                 except Exception:  # a broken install: each query below gets the import error as its result
                     decode = True
+                spec = self._resolve(quick, client, task) if decode else None
+                if isinstance(task, PreloadItem):
+                    self._hand_over(Prepared(None, gen, [], [], spec))
+                    continue
                 images, errors = [], []
                 for q in task.queries:
                     try:
@@ -110,14 +284,24 @@ class Executor:
                     except Exception as exc:
                         images.append(None)
                         errors.append(f"{type(exc).__name__}: {exc}")
-                while not self.stop_event.is_set():
-                    try:
-                        self.ready.put(Prepared(task, gen, images, errors), timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
+                self._hand_over(Prepared(task, gen, images, errors, spec))
         finally:
             client.close()
+            quick.close()
+
+    def _resolve(self, quick: SdfsClient, client: SdfsClient, task: Task | PreloadItem) -> WeightsSpec:
+        try:
+            return self.resolver.resolve(quick, client, task.model, task.weights)
+        except Exception as exc:  # noqa: BLE001 - a broken install: the batch gets the error, the stage lives
+            return WeightsSpec(task.model, (task.model, task.weights), error=f"cannot choose weights: {exc}")
+
+    def _hand_over(self, prep: Prepared) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.ready.put(prep, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def _load(self, client: SdfsClient, name: str, version: int, decode: bool = True) -> Any:
         from models import decode_image  # noqa: PLC0415 - keep torch imports out of the loop thread's start-up
@@ -140,59 +324,69 @@ class Executor:
         return decode_image(data) if decode else data
 
     # -- compute stage -------------------------------------------------------------------------
-    def _model(self, name: str) -> Any:
-        if name in self.models:
-            return self.models[name]
-        if name in self.model_errors:
-            raise RuntimeError(self.model_errors[name])
-        try:
-            from models import get_classifier, is_noop  # noqa: PLC0415
+    def _model(self, spec: WeightsSpec, preload: bool = False) -> Any:
+        """The loaded classifier for ``spec``, loading it within the memory budget if needed."""
+        from models import Classifier  # noqa: PLC0415
 
-            weights = None if is_noop(name) else self._weights_from_sdfs(name)
-            clf = get_classifier(name, weights_path=weights, num_threads=self.cfg.torch_threads)
-        except Exception as exc:
-            self.model_errors[name] = f"cannot load model {name!r}: {exc}"
-            raise RuntimeError(self.model_errors[name]) from None
-        self.models[name] = clf
-        self.loaded.append(name)
-        return clf
+        if spec.error is not None:
+            raise RuntimeError(spec.error)
+        cache = self.cache
+        for slot in self._take_gone():
+            if cache.drop_slot(slot):
+                self._update_loaded()
 
-    def _weights_from_sdfs(self, name: str) -> str | None:
-        """Fetch ``models/<name>.pth`` from SDFS if someone stored it there."""
-        # Short timeouts: a missing weights file must not delay the model by the full retry budget.
-        quick = self.cfg.replace(request_timeout=2.0, request_retries=1)
-        client = SdfsClient(quick, self.coordinators_fn(), self.ctx)
+        def load() -> Any:
+            t0 = time.perf_counter()
+            clf = Classifier(spec.model, weights_path=spec.path, label=spec.label)
+            log.info("loaded %s with weights from %s in %.1fs", spec.model, spec.label, time.perf_counter() - t0)
+            return clf
+
         try:
-            dest = self.cache_dir / f"weights-{name}.pth"
-            client.get(f"models/{name}.pth", dest)
-            log.info("loaded weights for %s from SDFS models/%s.pth", name, name)
-            return str(dest)
-        except Exception:
-            return None
+            return cache.get(spec.key, spec.slot, spec.model, load, spec.label,
+                             spare_used_within=self.cfg.model_in_use_window if preload else None)
         finally:
-            client.close()
+            self._update_loaded()
 
-    def _warm_up(self) -> None:
-        """Load the preloaded models now, off the loop thread, so a job's first batch does not wait."""
-        for name in filter(None, (m.strip() for m in self.cfg.preload_models.split(","))):
-            try:
-                self._model(name)
-            except Exception as exc:  # the compute thread must survive it: tasks get the error instead
-                log.warning("preloading %s failed: %s", name, exc)
+    def _update_loaded(self) -> None:
+        from models import NOOP_MODEL  # noqa: PLC0415
+
+        # One assignment of a new list: the loop thread reads it without a lock.
+        self.loaded = self.cache.names() + ([NOOP_MODEL] if self._noop_used else [])
+
+    def _take_gone(self) -> list[tuple[str, str]]:
+        gone = []
+        while not self.resolver.gone.empty():
+            gone.append(self.resolver.gone.get_nowait())
+        return gone
 
     def _compute_loop(self) -> None:
+        import torch  # noqa: PLC0415 - the worker imported it before its first Join
+
+        torch.set_num_threads(self.cfg.torch_threads)  # process-wide: every model runs with it
         out = make_socket(self.ctx, zmq.PUSH, self.cfg.max_frame_bytes, secure=False)
         out.connect(self.results_endpoint)
         try:
-            self._warm_up()
             while not self.stop_event.is_set():
                 prep = self.ready.get()
                 if prep is None:
                     break
+                if prep.task is None:
+                    self._preload(prep)
+                    continue
                 for msg in self._run(prep):
                     out.send_multipart([str(prep.generation).encode(), msg.encode()])
         finally:
             out.close(0)
+
+    def _preload(self, prep: Prepared) -> None:
+        if prep.weights is None:  # noop
+            self._noop_used = True
+            self._update_loaded()
+            return
+        try:
+            self._model(prep.weights, preload=True)
+        except Exception as exc:  # the compute thread must survive it: tasks get the error instead
+            log.warning("preloading %s failed: %s", prep.weights.model, exc)
 
     def _piece_size(self, model: str, remaining: int) -> int:
         """Images per streamed piece: about `stream_interval` of compute at this model's measured
@@ -212,7 +406,15 @@ class Executor:
         preds: list[Any] = [None] * len(errors)
         clf = None
         try:
-            clf = self._model(task.model)
+            if prep.weights is None:
+                from models import get_classifier  # noqa: PLC0415
+
+                clf = get_classifier(task.model)  # noop: nothing to load
+                if not self._noop_used:
+                    self._noop_used = True
+                    self._update_loaded()
+            else:
+                clf = self._model(prep.weights)
         except Exception as exc:
             log.warning("task %s failed: %s", task.task_id, exc)
             errors = [e or str(exc) for e in errors]

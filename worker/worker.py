@@ -40,6 +40,7 @@ from common.protocol import (
     Join,
     Leave,
     Message,
+    Preload,
     Ready,
     Rejoin,
     Replicate,
@@ -120,7 +121,7 @@ class Worker:
         self.next_join = 0.0
         self.executor = Executor(
             cfg, lambda: self.node_id, self.store, self.data_dir / "cache", lambda: list(self.coords),
-            self.inbox_endpoint, self.ctx,
+            self.inbox_endpoint, self.ctx, host_workers_fn=self._workers_on_host,
         )
         self.replications: queue.Queue[Replicate | None] = queue.Queue()
         # A few pullers, so one slow or dead source does not hold up every other repair.
@@ -137,6 +138,7 @@ class Worker:
             Drop: self.on_drop,
             Error: self.on_error,
             ViewSnapshot: self.on_view_snapshot,
+            Preload: self.on_preload,
         }
         self.stop_event = threading.Event()
         self.pulse_file: PulseFile | None = None
@@ -436,6 +438,17 @@ class Worker:
     def on_result_ack(self, m: ResultAck) -> None:
         if m.final:
             self.unacked.pop(m.task_id, None)
+
+    def on_preload(self, m: Preload) -> None:
+        log.info("preloading %s%s (a job was submitted)", m.model, f" with {m.weights}" if m.weights else "")
+        self.executor.preload(m.model, m.weights)  # loads off this loop (worker/executor.py)
+
+    def _workers_on_host(self) -> int:
+        """Workers on this machine (by the membership view): they share its memory for models."""
+        host = self.storage.addr.rsplit(":", 1)[0]
+        members = list(self.view.members.values())  # one copy: the executor's thread asks, the loop updates
+        return max(1, sum(1 for m in members if m.state == "alive" and m.role == "worker"
+                          and m.data_addr.rsplit(":", 1)[0] == host))
 
     def on_replicate(self, m: Replicate) -> None:
         self.replications.put(m)
