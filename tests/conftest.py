@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,3 +59,34 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
         c.stop()
         leftovers = [p for p in c.procs if p.popen.poll() is None]
         assert not leftovers, f"processes left running: {leftovers}"
+
+
+class _ServedFiles(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        data = self.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_files() -> Iterator[tuple[str, dict[str, bytes]]]:
+    """A loopback HTTP server in a thread (downloads are tested against it, never the internet):
+    ``(base_url, {path: bytes})``; the test fills the dict."""
+    files: dict[str, bytes] = {}
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_ServedFiles,), {"files": files}))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", files
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)

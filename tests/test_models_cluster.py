@@ -6,10 +6,8 @@ computes on the same checkpoint and images.
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,35 +152,8 @@ def test_put_refuses_weights_of_another_architecture(cluster, tmp_path, capsys) 
         assert not client.ls("models/resnet34.pth"), "nothing was uploaded"
 
 
-@pytest.fixture
-def http_server() -> Iterator[tuple[str, dict[str, bytes]]]:
-    files: dict[str, bytes] = {}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            data = files.get(self.path)
-            if data is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", files
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
-
-
-def test_pull_checks_the_hash_and_stores_the_weights(cluster, tmp_path, capsys, http_server, monkeypatch) -> None:
-    base, files = http_server
+def test_pull_checks_the_hash_and_stores_the_weights(cluster, tmp_path, capsys, http_files, monkeypatch) -> None:
+    base, files = http_files
     data = checkpoint(tmp_path, seed=3, model=SMALL).read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     # The published file name (its hash prefix is of torchvision's real weights) served with other bytes:

@@ -6,8 +6,6 @@ Downloads go to a loopback HTTP server the test starts, serving checkpoints the 
 from __future__ import annotations
 
 import hashlib
-import http.server
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,37 +18,6 @@ from common.config import load_config
 from models import ModelCache, ModelTooLarge, NoRoom
 
 SMALL = "mobilenet_v3_small"
-
-
-class _Files(http.server.BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        data = self.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def server() -> Iterator[tuple[str, dict[str, bytes]]]:
-    """A loopback HTTP server in a thread: ``(base_url, {path: bytes})``."""
-    files: dict[str, bytes] = {}
-    handler = type("Handler", (_Files,), {"files": files})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", files
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
 
 
 @pytest.fixture(autouse=True)
@@ -69,8 +36,8 @@ def _checkpoint(tmp_path: Path, seed: int = 1) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def test_download_checks_the_hash_prefix_in_the_file_name(server, tmp_path: Path) -> None:
-    base, files = server
+def test_download_checks_the_hash_prefix_in_the_file_name(http_files, tmp_path: Path) -> None:
+    base, files = http_files
     data, sha = _checkpoint(tmp_path)
     files[f"/{SMALL}-{sha[:8]}.pth"] = data
     files[f"/{SMALL}-deadbeef.pth"] = data  # a file whose name promises other bytes
@@ -86,8 +53,8 @@ def test_download_checks_the_hash_prefix_in_the_file_name(server, tmp_path: Path
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.pth"], "no partial file left behind"
 
 
-def test_download_failures_are_quick_and_clear(server, tmp_path: Path) -> None:
-    base, _ = server
+def test_download_failures_are_quick_and_clear(http_files, tmp_path: Path) -> None:
+    base, _ = http_files
     with pytest.raises(models.WeightsDownloadError, match="HTTP 404"):
         models.download(f"{base}/missing-0123abcd.pth", tmp_path / "x.pth", timeout=5)
     # A port nobody listens on (the server's, once closed): refused at once, like an offline machine.

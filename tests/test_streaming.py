@@ -78,14 +78,21 @@ def test_a_new_job_gets_its_first_result_after_one_image_not_one_batch():
     assert job.stats.first_result - submitted <= 0.25 + COSTS[RESNET] + 1e-6
 
 
-def test_partial_results_count_at_once_keep_the_slot_and_the_final_piece_frees_it():
+def _answered_by_hand(inputs: int) -> tuple[SimCluster, str, str, Task]:
+    """One worker with one slot and a job of batch 8: (sim, job, worker, its first task), which the
+    test answers itself (the simulated worker's own answers are dropped)."""
     cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=1, slow_start=False)
     sim = SimCluster({RESNET: 0.09}, speeds=[1], cfg=cfg)
-    sim.add_inputs("in", 16)
+    sim.add_inputs("in", inputs)
     job_id = sim.command("submit", model=RESNET, inputs="in/", batch=8, start=True)["job_id"]
     node = next(iter(sim.workers))
     task = sim.workers[node].received[0]
-    sim.events.clear()  # this test answers by hand
+    sim.events.clear()
+    return sim, job_id, node, task
+
+
+def test_partial_results_count_at_once_keep_the_slot_and_the_final_piece_frees_it():
+    sim, job_id, node, task = _answered_by_hand(16)
     sim.deliver(node, TaskResult(task.task_id, job_id, node, 0.18, _answers(task, 0, 2), final=False))
     acks = list(sim.acks)
     job = sim.core.jobs.jobs[job_id]
@@ -106,13 +113,7 @@ def test_partial_results_count_at_once_keep_the_slot_and_the_final_piece_frees_i
 
 
 def test_a_final_piece_that_leaves_queries_unanswered_requeues_only_those():
-    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=1, slow_start=False)
-    sim = SimCluster({RESNET: 0.09}, speeds=[1], cfg=cfg)
-    sim.add_inputs("in", 8)
-    job_id = sim.command("submit", model=RESNET, inputs="in/", batch=8, start=True)["job_id"]
-    node = next(iter(sim.workers))
-    task = sim.workers[node].received[0]
-    sim.events.clear()
+    sim, job_id, node, task = _answered_by_hand(8)
     sim.deliver(node, TaskResult(task.task_id, job_id, node, 0.3, _answers(task, 0, 3), final=False))
     sim.deliver(node, TaskResult(task.task_id, job_id, node, 0.3, _answers(task, 3, 5), final=True))
     job = sim.core.jobs.jobs[job_id]
