@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 
 from common.config import Config
+from common.modelnames import NOOP
 from common.protocol import Task, TaskResult
 from common.transport import make_socket
 from sdfs.client import SdfsClient
@@ -37,6 +38,13 @@ class Prepared:
     generation: int
     images: list[Any]  # PIL image or None for a failed input
     errors: list[str | None]
+
+
+class _TorchFreeNoop:
+    """``models.NoopClassifier``'s behaviour without importing ``models`` (which imports torch)."""
+
+    def predict_batch(self, images: list[Any], topk: int = 5) -> list[list[tuple[str, float]]]:
+        return [[(NOOP, 1.0)] for _ in images]
 
 
 class Executor:
@@ -94,14 +102,7 @@ class Executor:
                 if item is None:
                     break
                 task, gen = item
-                try:
-                    # Imported on the first task, not at thread start: torchvision would load while
-                    # the node serves its first SDFS puts (and the CLI never pays for it at import).
-                    from models import is_noop  # noqa: PLC0415
-
-                    decode = not is_noop(task.model)
-                except Exception:  # a broken install: each query below gets the import error as its result
-                    decode = True
+                decode = self._decodes(task.model)
                 images, errors = [], []
                 for q in task.queries:
                     try:
@@ -119,9 +120,20 @@ class Executor:
         finally:
             client.close()
 
-    def _load(self, client: SdfsClient, name: str, version: int, decode: bool = True) -> Any:
-        from models import decode_image  # noqa: PLC0415 - keep torch imports out of the loop thread's start-up
+    def _decodes(self, model: str) -> bool:
+        """Whether a task's inputs are decoded into images (not for noop, which takes any bytes)."""
+        if not self.cfg.torch:
+            return False  # nothing here could use an image; a real model's queries get the model error
+        try:
+            # Imported on the first task, not at thread start: torchvision would load while
+            # the node serves its first SDFS puts (and the CLI never pays for it at import).
+            from models import is_noop  # noqa: PLC0415
 
+            return not is_noop(model)
+        except Exception:  # a broken install: each query gets the import error as its result
+            return True
+
+    def _load(self, client: SdfsClient, name: str, version: int, decode: bool = True) -> Any:
         if version and self.store.has(name, version):
             data = self.store.path(name, version).read_bytes()  # our own verified replica
         else:
@@ -137,13 +149,25 @@ class Executor:
                 tmp = cached.with_suffix(".part")
                 tmp.write_bytes(data)
                 tmp.replace(cached)
-        return decode_image(data) if decode else data
+        if not decode:
+            return data
+        from models import decode_image  # noqa: PLC0415 - keep torch imports out of the loop thread's start-up
+
+        return decode_image(data)
 
     # -- compute stage -------------------------------------------------------------------------
     def _model(self, name: str) -> Any:
         if name in self.models:
             return self.models[name]
         if name in self.model_errors:
+            raise RuntimeError(self.model_errors[name])
+        if not self.cfg.torch:  # a torch-free worker (bench/scale.py): noop only, never an import of torch
+            if name.strip().lower() == NOOP:
+                self.models[name] = _TorchFreeNoop()
+                self.loaded.append(name)
+                return self.models[name]
+            self.model_errors[name] = (f"cannot load model {name!r}: this worker runs without torch "
+                                       "(config torch = false / IDUNNO_TORCH=0) and serves only noop")
             raise RuntimeError(self.model_errors[name])
         try:
             from models import get_classifier, is_noop  # noqa: PLC0415
