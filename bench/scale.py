@@ -1,6 +1,6 @@
 """Scale benchmark: 100 torch-free worker processes and 10 noop jobs, against 10 workers in the same run.
 
-Workers run with ``IDUNNO_TORCH=0`` (they never import torch: ~30 MB each instead of ~300 MB), so a
+Workers run with ``IDUNNO_TORCH=0`` (they never import torch: 28 MiB RSS each), so a
 hundred of them and their pulse sidecars fit on one machine. The ``noop`` model computes nothing,
 so what is measured is the cluster's own cost. No standby (the coordinator alone is measured).
 For each cluster size:
@@ -126,7 +126,8 @@ def measure(n_workers: int, args: argparse.Namespace, scratch: Path) -> dict[str
     cfg = Config()
     return {
         "workers": n_workers, "boot": boot, "queries": total, "wall": wall, "rate": total / wall,
-        "cpu_pct": 100.0 * cpu / wall, "workers_cpu_pct": 100.0 * wcpu / wall, "rss": rss, "cpu_per_query_us": 1e6 * cpu / max(1, total),
+        "cpu_pct": 100.0 * cpu / wall, "workers_cpu_pct": 100.0 * wcpu / wall, "rss": rss,
+        "cpu_per_query_us": 1e6 * cpu / max(1, total),
         "gap_median": statistics.median(gaps) if gaps else float("nan"),
         "gap_max": max(gaps) if gaps else float("nan"), "gap_samples": len(gaps),
         "hb_bytes": heartbeat_bytes_per_s(n_workers, node, cfg.heartbeat_interval),
