@@ -38,7 +38,8 @@ def test_a_thousand_workers_ten_jobs_and_a_hundred_failures_lose_and_duplicate_n
     sim.run_until(10.0)
     # Every worker got work (none idles while ten jobs have a backlog).
     assert {w for _, _, w, _ in sim.dispatches} == set(sim.workers)
-    # Equal shares: each job's completions so far (batches of 8 on 1,000 workers finish in waves, so
+    # Equal shares of 1,000 workers among 10 equal jobs (a job served first or last by the pass order
+    # would show here): each job's completions so far (batches of 8 on 1,000 workers finish in waves, so
     # a short window's rate is lumpy; test_coordinator.py checks windows and unequal models).
     gap = rate_gap([len(sim.core.jobs.jobs[j].results) for j in jobs])
     assert gap <= 0.10, f"rate gap among {JOBS} jobs {gap:.1%}"
