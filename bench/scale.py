@@ -5,6 +5,8 @@ hundred of them and their pulse sidecars fit on one machine. The ``noop`` model 
 so what is measured is the cluster's own cost. No standby (the coordinator alone is measured).
 For each cluster size:
 
+* idle CPU: the coordinator's and all workers' CPU over ``--idle`` (5) seconds with no job
+  (heartbeats, pulses, loop polls), in % of one core;
 * dispatch rate: queries answered per second of the run (10 noop jobs over the same inputs, all
   submitted, then started together; from ``start`` until every job is done);
 * coordinator CPU %: utime + stime of the coordinator process over that run (/proc/<pid>/stat),
@@ -88,6 +90,13 @@ def measure(n_workers: int, args: argparse.Namespace, scratch: Path) -> dict[str
         jobs = [cluster.ctl("submit", model="noop", inputs="in/", batch=args.batch)["job_id"] for _ in range(JOBS)]
         workers = [p.popen.pid for p in cluster.worker_procs()]
         rss = statistics.median(vm_rss_kib(pid) or 0 for pid in workers) / 1024
+        # Idle cost first: what the members cost while nothing runs (heartbeats, pulses, loop polls).
+        idle0 = time.perf_counter()
+        icpu0 = cpu_seconds(coord.popen.pid), sum(cpu_seconds(pid) for pid in workers)
+        time.sleep(args.idle)
+        idle_wall = time.perf_counter() - idle0
+        idle_coord = 100.0 * (cpu_seconds(coord.popen.pid) - icpu0[0]) / idle_wall
+        idle_workers = 100.0 * (sum(cpu_seconds(pid) for pid in workers) - icpu0[1]) / idle_wall
         cpu0 = cpu_seconds(coord.popen.pid)
         wcpu0 = sum(cpu_seconds(pid) for pid in workers)
         t0 = time.perf_counter()
@@ -127,6 +136,7 @@ def measure(n_workers: int, args: argparse.Namespace, scratch: Path) -> dict[str
     return {
         "workers": n_workers, "boot": boot, "queries": total, "wall": wall, "rate": total / wall,
         "cpu_pct": 100.0 * cpu / wall, "workers_cpu_pct": 100.0 * wcpu / wall, "rss": rss,
+        "idle_coord": idle_coord, "idle_workers": idle_workers,
         "cpu_per_query_us": 1e6 * cpu / max(1, total),
         "gap_median": statistics.median(gaps) if gaps else float("nan"),
         "gap_max": max(gaps) if gaps else float("nan"), "gap_samples": len(gaps),
@@ -143,6 +153,7 @@ def main() -> None:
     ap.add_argument("--inputs", type=int, default=2000, help="inputs per job (every job reads the same ones)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--kills", type=int, default=3)
+    ap.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU measured before the jobs")
     ap.add_argument("--start-timeout", type=float, default=600.0)
     ap.add_argument("--run-timeout", type=float, default=600.0)
     args = ap.parse_args()
@@ -167,6 +178,8 @@ def main() -> None:
     row("coordinator CPU per query (µs)", "cpu_per_query_us")
     row("all workers' CPU (% of one core)", "workers_cpu_pct")
     row("worker RSS, median (MiB)", "rss")
+    row("idle: coordinator CPU (%)", "idle_coord")
+    row("idle: all workers' CPU (%)", "idle_workers")
     row("query_rate gap among 10 jobs, median", "gap_median")
     row("query_rate gap among 10 jobs, worst", "gap_max")
     row("heartbeat bytes/s into + out of the coordinator", "hb_bytes")
