@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 WORKERS = 1000
 JOBS = 10
-INPUTS = 4000
+INPUTS = 3000
 
 
 def test_a_thousand_workers_ten_jobs_and_a_hundred_failures_lose_and_duplicate_nothing():
@@ -52,7 +52,7 @@ def test_a_thousand_workers_ten_jobs_and_a_hundred_failures_lose_and_duplicate_n
     sim.run_until(14.0)
     assert all(not sim.core.registry.is_alive(w) for w in victims)
     assert not any(sim.core.jobs.tasks_of(w) for w in victims)  # their tasks were taken back...
-    sim.run_until(60.0)
+    sim.run_until(30.0)
     for j in jobs:  # ...and every input of every job answered exactly once
         job = sim.core.jobs.jobs[j]
         assert job.state == "done", (j, job.state, len(job.results))
