@@ -11,6 +11,7 @@ run one code path (zguide Clone: snapshot + sequenced updates).
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import math
@@ -72,6 +73,9 @@ from sdfs.master import MasterError, SdfsMaster
 
 log = logging.getLogger("idunno.coordinator")
 
+# The scans over every member and task (failure detection, task timeouts, stale slots) run at most
+# this often, not on every message: each is O(workers), and tick runs after every message.
+SCAN_INTERVAL = 0.02
 SLOW_MESSAGE = 0.1  # handling one message should never hold the loop longer than this (seconds)
 
 PRIMARY, STANDBY, PROBING = "primary", "standby", "probing"
@@ -174,6 +178,7 @@ class Coordinator:
         self.state_seq = 0
         self.cost: dict[str, float] = {}  # EWMA seconds per image, per model
         self.next_repair = 0.0
+        self.next_scan = 0.0
         self.next_heartbeat = 0.0
         self.busy_seconds: dict[str, float] = {}  # compute time per worker (metrics)
         self.failures_detected = 0
@@ -365,14 +370,16 @@ class Coordinator:
             return
         if not expire:
             return  # a backlog of unread messages may hold heartbeats: read them before blaming anyone
-        for ev in self.registry.expire(now):
-            self.failures_detected += 1
-            log.warning("member %s failed (silent for %.2fs)", ev.member.node_id, now - ev.member.last_seen)
-            self.member_gone(ev, now)
-        for task in [t for t in self.jobs.tasks.values() if t.deadline < now]:
-            log.warning("task %s on %s timed out; re-queued", task.task_id, task.worker)
-            self.emit("task.requeue", {"task_id": task.task_id}, now)
-        self._expire_unknown_outstanding(now)
+        if now >= self.next_scan or now < self.next_scan - SCAN_INTERVAL:  # (or the clock went back)
+            self.next_scan = now + SCAN_INTERVAL
+            for ev in self.registry.expire(now):
+                self.failures_detected += 1
+                log.warning("member %s failed (silent for %.2fs)", ev.member.node_id, now - ev.member.last_seen)
+                self.member_gone(ev, now)
+            for task in [t for t in self.jobs.tasks.values() if t.deadline < now]:
+                log.warning("task %s on %s timed out; re-queued", task.task_id, task.worker)
+                self.emit("task.requeue", {"task_id": task.task_id}, now)
+            self._expire_unknown_outstanding(now)
         if now >= self.next_repair:
             self.next_repair = now + self.cfg.repair_interval
             self.send_outbox(self.master.repair(now))
@@ -600,19 +607,22 @@ class Coordinator:
         """Give every free worker slot a batch from the job the scheduler picks."""
         if self.role != PRIMARY:
             return
-        unreachable: set[str] = set()  # for this pass only: a failed send is usually a reconnect
-        while True:
+        # The free slots are found once per pass, in a heap by credit (ties: registry order, as max()
+        # gave): only the worker just given a task changes within the pass, so it alone is pushed back.
+        # Re-scanning every worker per task made a pass O(workers^2): 1,000 simulated workers took
+        # 10 s to fill their slots (tests/test_scale.py).
+        def eligible(s: WorkerSlot) -> bool:
+            return s.credit > 0 and self.queued_work(s) <= self.cfg.prefetch_lead
+
+        free = [(-s.credit, i, node) for i, (node, s) in enumerate(self.slots.items())
+                if eligible(s) and self.registry.is_alive(node)]
+        heapq.heapify(free)
+        while free:
             backlog = self.jobs.backlogged()
             if not backlog:
                 return
-            free = [
-                (node, s) for node, s in self.slots.items()
-                if s.credit > 0 and node not in unreachable and self.registry.is_alive(node)
-                and self.queued_work(s) <= self.cfg.prefetch_lead
-            ]
-            if not free:
-                return
-            node, slot = max(free, key=lambda ns: ns[1].credit)
+            _, order, node = heapq.heappop(free)
+            slot = self.slots[node]
             pick = self.scheduler.pick(Candidate(j.job_id, j.weight, j.model) for j in backlog)
             if pick is None:
                 return
@@ -640,8 +650,10 @@ class Coordinator:
             if not self.net.send(node.encode(), Task(task_id, job.job_id, job.model, self.term, queries,
                                                      job.weights)):
                 log.warning("worker %s unreachable; task %s re-queued", node, task_id)
-                unreachable.add(node)
                 self.emit("task.requeue", {"task_id": task_id}, now)
+                continue  # not pushed back: for this pass only, a failed send is usually a reconnect
+            if eligible(slot):
+                heapq.heappush(free, (-slot.credit, order, node))
 
     def on_result(self, ident: bytes, m: TaskResult, now: float) -> None:
         self.net.send(ident, ResultAck(m.task_id, m.final))

@@ -54,6 +54,9 @@ class Config:
     # --- inference -----------------------------------------------------------------------
     torch_threads: int = 1
     preload_models: str = ""  # comma list loaded at worker start, so a job's first batch does not wait
+    # false: the worker never imports torch/torchvision (serves only `noop`; other models get a clear
+    # error per query). 28 MiB RSS per worker, so 100 workers fit one machine (bench/scale.py).
+    torch: bool = True
     worker_credit: int = 2  # batches a worker holds: one computing, one prefetched
     # ...but the prefetched batch is bound to a job only once the worker has at most this many seconds
     # of compute left: a batch queued behind seconds of work makes completions lag dispatches, and

@@ -31,6 +31,7 @@ from typing import Any
 import zmq
 
 from common.config import Config
+from common.modelnames import NOOP
 from common.protocol import ErrorCode, Task, TaskResult
 from common.rpc import RpcError
 from common.transport import make_socket
@@ -183,6 +184,13 @@ class WeightsResolver:
             return WeightsSpec(name, slot, (name, "seeded", 0), None, "seeded")
 
 
+class _TorchFreeNoop:
+    """``models.NoopClassifier``'s behaviour without importing ``models`` (which imports torch)."""
+
+    def predict_batch(self, images: list[Any], topk: int = 5) -> list[list[tuple[str, float]]]:
+        return [[(NOOP, 1.0)] for _ in images]
+
+
 class Executor:
     def __init__(
         self,
@@ -264,14 +272,7 @@ class Executor:
                 if item is None:
                     break
                 task, gen = item
-                try:
-                    # Imported on the first task, not at thread start: torchvision would load while
-                    # the node serves its first SDFS puts (and the CLI never pays for it at import).
-                    from models import is_noop  # noqa: PLC0415
-
-                    decode = not is_noop(task.model)
-                except Exception:  # a broken install: each query below gets the import error as its result
-                    decode = True
+                decode = self._decodes(task.model)
                 spec = self._resolve(quick, client, task) if decode else None
                 if isinstance(task, PreloadItem):
                     self._hand_over(Prepared(None, gen, [], [], spec))
@@ -303,9 +304,20 @@ class Executor:
             except queue.Full:
                 continue
 
-    def _load(self, client: SdfsClient, name: str, version: int, decode: bool = True) -> Any:
-        from models import decode_image  # noqa: PLC0415 - keep torch imports out of the loop thread's start-up
+    def _decodes(self, model: str) -> bool:
+        """Whether a task's inputs are decoded into images (not for noop, which takes any bytes)."""
+        if not self.cfg.torch:
+            return False  # nothing here could use an image; a real model's queries get the model error
+        try:
+            # Imported on the first task, not at thread start: torchvision would load while
+            # the node serves its first SDFS puts (and the CLI never pays for it at import).
+            from models import is_noop  # noqa: PLC0415
 
+            return not is_noop(model)
+        except Exception:  # a broken install: each query gets the import error as its result
+            return True
+
+    def _load(self, client: SdfsClient, name: str, version: int, decode: bool = True) -> Any:
         if version and self.store.has(name, version):
             data = self.store.path(name, version).read_bytes()  # our own verified replica
         else:
@@ -321,7 +333,11 @@ class Executor:
                 tmp = cached.with_suffix(".part")
                 tmp.write_bytes(data)
                 tmp.replace(cached)
-        return decode_image(data) if decode else data
+        if not decode:
+            return data
+        from models import decode_image  # noqa: PLC0415 - keep torch imports out of the loop thread's start-up
+
+        return decode_image(data)
 
     # -- compute stage -------------------------------------------------------------------------
     def _model(self, spec: WeightsSpec, preload: bool = False) -> Any:
@@ -348,10 +364,9 @@ class Executor:
             self._update_loaded()
 
     def _update_loaded(self) -> None:
-        from models import NOOP_MODEL  # noqa: PLC0415
-
         # One assignment of a new list: the loop thread reads it without a lock.
-        self.loaded = self.cache.names() + ([NOOP_MODEL] if self._noop_used else [])
+        cached = self.cache.names() if self.cfg.torch else []  # torch-free: no model cache (it imports torch)
+        self.loaded = cached + ([NOOP] if self._noop_used else [])
 
     def _take_gone(self) -> list[tuple[str, str]]:
         gone = []
@@ -360,9 +375,10 @@ class Executor:
         return gone
 
     def _compute_loop(self) -> None:
-        import torch  # noqa: PLC0415 - the worker imported it before its first Join
+        if self.cfg.torch:
+            import torch  # noqa: PLC0415 - the worker imported it before its first Join
 
-        torch.set_num_threads(self.cfg.torch_threads)  # process-wide: every model runs with it
+            torch.set_num_threads(self.cfg.torch_threads)  # process-wide: every model runs with it
         out = make_socket(self.ctx, zmq.PUSH, self.cfg.max_frame_bytes, secure=False)
         out.connect(self.results_endpoint)
         try:
@@ -406,7 +422,16 @@ class Executor:
         preds: list[Any] = [None] * len(errors)
         clf = None
         try:
-            if prep.weights is None:
+            if prep.weights is None and not self.cfg.torch:
+                # A torch-free worker (bench/scale.py): noop only, and never an import of torch.
+                if task.model.strip().lower() != NOOP:
+                    raise RuntimeError(f"cannot load model {task.model!r}: this worker runs without torch "
+                                       "(config torch = false / IDUNNO_TORCH=0) and serves only noop")
+                clf = _TorchFreeNoop()
+                if not self._noop_used:
+                    self._noop_used = True
+                    self._update_loaded()
+            elif prep.weights is None:
                 from models import get_classifier  # noqa: PLC0415
 
                 clf = get_classifier(task.model)  # noop: nothing to load

@@ -177,7 +177,9 @@ class Worker:
         # seconds on a cold page cache, and done lazily in the compute thread it starved the loop,
         # so a freshly joined worker missed its heartbeats and was declared failed. torchvision and
         # the models (about as long again, but in short GIL slices) still load off the loop.
-        import torch  # noqa: F401, PLC0415
+        # A torch-free worker (`torch = false`) serves only noop and never loads it at all.
+        if self.cfg.torch:
+            import torch  # noqa: F401, PLC0415
 
         self.storage.start()
         self._start_pulse()
