@@ -74,7 +74,7 @@ def test_a_torch_free_worker_serves_noop_without_torch_and_refuses_real_models_p
     with SdfsClient(c.config()) as client:
         client.put_many(inputs)
     noop = c.ctl("submit", model="noop", inputs="in/", batch=4, start=True)["job_id"]
-    alexnet = c.ctl("submit", model="alexnet", inputs="in/", batch=4)["job_id"]
+    alexnet = c.ctl("submit", model="alexnet", inputs="in/", batch=4, start=True)["job_id"]  # noop may be done
 
     def done() -> bool:
         return all(j["state"] == "done" for j in c.ctl("jobs") if j["job_id"] in (noop, alexnet))
@@ -101,8 +101,10 @@ from worker.worker import Worker
 cfg = load_config(env={{"IDUNNO_TORCH": "0", "IDUNNO_COORDINATOR": "127.0.0.1:9"}})
 w = Worker(cfg, Path({str(tmp_path / "w")!r}), port=0, name="w0")
 w.start()
-clf = w.executor._model("noop")
-out = clf.predict_batch([b"x", b"y"])
+from common.protocol import Task
+from worker.executor import Prepared
+task = Task("t1.1-j", "j", "noop", 1, [{{"qid": f"j:{{i}}", "input": "in", "version": 1}} for i in range(2)])
+out = [r["top5"] for piece in w.executor._run(Prepared(task, 0, [b"x", b"y"], [None, None])) for r in piece.results]
 w.shutdown(leave=False)
 print("torch" in sys.modules, "torchvision" in sys.modules, "models" in sys.modules, out)
 """
