@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sdfs.names import MAX_NAME_LEN, BadName, match, validate_name
@@ -351,7 +351,10 @@ def test_no_valid_name_escapes_root(shared_store: LocalStore, name: str, version
 
 
 @settings(max_examples=60, deadline=None)
-@given(name=names.filter(lambda n: len(n.encode()) <= 80), data=st.binary(max_size=64))
+# surrogatepass: a lone surrogate (which characters() may draw) is a name validate_name must refuse,
+# not an error in the filter that generates the name.
+@given(name=names.filter(lambda n: len(n.encode("utf-8", "surrogatepass")) <= 80), data=st.binary(max_size=64))
+@example(name="\ud800", data=b"x")  # the draw that once broke the filter (CI, 2026-11-29)
 def test_valid_names_round_trip_through_the_store(shared_store: LocalStore, name: str, data: bytes) -> None:
     try:
         validate_name(name)
