@@ -67,8 +67,21 @@ class Job:
     def total(self) -> int:
         return len(self.inputs)
 
+    @property
+    def completed(self) -> int:
+        """Queries answered: the one count of them (``results`` holds one entry per answered query)."""
+        return len(self.results)
+
     def qid(self, index: int) -> str:
         return f"{self.job_id}:{index}"
+
+    def row(self, index: int) -> dict[str, Any]:
+        """The result row of one answered query, as the ``results`` command and the results file show it."""
+        return self.results[index] | {"qid": self.qid(index)}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every result row, by query index."""
+        return [self.row(i) for i in sorted(self.results)]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -80,7 +93,7 @@ class Job:
             "weight": self.weight,
             "weights": self.weights,
             "total": self.total,
-            "completed": len(self.results),
+            "completed": self.completed,
             "pending": len(self.pending),
             "submitted": self.submitted,
             "started": self.started,
@@ -113,7 +126,7 @@ class Job:
         the state store re-uses a finished job's snapshot item until this changes."""
         if self.finished is None or self.stats is None:
             return None
-        return (str(self.state), self.finished, len(self.results), self.stats.completed, self.stats.duplicates,
+        return (str(self.state), self.finished, self.completed, self.stats.completed, self.stats.duplicates,
                 self.results_version, self.batch_size, self.latency_target, self.weight, sum(self.dispatches.values()))
 
     @classmethod
@@ -224,46 +237,41 @@ class JobTable:
     def backlogged(self) -> list[Job]:
         return [j for j in self.running() if j.pending]
 
-    def start_queued(self, now: float) -> list[Job]:
-        started = []
-        for j in self.jobs.values():
-            if j.state is JobState.QUEUED:
-                j.state = JobState.RUNNING
-                j.started = now
-                started.append(j)
-        return started
-
     def next_task_id(self, job_id: str, term: int) -> str:
         # The term makes ids unique across coordinators: after a takeover the new primary's counter
         # starts again, and a late result for the old primary's "t5" must not answer the new "t5".
         return f"t{term}.{next(self._task_ids)}-{job_id}"
 
     def dispatch(
-        self, job: Job, task_id: str, worker: str, indexes: list[int], dispatched: float, deadline: float
+        self, job: Job, task_id: str, worker: str, indexes: list[int], dispatched: float, deadline: float,
+        count: bool = True,
     ) -> TaskInfo:
-        """Move ``indexes`` from the job's queue into a task held by ``worker``."""
+        """Move ``indexes`` from the job's queue into a task held by ``worker`` (``count``: a new
+        dispatch, not a restored one the job's counts already hold)."""
         taken = set(indexes)
         if list(itertools.islice(job.pending, len(indexes))) == indexes:
             for _ in indexes:
                 job.pending.popleft()
         else:
             job.pending = deque(i for i in job.pending if i not in taken)
-        for i in indexes:
-            job.dispatches[i] = job.dispatches.get(i, 0) + 1
+        if count:
+            for i in indexes:
+                job.dispatches[i] = job.dispatches.get(i, 0) + 1
         task = TaskInfo(task_id, job.job_id, worker, indexes, dispatched, deadline)
         self.tasks[task_id] = task
         return task
 
-    def requeue(self, task_id: str) -> TaskInfo | None:
-        """Put an unfinished task's queries back at the front of its job's queue."""
+    def requeue(self, task_id: str) -> tuple[TaskInfo | None, int]:
+        """Put an unfinished task's queries back at the front of its job's queue: (the task, how many)."""
         task = self.tasks.pop(task_id, None)
         if task is None:
-            return None
+            return None, 0
         job = self.jobs.get(task.job_id)
+        todo: list[int] = []
         if job is not None and job.state is not JobState.CANCELLED:  # a cancelled job's queries are dropped
             todo = [i for i in task.indexes if i not in job.results and i not in job.pending]
             job.pending.extendleft(reversed(todo))
-        return task
+        return task, len(todo)
 
     def in_flight(self, job_id: str) -> int:
         """Queries out at workers and not answered yet (a streaming task answers piece by piece)."""
@@ -302,7 +310,7 @@ class JobTable:
         return fresh
 
     def maybe_finish(self, job: Job, now: float) -> bool:
-        if job.state is JobState.RUNNING and len(job.results) == job.total:
+        if job.state is JobState.RUNNING and job.completed == job.total:
             job.state = JobState.DONE
             job.finished = now
             return True

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 class Candidate:
     job_id: str
     weight: float
-    model: str
 
 
 class FairTimeScheduler:

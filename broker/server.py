@@ -117,7 +117,7 @@ class ResultWriter:
                 return  # already on its way (a promotion asks again for every owed job)
             self.owed.add(job.job_id)
         self.active = True  # only a primary submits
-        items = [job.results[i] | {"qid": job.qid(i)} for i in sorted(job.results)]
+        items = job.rows()
         self.queue.put((job.job_id, items))
 
     def run(self) -> None:

@@ -7,7 +7,7 @@ first one missing (resume); a new ``StateRequest`` supersedes the standby's earl
 
 The stream is a sequence of msgpack records, cut into chunks of ``chunk_bytes`` at byte offsets:
 
-  ["head", {seq, term, members, view_seq, epoch, tasks, events, cost, jobs: n, files: n}]
+  ["head", {seq, term, jobs: n, files: n, <every part of ReplicatedState.head()>}]
   ["job", <job snapshot without its results>]          one per job
   ["results", job_id, {"<index>": result, ...}]       a job's results, in completion order, in slices
   ["sdfs", {name: [next_version, [[version, size, checksum, mtime, holders], ...], tomb], ...}]   in slices
@@ -286,7 +286,7 @@ class SnapshotReceiver:
         if not self.done or self.state is None:
             raise SnapshotError("transfer not finished")
         head = self.state
-        state = {k: head[k] for k in ("members", "view_seq", "epoch", "tasks", "events", "cost")}
+        state = {k: v for k, v in head.items() if k not in ("seq", "term", "jobs", "files")}
         state["jobs"] = list(self.jobs.values())
         if self.sink is None:
             state["sdfs"] = {"entries": self.entries}
@@ -299,7 +299,7 @@ def install(core: Any, rx: SnapshotReceiver, now: float) -> tuple[int, int]:
     of the state in one piece. Returns (seq, term)."""
     state, seq, term = rx.result()
     master = core.master
-    gone = [n for n in master.files.keys() | master.tombs.keys() | master.next_version.keys() if n not in rx.names]
+    gone = [n for n in master.names() if n not in rx.names]
     if gone:
         master.apply_entries({n: {"next_version": 1, "versions": []} for n in gone})  # no versions, no tomb
     core.restore(state, seq, term, now)

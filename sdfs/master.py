@@ -203,9 +203,12 @@ class SdfsMaster:
             self._load_entry(name, e)
         self._persist(entries)
 
+    def names(self) -> list[str]:
+        """Every name with an entry: files, tombstones and names whose next version is reserved."""
+        return list(self.files.keys() | self.next_version.keys() | self.tombs.keys())
+
     def snapshot(self) -> dict[str, Any]:
-        names = set(self.files) | set(self.next_version) | set(self.tombs)
-        return {"entries": {n: self.entry(n) for n in names}}
+        return {"entries": {n: self.entry(n) for n in self.names()}}
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         """Replace the whole namespace with a snapshot's (a standby's full sync)."""

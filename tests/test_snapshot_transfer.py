@@ -113,7 +113,7 @@ def test_standby_gets_a_consistent_copy_while_the_primary_keeps_changing():
     mine, theirs = standby.jobs.jobs[job], sim.core.jobs.jobs[job]
     assert list(mine.results) == list(theirs.results)  # completion order kept
     assert set(standby.jobs.tasks) == set(sim.core.jobs.tasks)
-    assert standby.cmd_jobs({}, sim.t) == sim.core.cmd_jobs({}, sim.t)
+    assert standby.views.cmd_jobs({}, sim.t) == sim.core.views.cmd_jobs({}, sim.t)
 
 
 def test_a_new_request_supersedes_the_old_transfer_and_unknown_transfers_are_refused():

@@ -1,0 +1,244 @@
+"""Worker sessions and dispatch: who may get work, how much, and what comes back.
+
+One :class:`WorkerSlot` per worker that announced itself (credit, the tasks it holds, its models),
+beside the membership registry; :class:`Dispatcher` hands free slots a batch of the job the
+scheduler picks (batch size, slow start, task deadlines) and takes each result in. Sessions are
+the primary's alone: they are not replicated (a new primary starts them afresh as workers
+re-attach); what a dispatch or result changes in the jobs goes through a state op.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from broker.jobs import Job, TaskInfo, parse_answers
+from broker.scheduler import Candidate
+from common.protocol import Ready, Rejoin, ResultAck, Task, TaskResult
+
+if TYPE_CHECKING:
+    from broker.coordinator import Coordinator
+
+log = logging.getLogger("idunno.coordinator.dispatch")
+
+MAX_ELAPSED = 86_400.0  # seconds of compute for one batch: anything longer is not a measurement
+
+
+@dataclass
+class WorkerSlot:
+    """Per-worker scheduling state, kept beside (keyed like) the membership registry."""
+
+    # Credit is derived, never counted up and down: the slots of the worker's latest Ready minus
+    # the tasks we know it holds. A Ready repeated (two Welcomes after a retried Join) or crossing
+    # tasks on the wire therefore cannot hand the worker more than its slots.
+    slots: int = 0
+    ready: bool = False  # no dispatch before the worker's first Ready after a (re)join
+    # Task ids sent (or held across a re-attach) and not yet answered, with the time they were added.
+    outstanding: dict[str, float] = field(default_factory=dict)
+    models: tuple[str, ...] = ()
+    # A non-worker key spoke under this worker's routing id (ROUTER handover gave it the id): send
+    # it nothing until the worker's own key is heard on that id again.
+    hijacked: bool = False
+
+    @property
+    def credit(self) -> int:
+        return max(0, self.slots - len(self.outstanding)) if self.ready and not self.hijacked else 0
+
+
+class Dispatcher:
+    def __init__(self, core: Coordinator) -> None:
+        self.core = core
+        self.cfg = core.cfg
+        self.slots: dict[str, WorkerSlot] = {}
+
+    @property
+    def state(self) -> Any:
+        return self.core.state
+
+    def new_slot(self, inflight: Any, now: float) -> WorkerSlot:
+        """A worker's session from its Join: the tasks it says it still holds occupy its slots."""
+        return WorkerSlot(outstanding=dict.fromkeys(inflight, now))
+
+    def task_gone(self, task: TaskInfo) -> None:
+        """A task was re-queued (timeout, failed send, its worker gone): it no longer holds a slot,
+        or a lost Task would hold it forever."""
+        slot = self.slots.get(task.worker)
+        if slot is not None:
+            slot.outstanding.pop(task.task_id, None)
+
+    def task_timeout(self, job: Job, worker: str, n: int | None = None) -> float:
+        per_image = self.state.costs.of(job.model, worker) or self.state.costs.of_worker(worker) or 1.0
+        n = n or job.batch_size or self.cfg.max_batch_size
+        return max(self.cfg.task_timeout_min, 10 * per_image * n * self.cfg.worker_credit)
+
+    def batch_for(self, job: Job, worker: str) -> int:
+        """The job's batch size; for `auto` (dynamic batching, as Triton's), the largest batch whose
+        predicted compute on this worker stays under the job's latency target, from this worker's
+        measured cost per image for the model (else the cluster's), one image while nothing is measured."""
+        if job.batch_size:
+            return job.batch_size
+        cost = self.state.costs.of(job.model, worker)
+        if not cost:
+            return 1
+        target = job.latency_target or self.cfg.default_latency_target
+        return max(1, min(self.cfg.max_batch_size, int(target / cost + 1e-9)))  # 0.36 / 0.09 is 3.999...
+
+    def queued_work(self, worker: str, slot: WorkerSlot) -> float:
+        """Seconds of compute a worker still has to do on the tasks it holds, from their unanswered
+        queries and its measured cost per image for each model (0 while nothing is measured)."""
+        total = 0.0
+        jobs = self.state.jobs
+        for task_id in slot.outstanding:
+            task = jobs.tasks.get(task_id)
+            job = jobs.jobs.get(task.job_id) if task is not None else None
+            if job is not None:
+                cost = self.state.costs.measured(job.model, worker)
+                if cost:
+                    total += cost * sum(1 for i in task.indexes if i not in job.results)
+        return total
+
+    def eligible(self, node: str, slot: WorkerSlot) -> bool:
+        return slot.credit > 0 and self.queued_work(node, slot) <= self.cfg.prefetch_lead
+
+    def dispatch(self, now: float) -> None:
+        """Give every free worker slot a batch from the job the scheduler picks."""
+        if not self.core.is_primary:
+            return
+        # The free slots are found once per pass, in a heap by credit (ties: registry order, as max()
+        # gave): only the worker just given a task changes within the pass, so it alone is pushed back.
+        # Re-scanning every worker per task made a pass O(workers^2): 1,000 simulated workers took
+        # 10 s to fill their slots (tests/test_scale.py).
+        free = [(-s.credit, i, node) for i, (node, s) in enumerate(self.slots.items())
+                if self.eligible(node, s) and self.core.registry.is_alive(node)]
+        heapq.heapify(free)
+        while free:
+            backlog = self.state.jobs.backlogged()
+            if not backlog:
+                return
+            _, order, node = heapq.heappop(free)
+            pick = self.state.scheduler.pick(Candidate(j.job_id, j.weight) for j in backlog)
+            if pick is None:
+                return
+            if not self._send_task(self.state.jobs.jobs[pick.job_id], node, now):
+                continue  # not pushed back: for this pass only, a failed send is usually a reconnect
+            if self.eligible(node, self.slots[node]):
+                heapq.heappush(free, (-self.slots[node].credit, order, node))
+
+    def _send_task(self, job: Job, node: str, now: float) -> bool:
+        """Dispatch one batch of ``job`` to ``node``: False if the send failed (the task is re-queued)."""
+        # Slow start: a new job's batches grow 1, 1, 2, 4, ... up to its batch size, so its first
+        # result comes after one image's compute, not a whole batch's. Charging is per image, so
+        # the scheduler's fairness accounting does not change.
+        n = min(self.batch_for(job, node), len(job.pending))
+        if self.cfg.slow_start:
+            n = min(n, max(1, len(job.dispatches)))
+        indexes = list(itertools.islice(job.pending, n))
+        task_id = self.state.jobs.next_task_id(job.job_id, self.core.term)
+        self.core.emit("task.dispatch", {"task_id": task_id, "job_id": job.job_id, "worker": node,
+                                         "indexes": indexes, "dispatched": self.core.clock()}, now)
+        self.state.jobs.tasks[task_id].deadline = now + self.task_timeout(job, node, n)
+        queries = [{"qid": job.qid(i), "input": job.inputs[i][0], "version": job.inputs[i][1]} for i in indexes]
+        self.slots[node].outstanding[task_id] = now
+        self.state.charge(task_id, job, n)
+        if not self.core.net.send(node.encode(), Task(task_id, job.job_id, job.model, self.core.term, queries,
+                                                      job.weights)):
+            log.warning("worker %s unreachable; task %s re-queued", node, task_id)
+            self.core.emit("task.requeue", {"task_id": task_id}, now)
+            return False
+        return True
+
+    # ------------------------------------------------------------------------------------------
+    # worker messages
+
+    def on_ready(self, ident: bytes, m: Ready, now: float) -> None:
+        if not self.core.registry.is_alive(m.node_id):
+            self.core.net.send(ident, Rejoin("ready from a non-member"))
+            return
+        slot = self.slots.setdefault(m.node_id, WorkerSlot())
+        slot.ready = True
+        slot.slots = max(0, min(m.slots, 64))
+        slot.models = tuple(m.models)
+        self.dispatch(now)
+
+    def on_result(self, ident: bytes, m: TaskResult, now: float) -> None:
+        self.core.net.send(ident, ResultAck(m.task_id, m.final))
+        if not self.core.registry.is_alive(m.node_id):
+            log.info("late result %s from %s (not a live member) dropped", m.task_id, m.node_id)
+            return
+        task = self.state.jobs.tasks.get(m.task_id)
+        try:
+            job, answers = check_result(self.state.jobs.jobs.get(m.job_id), m, task)
+        except ValueError as exc:
+            self.core.drop("bad_result", now, "result %.80s from %s dropped: %s", m.task_id, m.node_id, exc)
+            return
+        slot = self.slots.get(m.node_id)
+        if slot is not None and m.final:
+            slot.outstanding.pop(m.task_id, None)
+        if task is not None and not m.final:
+            task.deadline = now + self.task_timeout(job, m.node_id)  # a streaming task is making progress
+        self.core.emit("task.result", self._result_op(m, job, task, answers), now)
+        self.dispatch(now)  # a slot is free, or the worker's queued work fell below the prefetch lead
+
+    def _result_op(self, m: TaskResult, job: Job, task: TaskInfo | None, answers: dict[int, Any]) -> dict[str, Any]:
+        """The ``task.result`` op of a checked result: the rows of queries not answered before."""
+        clock = self.core.clock()
+        # A batch cannot have computed for longer than it has been out: the worker's figure feeds
+        # the task timeouts (and the standby's copy of them), so it is held to what we saw.
+        elapsed = min(m.elapsed, max(0.0, clock - task.dispatched)) if task is not None else m.elapsed
+        dispatched = task.dispatched if task is not None else clock - elapsed
+        latency = max(0.0, clock - dispatched)
+        batch = len(task.indexes) if task is not None else len(answers)
+        results: dict[str, dict[str, Any]] = {}
+        duplicates = 0
+        for idx, (top5, error) in answers.items():
+            if idx in job.results:
+                duplicates += 1  # a re-dispatched query answered twice: exactly one result per input
+                continue
+            results[str(idx)] = {"input": job.inputs[idx][0], "model": job.model, "top5": top5, "error": error,
+                                 "worker": m.node_id, "batch": batch, "completed_at": clock,
+                                 "dispatches": job.dispatches.get(idx, 1), "latency": latency}
+        return {"task_id": m.task_id, "job_id": job.job_id, "results": results, "latency": latency,
+                "elapsed": elapsed, "ts": clock, "worker": m.node_id, "duplicates": duplicates,
+                "final": m.final, "answered": len(answers)}
+
+    def expire(self, now: float) -> None:
+        """Re-queue tasks past their deadline; free slots held by tasks nobody knows."""
+        for task in [t for t in self.state.jobs.tasks.values() if t.deadline < now]:
+            log.warning("task %s on %s timed out; re-queued", task.task_id, task.worker)
+            self.core.emit("task.requeue", {"task_id": task.task_id}, now)
+        self._expire_unknown_outstanding(now)
+
+    def _expire_unknown_outstanding(self, now: float) -> None:
+        """Free slots held by task ids we have no task for (listed in a Join, answered elsewhere).
+
+        Known tasks leave ``outstanding`` on their result or their timeout; an id this coordinator
+        never dispatched would otherwise keep its slot until a result that may never come here.
+        """
+        for node, slot in self.slots.items():
+            stale = [t for t, since in slot.outstanding.items()
+                     if t not in self.state.jobs.tasks and now - since > self.cfg.task_timeout_min]
+            for t in stale:
+                log.warning("no result for %s from %s in %.0fs: freeing its slot", t, node, self.cfg.task_timeout_min)
+                del slot.outstanding[t]
+
+
+def check_result(job: Job | None, m: TaskResult, task: TaskInfo | None) -> tuple[Job, dict[int, Any]]:
+    """A result must answer the task it names: its job, from its worker, for its queries, with a
+    real duration. Raise ValueError otherwise. A task this coordinator does not hold (re-queued
+    after a timeout, or dispatched by an earlier primary) may still answer its job's queries."""
+    if job is None:
+        raise ValueError(f"no job {m.job_id!r:.60}")
+    if task is not None:
+        if task.job_id != m.job_id:
+            raise ValueError(f"the task belongs to {task.job_id}, not {m.job_id!r:.60}")
+        if task.worker != m.node_id:
+            raise ValueError(f"the task is held by {task.worker}")
+    elif not m.task_id.endswith(f"-{job.job_id}"):
+        raise ValueError(f"{m.task_id!r:.60} is not a task id of {job.job_id}")
+    if not (math.isfinite(m.elapsed) and 0.0 <= m.elapsed <= MAX_ELAPSED):
+        raise ValueError(f"elapsed {m.elapsed!r} is not a duration in [0, {MAX_ELAPSED:.0f}] s")
+    return job, parse_answers(job, task, m.results)

@@ -1,0 +1,177 @@
+"""Read-only command views: what a client (or the metrics collector) is shown of the state.
+
+Every ``cmd_*`` here only reads; the commands that change state live in :mod:`broker.control`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any
+
+from broker.jobs import Job, JobState
+from broker.stats import rate_gap, summarize
+from common.protocol import ErrorCode
+
+if TYPE_CHECKING:
+    from broker.coordinator import Coordinator
+
+
+class CommandError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Views:
+    def __init__(self, core: Coordinator) -> None:
+        self.core = core
+        self.cfg = core.cfg
+
+    @property
+    def jobs(self) -> Any:
+        return self.core.state.jobs
+
+    def job(self, args: dict[str, Any]) -> Job:
+        job_id = args.get("job")
+        if not isinstance(job_id, str) or job_id not in self.jobs.jobs:
+            known = ", ".join(self.jobs.jobs) or "none"
+            raise CommandError(ErrorCode.NOT_FOUND, f"no such job {job_id!r} (jobs: {known})")
+        return self.jobs.jobs[job_id]
+
+    def selected(self, args: dict[str, Any]) -> list[Job]:
+        return [self.job(args)] if args.get("job") else list(self.jobs.jobs.values())
+
+    def cmd_info(self, args: dict[str, Any], now: float) -> Any:
+        c = self.core
+        return {"sdfs": c.master.info(), "members": len(c.registry.alive()), "term": c.term,
+                "role": c.role, "failures_detected": c.membership.failures_detected, "dropped": dict(c.dropped),
+                "loop_stall_max": round(c.max_stall, 3), "heartbeat_gap_max": round(c.registry.max_gap(), 3),
+                "slowest_message": {"type": c.slowest[0], "seconds": round(c.slowest[1], 4)},
+                "state_store": c.store.info() if c.store is not None else None}
+
+    def cmd_pending(self, args: dict[str, Any], now: float) -> Any:
+        return {
+            j.job_id: {"pending": [j.qid(i) for i in itertools.islice(j.pending, 200)],
+                       "pending_count": len(j.pending), "in_flight": self.jobs.in_flight(j.job_id),
+                       "state": str(j.state)}
+            for j in self.selected(args)
+        }
+
+    def cmd_completed(self, args: dict[str, Any], now: float) -> Any:
+        return {
+            j.job_id: {"completed": j.completed, "total": j.total, "errors": j.stats.errors,
+                       "model": j.model, "state": str(j.state)}
+            for j in self.selected(args)
+        }
+
+    def cmd_jobs(self, args: dict[str, Any], now: float) -> Any:
+        return [j.describe() for j in self.jobs.jobs.values()]
+
+    def _rate(self, job: Job, window: float | None = None) -> float:
+        return job.stats.rate(self.core.clock(), window or self.cfg.rate_window)
+
+    def cmd_query_rate(self, args: dict[str, Any], now: float) -> Any:
+        jobs = self.selected(args)
+        short, long = self.cfg.rate_window, self.cfg.rate_window_long
+        rates = {j.job_id: {"rate": self._rate(j), "count": j.completed, "window": short,
+                            "rate_long": self._rate(j, long), "window_long": long,
+                            "model": j.model, "overall": j.stats.overall_rate(), "state": str(j.state),
+                            "duplicates": j.stats.duplicates}
+                 for j in jobs}
+        running = [j.job_id for j in jobs if j.state is JobState.RUNNING]
+        return {"jobs": rates, "gap": rate_gap([rates[j]["rate"] for j in running]),
+                "gap_long": rate_gap([rates[j]["rate_long"] for j in running])}
+
+    def cmd_query_time(self, args: dict[str, Any], now: float) -> Any:
+        return {
+            j.job_id: {"latency": summarize(j.stats.latencies), "compute": summarize(j.stats.compute),
+                       "model": j.model}
+            for j in self.selected(args)
+        }
+
+    def cmd_results(self, args: dict[str, Any], now: float) -> Any:
+        job = self.job(args)
+        limit = int(args.get("limit") or 0)
+        after = args.get("after")
+        if after is None:  # by query index
+            keys = sorted(job.results)
+            keys = keys[:limit] if limit > 0 else keys
+            return {"job": job.describe(), "results": [job.row(i) for i in keys], "sdfs_name": f"results/{job.job_id}"}
+        # In completion order from a cursor: results are only ever appended, on the standby in the
+        # same order, so a client resumes with ``next`` after a failover without gaps or repeats.
+        after = max(0, int(after))
+        end = job.completed if limit <= 0 else min(job.completed, after + limit)
+        items = [job.row(i) for i in itertools.islice(job.results, after, end)]
+        return {"job": job.describe(), "results": items, "sdfs_name": f"results/{job.job_id}",
+                "next": after + len(items), "in_flight": self.jobs.in_flight(job.job_id)}
+
+    def cmd_vm_info(self, args: dict[str, Any], now: float) -> Any:
+        c = self.core
+        out = {}
+        for m in c.registry.alive("worker"):
+            slot = c.dispatcher.slots.get(m.node_id)
+            out[m.node_id] = {
+                "models": list(slot.models) if slot is not None else [],
+                "credit": slot.credit if slot is not None else 0,
+                "cost_per_image": c.state.costs.of_worker(m.node_id),
+                "tasks": [{"task_id": t.task_id, "job": t.job_id, "queries": [f"{t.job_id}:{i}" for i in t.indexes]}
+                          for t in self.jobs.tasks_of(m.node_id)],
+            }
+        return out
+
+    def cmd_members(self, args: dict[str, Any], now: float) -> Any:
+        c = self.core
+        return {"epoch": c.registry.epoch, "seq": c.registry.seq, "members": c.registry.view(),
+                "coordinator": {"addr": c.addr, "role": c.role, "term": c.term, "state_seq": c.state_seq,
+                                "synced": c.is_primary or c.synced}}
+
+    def cmd_timeline(self, args: dict[str, Any], now: float) -> Any:
+        return {
+            "jobs": {
+                j.job_id: {
+                    "model": j.model,
+                    "rates": j.stats.series(self.cfg.rate_window),
+                    "latencies": j.stats.latencies[-20_000:],
+                    "spans": [[sp.worker, sp.start, sp.end, sp.n] for sp in j.stats.spans],
+                }
+                for j in self.selected(args)
+            },
+            "events": self.core.state.events[-1000:],
+            "window": self.cfg.rate_window,
+        }
+
+    def cmd_status(self, args: dict[str, Any], now: float) -> Any:
+        return {
+            "members": self.cmd_members({}, now),
+            "jobs": self.cmd_jobs({}, now),
+            "rates": self.cmd_query_rate({}, now),
+            "times": self.cmd_query_time({}, now),
+            "vm_info": self.cmd_vm_info({}, now),
+            "sdfs": self.core.master.info(),
+            "events": self.core.state.events[-200:],
+            "cost": self.core.state.costs.per_model(),
+        }
+
+    def metrics_snapshot(self, now: float) -> dict[str, Any]:
+        """Plain data for the Prometheus collector, built on the loop thread (no shared mutable state)."""
+        c = self.core
+        return {
+            "rates": self.cmd_query_rate({}, now)["jobs"],
+            "jobs": {
+                j.job_id: {"model": j.model, "completed": j.completed, "errors": j.stats.errors,
+                           "pending": len(j.pending), "in_flight": self.jobs.in_flight(j.job_id),
+                           "batch_size": j.batch_size, "duplicates": j.stats.duplicates,
+                           "latencies": list(j.stats.latencies)}
+                for j in self.jobs.jobs.values()
+            },
+            "members": [m.public() for m in c.registry.members.values()],
+            "busy_seconds": dict(c.state.busy_seconds),
+            "failures_detected": c.membership.failures_detected,
+            "loop_stall_max": c.max_stall,
+            "slowest_message": c.slowest,
+            "heartbeat_gap_max": c.registry.max_gap(),
+            "dropped": dict(c.dropped),
+            "sdfs": c.master.info(),
+            "role": c.role,
+            "term": c.term,
+        }
