@@ -1,0 +1,94 @@
+"""Worker sessions and dispatch (broker/dispatch.py) over the in-memory transport."""
+
+from __future__ import annotations
+
+import pytest
+from simcluster import WHOLE_BATCHES, SimCluster
+
+from broker.dispatch import Dispatcher
+from common.config import Config
+from common.protocol import TaskResult
+
+CHEAP = "cheap"
+
+
+def answers(task) -> list[dict]:
+    return [{"qid": q["qid"], "input": q["input"], "top5": [["a", 1.0]], "error": None} for q in task.queries]
+
+
+def test_slow_start_grows_a_new_jobs_batches_up_to_its_batch_size():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1], cfg=Config(heartbeat_interval=1000.0, task_timeout_min=1e6,
+                                                           worker_credit=1, stream_interval=0.0))
+    sim.add_inputs("in", 40)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=8, start=True)["job_id"]
+    sim.run_until(10.0)
+    sizes = [n for _t, j, _w, n in sim.dispatches if j == job]
+    assert sizes[:5] == [1, 1, 2, 4, 8] and max(sizes) == 8 and sum(sizes) == 40
+
+
+def test_auto_batch_follows_the_workers_measured_cost_and_the_latency_target():
+    sim = SimCluster({CHEAP: 0.05}, speeds=[1], cfg=WHOLE_BATCHES)
+    d: Dispatcher = sim.core.dispatcher
+    sim.add_inputs("in", 30)
+    job_id = sim.command("submit", model=CHEAP, inputs="in/", batch="auto", latency_target=0.2, start=True)["job_id"]
+    node = next(iter(sim.workers))
+    job = sim.core.jobs.jobs[job_id]
+    assert d.batch_for(job, node) == 1  # nothing measured yet
+    sim.run_until(5.0)
+    assert sim.core.state.costs.measured(CHEAP, node) == pytest.approx(0.05)
+    assert d.batch_for(job, node) == 4  # 0.2 s / 0.05 s per image
+    assert d.batch_for(job, "never-ran@1") == 4  # the cluster's figure for a worker that has none
+    assert d.task_timeout(job, node, 4) == max(sim.cfg.task_timeout_min, 10 * 0.05 * 4 * sim.cfg.worker_credit)
+
+
+def test_credit_is_slots_minus_tasks_held_and_a_result_frees_its_slot():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1], cfg=WHOLE_BATCHES)
+    sim.add_inputs("in", 40)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    node = next(iter(sim.workers))
+    slot = sim.core.dispatcher.slots[node]
+    assert len(slot.outstanding) == sim.cfg.worker_credit and slot.credit == 0
+    first = sim.workers[node].received[0]
+    sim.events.clear()
+    sim.deliver(node, TaskResult(first.task_id, job, node, 0.04, answers(first)))
+    # The freed slot was refilled at once by the next batch.
+    assert first.task_id not in slot.outstanding and len(slot.outstanding) == sim.cfg.worker_credit
+    assert len(sim.workers[node].received) == sim.cfg.worker_credit + 1
+
+
+def test_an_expired_task_is_requeued_and_no_longer_holds_its_slot():
+    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=5.0, worker_credit=1, slow_start=False,
+                 stream_interval=0.0)
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1], cfg=cfg)
+    sim.add_inputs("in", 4)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    node = next(iter(sim.workers))
+    lost = sim.workers[node].received[0]
+    sim.events.clear()  # the worker never answers
+    sim.core.dispatcher.expire(sim.t + 1000.0)
+    assert lost.task_id not in sim.core.jobs.tasks
+    assert lost.task_id not in sim.core.dispatcher.slots[node].outstanding
+    assert sim.core.jobs.jobs[job].dispatches == {i: 1 for i in range(4)}
+    assert list(sim.core.jobs.jobs[job].pending) == [0, 1, 2, 3]
+
+
+def test_a_result_for_another_workers_task_or_a_foreign_job_is_dropped_and_counted():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1, 1], cfg=WHOLE_BATCHES)
+    sim.add_inputs("in", 8)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    a, b = list(sim.workers)
+    task = sim.workers[a].received[0]
+    sim.deliver(b, TaskResult(task.task_id, job, b, 0.01, answers(task)))
+    sim.deliver(a, TaskResult(task.task_id, "job99-none", a, 0.01, answers(task)))
+    assert sim.core.dropped == {"bad_result": 2}
+    assert sim.core.jobs.jobs[job].completed == 0 and task.task_id in sim.core.jobs.tasks
+
+
+def test_nothing_is_dispatched_by_a_standby():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1], cfg=WHOLE_BATCHES)
+    sim.add_inputs("in", 8)
+    sim.command("submit", model=CHEAP, inputs="in/", batch=4)
+    sim.core.role = "standby"
+    sim.core.emit("job.start", {"job_ids": list(sim.core.jobs.jobs), "ts": 0.0}, sim.t)
+    sim.core.dispatcher.dispatch(sim.t)
+    assert sim.core.jobs.tasks == {} and sim.dispatches == []
