@@ -135,7 +135,7 @@ class Dispatcher:
         # the scheduler's fairness accounting does not change.
         n = min(self.batch_for(job, node), len(job.pending))
         if self.cfg.slow_start:
-            n = min(n, max(1, len(job.dispatches)))
+            n = min(n, max(1, job.counts.sent))
         indexes = list(itertools.islice(job.pending, n))
         task_id = self.state.jobs.next_task_id(job.job_id, self.core.term)
         self.core.emit("task.dispatch", {"task_id": task_id, "job_id": job.job_id, "worker": node,
@@ -184,7 +184,7 @@ class Dispatcher:
         self.dispatch(now)  # a slot is free, or the worker's queued work fell below the prefetch lead
 
     def _result_op(self, m: TaskResult, job: Job, task: TaskInfo | None, answers: dict[int, Any]) -> dict[str, Any]:
-        """The ``task.result`` op of a checked result: the rows of queries not answered before."""
+        """The ``task.result`` op of a checked result."""
         clock = self.core.clock()
         # A batch cannot have computed for longer than it has been out: the worker's figure feeds
         # the task timeouts (and the standby's copy of them), so it is held to what we saw.
@@ -192,18 +192,13 @@ class Dispatcher:
         dispatched = task.dispatched if task is not None else clock - elapsed
         latency = max(0.0, clock - dispatched)
         batch = len(task.indexes) if task is not None else len(answers)
-        results: dict[str, dict[str, Any]] = {}
-        duplicates = 0
-        for idx, (top5, error) in answers.items():
-            if idx in job.results:
-                duplicates += 1  # a re-dispatched query answered twice: exactly one result per input
-                continue
-            results[str(idx)] = {"input": job.inputs[idx][0], "model": job.model, "top5": top5, "error": error,
-                                 "worker": m.node_id, "batch": batch, "completed_at": clock,
-                                 "dispatches": job.dispatches.get(idx, 1), "latency": latency}
+        # Every answer goes into the op, answered before or not: JobTable.record is the one place that
+        # accepts a result or counts it as a duplicate (on the standby too, from the same op).
+        results = {str(idx): {"input": job.inputs[idx][0], "model": job.model, "top5": top5, "error": error,
+                              "worker": m.node_id, "batch": batch, "completed_at": clock, "latency": latency}
+                   for idx, (top5, error) in answers.items()}
         return {"task_id": m.task_id, "job_id": job.job_id, "results": results, "latency": latency,
-                "elapsed": elapsed, "ts": clock, "worker": m.node_id, "duplicates": duplicates,
-                "final": m.final, "answered": len(answers)}
+                "elapsed": elapsed, "ts": clock, "worker": m.node_id, "final": m.final}
 
     def expire(self, now: float) -> None:
         """Re-queue tasks past their deadline; free slots held by tasks nobody knows."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -23,6 +24,59 @@ class JobState(StrEnum):
     RUNNING = "running"
     DONE = "done"
     CANCELLED = "cancelled"  # pending queries dropped; in-flight ones finish (``finished`` set when they have)
+
+
+class QueryCounts:
+    """Exactly-once accounting per query of a job, by index (compact arrays, not maps): how often it
+    was dispatched, how many results for it arrived (duplicates and late ones included), and how
+    many were accepted. ``accepted`` is counted by the one function that records a result
+    (:meth:`JobTable.record`), so a result recorded twice shows as 2, whatever else holds it."""
+
+    FIELDS = ("dispatches", "arrivals", "accepted")
+
+    def __init__(self, n: int) -> None:
+        self.dispatches = array("I", [0]) * n
+        self.arrivals = array("I", [0]) * n
+        self.accepted = array("I", [0]) * n
+        self.sent = 0  # queries dispatched at least once (slow start grows with it)
+
+    def dispatched(self, index: int) -> None:
+        if not self.dispatches[index]:
+            self.sent += 1
+        self.dispatches[index] += 1
+
+    def row(self, index: int) -> dict[str, int]:
+        return {"dispatches": self.dispatches[index], "arrivals": self.arrivals[index],
+                "accepted": self.accepted[index]}
+
+    def totals(self) -> dict[str, int]:
+        return {"dispatches": sum(self.dispatches), "arrivals": sum(self.arrivals), "accepted": sum(self.accepted)}
+
+    def dump(self) -> dict[str, list[int]]:
+        return {"dispatches": self.dispatches.tolist(), "arrivals": self.arrivals.tolist(),
+                "accepted": self.accepted.tolist()}
+
+    @classmethod
+    def load(cls, n: int, d: dict[str, Any] | None, answered: Any = (),
+             legacy_dispatches: dict[Any, Any] | None = None) -> QueryCounts:
+        """From ``dump()``; or from a state written before the counts (a dispatch map by index,
+        one arrival and one acceptance per answered query)."""
+        counts = cls(n)
+        if d:
+            for name in cls.FIELDS:
+                values = [int(v) for v in d.get(name, ())][:n]
+                getattr(counts, name)[:len(values)] = array("I", values)
+        else:
+            for k, v in (legacy_dispatches or {}).items():
+                if 0 <= int(k) < n:
+                    counts.dispatches[int(k)] = int(v)
+            for i in answered:
+                counts.arrivals[i] = counts.accepted[i] = 1
+        counts.sent = sum(1 for v in counts.dispatches if v)
+        return counts
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QueryCounts) and self.dump() == other.dump()
 
 
 @dataclass
@@ -50,7 +104,7 @@ class Job:
     pending: deque[int] = field(default_factory=deque)
     results: dict[int, dict[str, Any]] = field(default_factory=dict)  # insertion order = completion order
     stats: JobStats | None = None
-    dispatches: dict[int, int] = field(default_factory=dict)  # query index -> times it was sent to a worker
+    counts: QueryCounts | None = None  # dispatches, arrivals and acceptances per query
     # SDFS version of ``results/<job_id>`` once a write of the finished job's results succeeded
     # (replicated op ``job.results_written``; None: the primary still owes that write).
     results_version: int | None = None
@@ -60,6 +114,8 @@ class Job:
     def __post_init__(self) -> None:
         if self.stats is None:
             self.stats = JobStats(self.job_id)
+        if self.counts is None:
+            self.counts = QueryCounts(len(self.inputs))
         if not self.pending and not self.results:
             self.pending.extend(range(len(self.inputs)))
 
@@ -77,7 +133,7 @@ class Job:
 
     def row(self, index: int) -> dict[str, Any]:
         """The result row of one answered query, as the ``results`` command and the results file show it."""
-        return self.results[index] | {"qid": self.qid(index)}
+        return self.results[index] | {"qid": self.qid(index)} | self.counts.row(index)
 
     def rows(self) -> list[dict[str, Any]]:
         """Every result row, by query index."""
@@ -99,6 +155,7 @@ class Job:
             "started": self.started,
             "finished": self.finished,
             "results_version": self.results_version,
+            **self.counts.totals(),
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -106,7 +163,7 @@ class Job:
         d["inputs"] = self.inputs  # never changed after submit: shared, not copied (msgpack packs tuples)
         d["results"] = {str(k): v for k, v in self.results.items()}
         d["stats"] = self.stats.snapshot() if self.stats else None
-        d["dispatches"] = {str(k): v for k, v in self.dispatches.items()}
+        d["counts"] = self.counts.dump()
         d["request_id"] = self.request_id
         return d
 
@@ -117,7 +174,7 @@ class Job:
         d["inputs"] = self.inputs
         d["results"] = dict(self.results)
         d["stats"] = self.stats.snapshot() if self.stats else None
-        d["dispatches"] = dict(self.dispatches)
+        d["counts"] = self.counts.dump()
         d["request_id"] = self.request_id
         return d
 
@@ -127,7 +184,8 @@ class Job:
         if self.finished is None or self.stats is None:
             return None
         return (str(self.state), self.finished, self.completed, self.stats.completed, self.stats.duplicates,
-                self.results_version, self.batch_size, self.latency_target, self.weight, sum(self.dispatches.values()))
+                self.results_version, self.batch_size, self.latency_target, self.weight,
+                tuple(self.counts.totals().values()))
 
     @classmethod
     def restore(cls, d: dict[str, Any]) -> Job:
@@ -144,11 +202,12 @@ class Job:
             finished=d.get("finished"),
             results={int(k): v for k, v in d.get("results", {}).items()},
             stats=JobStats.restore(d["stats"]) if d.get("stats") else None,
-            dispatches={int(k): int(v) for k, v in (d.get("dispatches") or {}).items()},
             results_version=d.get("results_version"),
             latency_target=float(d.get("latency_target") or 0.0),
             request_id=str(d.get("request_id") or ""),
         )
+        job.counts = QueryCounts.load(job.total, d.get("counts"), job.results,
+                                      d.get("dispatches") if isinstance(d.get("dispatches"), dict) else None)
         # Whatever was in flight at the old primary is pending again (its late results still count once);
         # a cancelled job has nothing pending.
         if job.state is not JobState.CANCELLED:
@@ -256,7 +315,7 @@ class JobTable:
             job.pending = deque(i for i in job.pending if i not in taken)
         if count:
             for i in indexes:
-                job.dispatches[i] = job.dispatches.get(i, 0) + 1
+                job.counts.dispatched(i)
         task = TaskInfo(task_id, job.job_id, worker, indexes, dispatched, deadline)
         self.tasks[task_id] = task
         return task
@@ -292,19 +351,24 @@ class JobTable:
     def record(
         self, job: Job, results: dict[int, dict[str, Any]], task: TaskInfo | None = None
     ) -> dict[int, dict[str, Any]]:
-        """Store results not seen before; return the newly accepted ones.
+        """The one place a result is accepted or counted as a duplicate; return the accepted ones.
 
-        With the task that carried them known, only its own queries are accepted (none of them can be
-        pending). A late result whose task was re-queued (or dispatched by an earlier primary) counts
-        for whatever is still unanswered, and those queries leave the pending queue.
+        Every answer counts as an arrival of its query. With the task that carried them known, only
+        its own queries are accepted (none of them can be pending). A late result whose task was
+        re-queued (or dispatched by an earlier primary) counts for whatever is still unanswered,
+        and those queries leave the pending queue. The rest (answered before) are duplicates.
         """
         allowed = set(task.indexes) if task is not None else None
-        fresh = {
-            i: r
-            for i, r in results.items()
-            if 0 <= i < job.total and i not in job.results and (allowed is None or i in allowed)
-        }
+        fresh = {}
+        for i, r in results.items():
+            if not 0 <= i < job.total:
+                continue
+            job.counts.arrivals[i] += 1
+            if i not in job.results and (allowed is None or i in allowed):
+                fresh[i] = r
+                job.counts.accepted[i] += 1
         job.results.update(fresh)
+        job.stats.duplicates += len(results) - len(fresh)
         if fresh and task is None:
             job.pending = deque(i for i in job.pending if i not in fresh)
         return fresh

@@ -206,11 +206,10 @@ class ReplicatedState:
         worker, elapsed = d.get("worker", ""), float(d["elapsed"])
         self.busy_seconds[worker] = self.busy_seconds.get(worker, 0.0) + elapsed
         fresh = self.jobs.record(job, {int(k): v for k, v in d["results"].items()}, task)
-        # Results dropped here (not this task's queries any more) count as duplicates too.
-        job.stats.duplicates += int(d.get("duplicates", 0)) + len(d["results"]) - len(fresh)
+        job.stats.duplicates += int(d.get("duplicates", 0))  # (older primaries filtered them out of the op)
         if task is not None:
             if fresh and elapsed > 0:
-                self.costs.observe(job.model, worker, elapsed / max(1, int(d.get("answered") or len(fresh))))
+                self.costs.observe(job.model, worker, elapsed / max(1, len(d["results"])))
             if final:
                 # A result that does not answer every query of its task must not lose the rest.
                 missing = [i for i in task.indexes if i not in job.results]

@@ -68,7 +68,7 @@ def test_an_expired_task_is_requeued_and_no_longer_holds_its_slot():
     sim.core.dispatcher.expire(sim.t + 1000.0)
     assert lost.task_id not in sim.core.jobs.tasks
     assert lost.task_id not in sim.core.dispatcher.slots[node].outstanding
-    assert sim.core.jobs.jobs[job].dispatches == {i: 1 for i in range(4)}
+    assert list(sim.core.jobs.jobs[job].counts.dispatches) == [1, 1, 1, 1]
     assert list(sim.core.jobs.jobs[job].pending) == [0, 1, 2, 3]
 
 

@@ -8,6 +8,7 @@ import signal
 from collections import Counter
 
 import pytest
+from chaos.checks import exactly_once
 from conftest import wait_for
 from test_failover import coordinator_view, roles
 
@@ -49,7 +50,8 @@ def check_results(c, job_id: str, inputs: list[str]) -> None:
     res = c.ctl("results", job=job_id)["results"]
     per_input = Counter(r["input"] for r in res)
     assert sorted(per_input) == sorted(inputs) and set(per_input.values()) == {1}, job_id
-    assert len({r["qid"] for r in res}) == len(inputs)
+    check = exactly_once(job_id, res, len(inputs))  # the coordinator's own per-query counts
+    assert check.ok, check.problems
 
 
 def check_results_file(c, tmp_path, job_id: str, n: int, timeout: float = 20) -> None:

@@ -424,7 +424,7 @@ def test_cancel_is_replicated_to_the_standby_and_survives_a_snapshot():
     standby.restore(sim.core.snapshot(), sim.core.state_seq, sim.core.term, sim.t)
     j = standby.jobs.jobs[job]
     assert j.state == "cancelled" and not j.pending
-    assert j.dispatches == sim.core.jobs.jobs[job].dispatches  # restoring in-flight tasks does not recount
+    assert j.counts == sim.core.jobs.jobs[job].counts  # restoring in-flight tasks does not recount
     fresh = Coordinator(sim.cfg, "sim:3", sim.net.__class__(), role=STANDBY, clock=lambda: sim.t)
     for topic, b in sim.net.published:
         if topic == Topic.STATE:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from checks import exactly_once
+
 SUBNET = "10.231.{net}.{host}"
 REPO = Path(__file__).resolve().parents[2]
 
@@ -223,13 +225,9 @@ def check_history(history: History, cluster: NetnsCluster) -> list[str]:
     for op in history.ops:
         if op["op"] == "submit" and op.get("ok"):
             job, n = op["job"], op["inputs"]
-            res = cluster.ctl("results", op["job"])["results"]
-            qids = [r["qid"] for r in res]
-            if len(qids) != len(set(qids)):
-                problems.append(f"{job}: duplicated results")
-            missing = set(range(n)) - {int(q.split(":")[1]) for q in qids}
-            if missing:
-                problems.append(f"{job}: {len(missing)} inputs without a result")
+            check = exactly_once(job, cluster.ctl("results", op["job"])["results"], n)
+            problems += check.problems
+            op["dropped_duplicates"] = check.dropped_duplicates  # for the report: seen, and not accepted
     for op in history.ops:
         if op["op"] == "put" and op.get("ok"):
             r = cluster.client("sdfs", "get", op["name"], op["readback"])
