@@ -256,7 +256,7 @@ def main() -> int:
     node_example = any_run["node"]
     hb_idle = Heartbeat(node_example or "127.0.0.1:45678@1732780000000", 0, []).encode()
     hb_busy = Heartbeat(node_example or "127.0.0.1:45678@1732780000000", 2, ["alexnet", "resnet50"]).encode()
-    chb = CoordinatorHeartbeat("127.0.0.1:45678", "primary", 1, 1234, 1234, 123456).encode()
+    chb = CoordinatorHeartbeat("127.0.0.1:45678", "primary", 1, 1234, 123456).encode()
     rate = 1.0 / interval
     worker_idle = len(hb_idle) + ZMTP_SHORT_FRAME
     worker_busy = len(hb_busy) + ZMTP_SHORT_FRAME

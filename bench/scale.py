@@ -64,7 +64,7 @@ def cpu_seconds(pid: int) -> float:
 def heartbeat_bytes_per_s(workers: int, node: str, interval: float) -> float:
     hb = len(Heartbeat(node, 2, ["noop"]).encode()) + ZMTP_SHORT_FRAME
     pulse = len(Pulse(node).encode()) + ZMTP_SHORT_FRAME
-    chb = CoordinatorHeartbeat("127.0.0.1:45678", "primary", 1, 1234, 1234, 123456).encode()
+    chb = CoordinatorHeartbeat("127.0.0.1:45678", "primary", 1, 1234, 123456).encode()
     pub = len(Topic.HEARTBEAT) + ZMTP_SHORT_FRAME + len(chb) + ZMTP_SHORT_FRAME
     return workers * (hb + pulse + pub) / interval
 

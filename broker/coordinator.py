@@ -317,7 +317,7 @@ class Coordinator:
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.cfg.heartbeat_interval
             self.net.publish(Topic.HEARTBEAT, CoordinatorHeartbeat(
-                self.addr, self.role, self.term, self.registry.epoch, self.registry.seq, self.state_seq))
+                self.addr, self.role, self.term, self.registry.seq, self.state_seq))
         if self.transfers:
             self.transfer.serve(now)
         if not self.is_primary or not expire:

@@ -41,8 +41,8 @@ class Membership:
 
     def publish_member(self, ev: MembershipEvent, now: float) -> None:
         member = ev.member.public()
-        self.core.net.publish(Topic.VIEW, ViewUpdate(ev.seq, ev.epoch, str(ev.event), member))
-        self.core.journal("member", {"event": str(ev.event), "member": member, "seq": ev.seq, "epoch": ev.epoch})
+        self.core.net.publish(Topic.VIEW, ViewUpdate(ev.seq, str(ev.event), member))
+        self.core.journal("member", {"event": str(ev.event), "member": member, "seq": ev.seq})
 
     def on_join(self, ident: bytes, m: Join, now: float) -> None:
         core = self.core
@@ -67,7 +67,7 @@ class Membership:
             core.event("join", m.node_id, now)
         # Credit comes with the worker's Ready; results of the tasks it still holds will return credit.
         core.dispatcher.slots[m.node_id] = core.dispatcher.new_slot(m.inflight, now)
-        core.net.send(ident, Welcome(m.node_id, core.term, self.registry.epoch))
+        core.net.send(ident, Welcome(m.node_id, core.term))
         core.send_outbox(core.master.node_report(m.node_id, m.store))
         self._reattach_tasks(m, now)
 
@@ -98,7 +98,7 @@ class Membership:
             slot = core.dispatcher.slots[m.node_id] = core.dispatcher.new_slot((), now)
             slot.models = tuple(m.models)
             log.info("member %s re-attached after this coordinator's restart", m.node_id)
-            core.net.send(ident, Welcome(m.node_id, core.term, self.registry.epoch))
+            core.net.send(ident, Welcome(m.node_id, core.term))
 
     def on_pulse(self, ident: bytes, m: Pulse, now: float) -> None:
         self.registry.pulse(m.node_id, now)  # handle() checked that the sender is the member's own sidecar
@@ -130,4 +130,4 @@ class Membership:
             self.member_gone(ev, now)
 
     def on_view_request(self, ident: bytes, m: ViewRequest, now: float) -> None:
-        self.core.net.send(ident, ViewSnapshot(m.req, self.registry.seq, self.registry.epoch, self.registry.view()))
+        self.core.net.send(ident, ViewSnapshot(m.req, self.registry.seq, self.registry.view()))

@@ -146,10 +146,10 @@ class ReplicatedState:
             self.master.restore(state["sdfs"])  # tombstones and indexes need the full reset
 
     def _dump_members(self) -> dict[str, Any]:
-        return {"members": self.registry.view(), "view_seq": self.registry.seq, "epoch": self.registry.epoch}
+        return {"members": self.registry.view(), "view_seq": self.registry.seq}
 
     def _load_members(self, value: dict[str, Any], now: float) -> None:
-        self.registry.restore(value["members"], value["view_seq"], value["epoch"], now)
+        self.registry.restore(value["members"], value["view_seq"], now)
 
     def _dump_tasks(self) -> list[dict[str, Any]]:
         return [{"task_id": t.task_id, "job_id": t.job_id, "worker": t.worker, "indexes": list(t.indexes),
@@ -265,7 +265,7 @@ class ReplicatedState:
             job.results_version = int(d["version"])
 
     def _op_member(self, d: dict[str, Any], now: float) -> None:
-        self.registry.apply(d["event"], d["member"], d["seq"], d["epoch"], now)
+        self.registry.apply(d["event"], d["member"], d["seq"], now)
 
     def _op_sdfs_files(self, d: dict[str, Any], now: float) -> None:
         self.master.apply_entries(d["entries"])

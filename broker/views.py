@@ -121,7 +121,7 @@ class Views:
 
     def cmd_members(self, args: dict[str, Any], now: float) -> Any:
         c = self.core
-        return {"epoch": c.registry.epoch, "seq": c.registry.seq, "members": c.registry.view(),
+        return {"seq": c.registry.seq, "members": c.registry.view(),
                 "coordinator": {"addr": c.addr, "role": c.role, "term": c.term, "state_seq": c.state_seq,
                                 "synced": c.is_primary or c.synced}}
 

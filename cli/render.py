@@ -51,7 +51,7 @@ def _ts_ms(x: float | None) -> str:
 def members(data: dict[str, Any]) -> Table:
     c = data.get("coordinator", {})
     coord = f"{c.get('addr')} {c.get('role')} term {c.get('term')}"
-    t = Table(title=plain(f"members (epoch {data['epoch']}; coordinator {coord})"))
+    t = Table(title=plain(f"members (view seq {data['seq']}; coordinator {coord})"))
     for col in ("node", "role", "state", "data address", "joined", "busy"):
         t.add_column(col)
     for m in data["members"]:

@@ -63,7 +63,6 @@ class Member:
 @dataclass
 class MembershipEvent:
     seq: int
-    epoch: int
     event: Event
     member: Member
 
@@ -75,8 +74,7 @@ class MemberRegistry:
         # A bare number is a fixed timeout (the pre-φ behaviour; the baseline in bench/membership.py).
         self.params = detector if isinstance(detector, DetectorParams) else DetectorParams.fixed(detector)
         self.members: dict[str, Member] = {}
-        self.seq = 0
-        self.epoch = 0  # bumps on every membership change
+        self.seq = 0  # bumps on every membership change
         self.keep_dead = keep_dead
 
     # -- queries -------------------------------------------------------------------------
@@ -115,8 +113,7 @@ class MemberRegistry:
     # -- changes -------------------------------------------------------------------------
     def _event(self, event: Event, member: Member) -> MembershipEvent:
         self.seq += 1
-        self.epoch += 1
-        return MembershipEvent(self.seq, self.epoch, event, member)
+        return MembershipEvent(self.seq, event, member)
 
     def join(self, member: Member, now: float) -> MembershipEvent | None:
         """Admit a member; re-attaching an alive member (same incarnation) is not a new event."""
@@ -197,20 +194,20 @@ class MemberRegistry:
             m.last_seen = now
             m.detector = None  # a fresh history here: the old primary saw the heartbeats, not us
 
-    def restore(self, members: list[dict[str, Any]], seq: int, epoch: int, now: float) -> None:
+    def restore(self, members: list[dict[str, Any]], seq: int, now: float) -> None:
         self.members = {}
         for d in members:
             m = Member.from_public(d)
             m.last_seen = now
             self.members[m.node_id] = m
-        self.seq, self.epoch = seq, epoch
+        self.seq = seq
 
-    def apply(self, event: str, member: dict[str, Any], seq: int, epoch: int, now: float) -> None:
+    def apply(self, event: str, member: dict[str, Any], seq: int, now: float) -> None:
         """Apply a replicated event (standby side)."""
         m = Member.from_public(member)
         m.last_seen = now
         self.members[m.node_id] = m
-        self.seq, self.epoch = seq, epoch
+        self.seq = seq
 
     def _forget_old_dead(self) -> None:
         dead = [m for m in self.members.values() if m.state is not MemberState.ALIVE]
@@ -224,24 +221,23 @@ class ViewTracker:
     def __init__(self) -> None:
         self.members: dict[str, Member] = {}
         self.seq = -1  # -1: no snapshot yet
-        self.epoch = 0
-        self.pending: list[tuple[int, int, str, dict[str, Any]]] = []
+        self.pending: list[tuple[int, str, dict[str, Any]]] = []
 
     @property
     def synced(self) -> bool:
         return self.seq >= 0
 
-    def load_snapshot(self, seq: int, epoch: int, members: list[dict[str, Any]]) -> None:
+    def load_snapshot(self, seq: int, members: list[dict[str, Any]]) -> None:
         self.members = {d["node_id"]: Member.from_public(d) for d in members if "node_id" in d}
-        self.seq, self.epoch = seq, epoch
+        self.seq = seq
         queued, self.pending = self.pending, []
         for item in sorted(queued, key=lambda it: it[0]):
             self.update(*item)
 
-    def update(self, seq: int, epoch: int, event: str, member: dict[str, Any]) -> bool:
+    def update(self, seq: int, event: str, member: dict[str, Any]) -> bool:
         """Apply one update. Return False if a gap was detected (caller must re-request a snapshot)."""
         if not self.synced:
-            self.pending.append((seq, epoch, event, member))  # subscribed before the snapshot arrived
+            self.pending.append((seq, event, member))  # subscribed before the snapshot arrived
             return True
         if seq <= self.seq:
             return True  # already contained in the snapshot
@@ -251,7 +247,7 @@ class ViewTracker:
             return False
         m = Member.from_public(member)
         self.members[m.node_id] = m
-        self.seq, self.epoch = seq, epoch
+        self.seq = seq
         return True
 
     def alive(self, role: str | None = None) -> list[Member]:

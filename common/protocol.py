@@ -268,7 +268,6 @@ class Welcome(Message):
     TYPE = "welcome"
     node_id: str
     term: int
-    epoch: int
 
 
 @message
@@ -315,7 +314,6 @@ class CoordinatorHeartbeat(Message):
     addr: str
     role: str  # "primary" | "standby" | "probing"
     term: int
-    epoch: int
     view_seq: int
     state_seq: int
 
@@ -331,7 +329,6 @@ class ViewSnapshot(Message):
     TYPE = "view_snapshot"
     req: int
     seq: int
-    epoch: int
     members: list[dict[str, Any]]
 
 
@@ -341,7 +338,6 @@ class ViewUpdate(Message):
 
     TYPE = "view_update"
     seq: int
-    epoch: int
     event: str  # "join" | "leave" | "fail"
     member: dict[str, Any]
 

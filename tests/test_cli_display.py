@@ -34,7 +34,7 @@ def command_data(v: str) -> dict[str, Any]:
     job = f"job1-{v}"
     jobs = [{"job_id": job, "model": v, "state": "running", "completed": 1, "total": 2, "pending": 1,
              "batch_size": 4, "weight": 1.0, "started": None, "finished": None}]
-    members = {"epoch": 1, "seq": 1, "coordinator": {"addr": v, "role": "primary", "term": 1},
+    members = {"seq": 1, "coordinator": {"addr": v, "role": "primary", "term": 1},
                "members": [{"node_id": f"{v}@1", "role": v, "state": "alive", "data_addr": v,
                             "joined_at": 0.0, "busy": 0}]}
     rates = {"gap": 0.0, "jobs": {job: {"rate": 1.0, "window": 10, "model": v, "state": "running",

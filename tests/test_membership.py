@@ -19,8 +19,6 @@ def member(node_id: str, role: str = "worker", addr: str | None = None) -> Membe
 
 def assert_contiguous(events: list[MembershipEvent], start_seq: int = 1) -> None:
     assert [e.seq for e in events] == list(range(start_seq, start_seq + len(events)))
-    epochs = [e.epoch for e in events]
-    assert epochs == sorted(epochs) and len(set(epochs)) == len(epochs), epochs
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,7 +56,7 @@ def test_join_heartbeat_expire_leave_events_are_contiguous() -> None:
     assert reg.leave("b@1") is None and reg.leave("zz@1") is None
 
     assert_contiguous(events)
-    assert reg.seq == events[-1].seq and reg.epoch == events[-1].epoch
+    assert reg.seq == events[-1].seq
     assert [m.node_id for m in reg.alive()] == ["a@1"]
 
 
@@ -96,9 +94,9 @@ def test_left_member_heartbeat_returns_false() -> None:
 def test_rejoining_an_alive_member_is_not_a_new_event() -> None:
     reg = MemberRegistry(TIMEOUT)
     reg.join(member("a@1", addr="h:1"), now=0.0)
-    seq, epoch = reg.seq, reg.epoch
+    seq = reg.seq
     assert reg.join(member("a@1", addr="h:2"), now=1.0) is None
-    assert (reg.seq, reg.epoch) == (seq, epoch)
+    assert reg.seq == seq
     assert reg.get("a@1").data_addr == "h:2"
     assert reg.get("a@1").last_seen == 1.0  # the re-attach counts as liveness
     assert reg.join(member("a@1", addr=""), now=1.2) is None
@@ -149,11 +147,11 @@ def test_restore_and_apply_replicate_the_registry() -> None:
     primary.join(member("a@1"), now=0.0)
     primary.join(member("b@1"), now=0.0)
     standby = MemberRegistry(TIMEOUT)
-    standby.restore(primary.view(), primary.seq, primary.epoch, now=50.0)
+    standby.restore(primary.view(), primary.seq, now=50.0)
     ev = primary.leave("a@1")
-    standby.apply(str(ev.event), ev.member.public(), ev.seq, ev.epoch, now=51.0)
+    standby.apply(str(ev.event), ev.member.public(), ev.seq, now=51.0)
     assert standby.view() == primary.view()
-    assert (standby.seq, standby.epoch) == (primary.seq, primary.epoch)
+    assert standby.seq == primary.seq
     nxt = standby.join(member("c@1"), now=52.0)
     assert nxt is not None and nxt.seq == primary.seq + 1  # the promoted standby continues the sequence
 
@@ -169,22 +167,22 @@ def pub(node_id: str, state: str = "alive", role: str = "worker") -> dict[str, A
 def test_view_snapshot_then_contiguous_updates() -> None:
     vt = ViewTracker()
     assert not vt.synced
-    vt.load_snapshot(5, 5, [pub("a@1"), pub("b@1")])
+    vt.load_snapshot(5, [pub("a@1"), pub("b@1")])
     assert vt.synced and vt.seq == 5
     assert {m.node_id for m in vt.alive()} == {"a@1", "b@1"}
-    assert vt.update(6, 6, "join", pub("c@1"))
-    assert vt.update(7, 7, "fail", pub("a@1", "failed"))
-    assert vt.update(8, 8, "leave", pub("b@1", "left"))
-    assert (vt.seq, vt.epoch) == (8, 8)
+    assert vt.update(6, "join", pub("c@1"))
+    assert vt.update(7, "fail", pub("a@1", "failed"))
+    assert vt.update(8, "leave", pub("b@1", "left"))
+    assert vt.seq == 8
     assert [m.node_id for m in vt.alive()] == ["c@1"]
     assert vt.members["a@1"].state is MemberState.FAILED
 
 
 def test_view_updates_at_or_below_snapshot_are_dropped() -> None:
     vt = ViewTracker()
-    vt.load_snapshot(5, 5, [pub("a@1")])
-    assert vt.update(5, 5, "fail", pub("a@1", "failed"))
-    assert vt.update(3, 3, "join", pub("old@1"))
+    vt.load_snapshot(5, [pub("a@1")])
+    assert vt.update(5, "fail", pub("a@1", "failed"))
+    assert vt.update(3, "join", pub("old@1"))
     assert vt.seq == 5 and vt.synced
     assert "old@1" not in vt.members
     assert vt.members["a@1"].state is MemberState.ALIVE
@@ -193,51 +191,51 @@ def test_view_updates_at_or_below_snapshot_are_dropped() -> None:
 def test_view_updates_before_snapshot_are_buffered_then_applied() -> None:
     vt = ViewTracker()
     # subscribed first: these arrive before the snapshot, out of order, some already in it
-    assert vt.update(7, 7, "join", pub("c@1"))
-    assert vt.update(4, 4, "join", pub("old@1"))  # contained in the snapshot
-    assert vt.update(6, 6, "fail", pub("a@1", "failed"))
+    assert vt.update(7, "join", pub("c@1"))
+    assert vt.update(4, "join", pub("old@1"))  # contained in the snapshot
+    assert vt.update(6, "fail", pub("a@1", "failed"))
     assert vt.members == {} and not vt.synced
-    vt.load_snapshot(5, 5, [pub("a@1"), pub("b@1")])
-    assert vt.synced and (vt.seq, vt.epoch) == (7, 7)
+    vt.load_snapshot(5, [pub("a@1"), pub("b@1")])
+    assert vt.synced and vt.seq == 7
     assert {m.node_id for m in vt.alive()} == {"b@1", "c@1"}
     assert "old@1" not in vt.members
     assert vt.pending == []
-    assert vt.update(8, 8, "join", pub("d@1"))
+    assert vt.update(8, "join", pub("d@1"))
 
 
 def test_view_gap_returns_false_and_unsyncs() -> None:
     vt = ViewTracker()
-    vt.load_snapshot(5, 5, [pub("a@1")])
-    assert not vt.update(7, 7, "join", pub("c@1"))
+    vt.load_snapshot(5, [pub("a@1")])
+    assert not vt.update(7, "join", pub("c@1"))
     assert not vt.synced
     assert "c@1" not in vt.members
     # updates while waiting for the new snapshot are buffered again, then the snapshot re-syncs
-    assert vt.update(8, 8, "join", pub("d@1"))
-    vt.load_snapshot(7, 7, [pub("a@1"), pub("c@1")])
+    assert vt.update(8, "join", pub("d@1"))
+    vt.load_snapshot(7, [pub("a@1"), pub("c@1")])
     assert vt.synced and vt.seq == 8
     assert {m.node_id for m in vt.alive()} == {"a@1", "c@1", "d@1"}
 
 
 def test_view_gap_inside_buffered_updates_leaves_tracker_unsynced() -> None:
     vt = ViewTracker()
-    vt.update(7, 7, "join", pub("c@1"))  # 6 was lost
-    vt.load_snapshot(5, 5, [pub("a@1")])
+    vt.update(7, "join", pub("c@1"))  # 6 was lost
+    vt.load_snapshot(5, [pub("a@1")])
     assert not vt.synced  # the caller must notice and request another snapshot
     assert "c@1" not in vt.members
 
 
 def test_view_snapshot_skips_entries_without_node_id() -> None:
     vt = ViewTracker()
-    vt.load_snapshot(1, 1, [pub("a@1"), {"role": "worker"}])
+    vt.load_snapshot(1, [pub("a@1"), {"role": "worker"}])
     assert list(vt.members) == ["a@1"]
 
 
 def test_view_duplicate_seq_before_snapshot_does_not_crash() -> None:
     vt = ViewTracker()
     # e.g. the old and the new primary both published seq 6 around a failover
-    vt.update(6, 6, "join", pub("c@1"))
-    vt.update(6, 6, "join", pub("d@1"))
-    vt.load_snapshot(5, 5, [pub("a@1")])
+    vt.update(6, "join", pub("c@1"))
+    vt.update(6, "join", pub("d@1"))
+    vt.load_snapshot(5, [pub("a@1")])
     assert vt.synced and vt.seq == 6
 
 

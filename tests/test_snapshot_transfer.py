@@ -139,7 +139,7 @@ def test_the_receiver_keeps_at_most_a_window_of_requests_outstanding_and_stops_a
     assert rx.wanted() == [0, 1, 2]
     assert rx.wanted() == []
     stream = b"".join(msgpack.packb(r) for r in (["head", {"seq": 9, "term": 2, "jobs": 0, "files": 1,
-                                                          "members": [], "view_seq": 0, "epoch": 1, "tasks": [],
+                                                          "members": [], "view_seq": 0, "tasks": [],
                                                           "events": [], "cost": {}}],
                                                  ["sdfs", {"a": [2, [], None]}],
                                                  ["end", {"jobs": 0, "files": 1}]))

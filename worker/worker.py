@@ -307,7 +307,7 @@ class Worker:
                 if c is not None:
                     c.role, c.term = msg.role, msg.term
                     c.heard(time.monotonic(), self.fd_params)
-            elif isinstance(msg, ViewUpdate) and not self.view.update(msg.seq, msg.epoch, msg.event, msg.member):
+            elif isinstance(msg, ViewUpdate) and not self.view.update(msg.seq, msg.event, msg.member):
                 log.info("membership view gap detected; re-syncing")
                 self.view_req = None
 
@@ -466,7 +466,7 @@ class Worker:
 
     def on_view_snapshot(self, m: ViewSnapshot) -> None:
         if m.req == self.view_req:
-            self.view.load_snapshot(m.seq, m.epoch, m.members)
+            self.view.load_snapshot(m.seq, m.members)
             if not self.view.synced:  # a buffered update showed a gap: ask again
                 self.view_req = None
 
