@@ -116,10 +116,8 @@ ctx.term()
 def message_sizes(inputs: str) -> tuple[int, int]:
     """Encoded sizes of a batch-1 noop Task and its TaskResult, as the cluster sends them."""
     name = "job12-noop"
-    qid = f"{name}:123"
-    task = Task(f"t1.123-{name}", name, NOOP, 1, [{"qid": qid, "input": f"{inputs}0/img_0000.jpg", "version": 1}])
-    result = TaskResult(task.task_id, name, "127.0.0.1:40000@1795861036168", 0.0001,
-                        [{"qid": qid, "input": f"{inputs}0/img_0000.jpg", "top5": [[NOOP, 1.0]], "error": None}])
+    task = Task(f"t1.123-{name}", name, NOOP, 1, [{"index": 123, "input": f"{inputs}0/img_0000.jpg", "version": 1}])
+    result = TaskResult(task.task_id, name, "127.0.0.1:40000@1795861036168", 0.0001, [[123, [[NOOP, 1.0]], None]])
     return len(task.encode()), len(result.encode())
 
 

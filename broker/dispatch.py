@@ -141,7 +141,7 @@ class Dispatcher:
         self.core.emit("task.dispatch", {"task_id": task_id, "job_id": job.job_id, "worker": node,
                                          "indexes": indexes, "dispatched": self.core.clock()}, now)
         self.state.jobs.tasks[task_id].deadline = now + self.task_timeout(job, node, n)
-        queries = [{"qid": job.qid(i), "input": job.inputs[i][0], "version": job.inputs[i][1]} for i in indexes]
+        queries = [{"index": i, "input": job.inputs[i][0], "version": job.inputs[i][1]} for i in indexes]
         self.slots[node].outstanding[task_id] = now
         self.state.charge(task_id, job, n)
         if not self.core.net.send(node.encode(), Task(task_id, job.job_id, job.model, self.core.term, queries,
@@ -193,9 +193,10 @@ class Dispatcher:
         latency = max(0.0, clock - dispatched)
         batch = len(task.indexes) if task is not None else len(answers)
         # Every answer goes into the op, answered before or not: JobTable.record is the one place that
-        # accepts a result or counts it as a duplicate (on the standby too, from the same op).
-        results = {str(idx): {"input": job.inputs[idx][0], "model": job.model, "top5": top5, "error": error,
-                              "worker": m.node_id, "batch": batch, "completed_at": clock, "latency": latency}
+        # accepts a result or counts it as a duplicate (on the standby too, from the same op). What
+        # the job already knows (its model, each query's input) is not copied into the rows.
+        results = {str(idx): {"top5": top5, "error": error, "worker": m.node_id, "batch": batch,
+                              "completed_at": clock, "latency": latency}
                    for idx, (top5, error) in answers.items()}
         return {"task_id": m.task_id, "job_id": job.job_id, "results": results, "latency": latency,
                 "elapsed": elapsed, "ts": clock, "worker": m.node_id, "final": m.final}

@@ -133,7 +133,8 @@ class Job:
 
     def row(self, index: int) -> dict[str, Any]:
         """The result row of one answered query, as the ``results`` command and the results file show it."""
-        return self.results[index] | {"qid": self.qid(index)} | self.counts.row(index)
+        return ({"qid": self.qid(index), "input": self.inputs[index][0]} | self.results[index]
+                | self.counts.row(index))
 
     def rows(self) -> list[dict[str, Any]]:
         """Every result row, by query index."""
@@ -220,9 +221,8 @@ class Job:
 MAX_TOP = 1000  # labels per answer: the worker sends 5; anything this long is not an answer
 
 
-def _check_answer(r: Any) -> tuple[list[list[Any]], str | None]:
-    """The (top5, error) of one result entry, or ValueError if it is not what a worker sends."""
-    top, error = r.get("top5"), r.get("error")
+def _check_answer(top: Any, error: Any) -> tuple[list[list[Any]], str | None]:
+    """The (top5, error) of one answer, or ValueError if it is not what a worker sends."""
     if error is not None and not isinstance(error, str):
         raise ValueError("error is not text")
     if top is None:
@@ -237,28 +237,25 @@ def _check_answer(r: Any) -> tuple[list[list[Any]], str | None]:
 
 
 def parse_answers(job: Job, task: TaskInfo | None, entries: list[Any]) -> dict[int, tuple[list[list[Any]], str | None]]:
-    """Check a TaskResult's entries against the job and the task they answer: ``{index: (top5, error)}``.
+    """Check a TaskResult's answers against the job and the task they answer: ``{index: (top5, error)}``.
 
-    Every entry must name a query of this job (``<job_id>:<index>``), and of the task when it is
-    known, at most once, with a well-formed answer. Anything else raises ValueError: a worker
-    never sends it, so the whole result is not trusted.
+    Every answer is ``[index, top5, error]`` with the index of a query of this job, and of the task
+    when it is known, at most once, well formed. Anything else raises ValueError: a worker never
+    sends it, so the whole result is not trusted.
     """
     allowed = set(task.indexes) if task is not None else None
-    prefix = f"{job.job_id}:"
     out: dict[int, tuple[list[list[Any]], str | None]] = {}
     for r in entries:
-        if not isinstance(r, dict):
-            raise ValueError("result entry is not a map")
-        qid = r.get("qid")
-        if not isinstance(qid, str) or not qid.startswith(prefix) or not qid[len(prefix):].isascii() \
-                or not qid[len(prefix):].isdigit():
-            raise ValueError(f"query id {qid!r:.60} is not a query of {job.job_id}")
-        idx = int(qid[len(prefix):])
-        if not 0 <= idx < job.total or (allowed is not None and idx not in allowed):
-            raise ValueError(f"query {qid!r:.60} is not part of this task")
+        if not isinstance(r, list) or len(r) != 3:
+            raise ValueError("an answer is not [index, top5, error]")
+        idx = r[0]
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < job.total:
+            raise ValueError(f"{idx!r:.60} is not a query index of {job.job_id}")
+        if allowed is not None and idx not in allowed:
+            raise ValueError(f"query {idx} is not part of this task")
         if idx in out:
-            raise ValueError(f"query {qid!r:.60} answered twice")
-        out[idx] = _check_answer(r)
+            raise ValueError(f"query {idx} answered twice")
+        out[idx] = _check_answer(r[1], r[2])
     return out
 
 

@@ -36,11 +36,13 @@ class CostTable:
 
     def __init__(self) -> None:
         self.by_model: dict[str, dict[str, float]] = {}
+        self._sums: dict[str, float] = {}  # per model, the sum of its workers' figures (the mean in O(1))
 
     def observe(self, model: str, worker: str, per_image: float) -> None:
         costs = self.by_model.setdefault(model, {})
         old = costs.get(worker)
-        costs[worker] = per_image if old is None else (1 - EWMA) * old + EWMA * per_image
+        new = costs[worker] = per_image if old is None else (1 - EWMA) * old + EWMA * per_image
+        self._sums[model] = self._sums.get(model, 0.0) + new - (old or 0.0)
 
     def of(self, model: str, worker: str | None = None) -> float:
         """The worker's cost for the model if measured, else the model's over the cluster (0: none yet)."""
@@ -49,7 +51,7 @@ class CostTable:
             return 0.0
         if worker is not None and worker in costs:
             return costs[worker]
-        return sum(costs.values()) / len(costs)
+        return self._sums[model] / len(costs)
 
     def measured(self, model: str, worker: str) -> float:
         """The worker's own cost for the model (0 while it has not run it)."""
@@ -69,6 +71,7 @@ class CostTable:
         # An older snapshot kept one figure per model: it becomes the model's (workerless) figure.
         self.by_model = {str(m): ({str(w): float(x) for w, x in c.items()} if isinstance(c, dict) else {"": float(c)})
                          for m, c in (value or {}).items()}
+        self._sums = {m: sum(c.values()) for m, c in self.by_model.items()}
 
 
 class ReplicatedState:

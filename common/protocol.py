@@ -550,7 +550,7 @@ class Task(Message):
     job_id: str
     model: str
     term: int
-    queries: list[dict[str, Any]]  # {"qid": str, "input": str, "version": int}
+    queries: list[dict[str, Any]]  # {"index": int (the query's position in its job), "input": str, "version": int}
     weights: str = ""  # the job's pinned SDFS checkpoint (submit --weights); "" = the model's default weights
 
 
@@ -561,7 +561,9 @@ class TaskResult(Message):
     job_id: str
     node_id: str
     elapsed: float  # seconds of compute for the queries in `results`
-    results: list[dict[str, Any]]  # {"qid","input","top5":[[label,prob]],"error":str|None}
+    # One [index, top5 ([[label, prob]] or None), error (str or None)] per query answered: the index
+    # is the Task query's, so the coordinator zips each answer with its query by position in the job.
+    results: list[list[Any]]
     # False: more of this task's queries follow (results stream while a batch computes, so rates
     # and first results move at image granularity); True: the task is over and its slot is free.
     final: bool = True

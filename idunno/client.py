@@ -207,11 +207,11 @@ class Result:
         return self.top5[0][0] if self.top5 else None
 
     @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> Result:
+    def from_wire(cls, d: dict[str, Any], model: str = "") -> Result:
         return cls(qid=d["qid"], input=d.get("input", ""), top5=[(str(a), float(b)) for a, b in d.get("top5") or []],
                    worker=d.get("worker", ""), latency=float(d.get("latency") or 0.0),
                    completed_at=d.get("completed_at"), dispatches=int(d.get("dispatches") or 1),
-                   error=d.get("error"), model=d.get("model", ""))
+                   error=d.get("error"), model=d.get("model") or model)  # a row's model is its job's
 
 
 class Job:
@@ -266,7 +266,7 @@ class Job:
         while True:
             data = self.client.command("results", job=self.id, after=cursor, limit=page)
             for r in data["results"]:
-                yield Result.from_wire(r)
+                yield Result.from_wire(r, self.model)
             cursor = data["next"]
             self.last_info = data["job"]
             if data["results"]:
@@ -281,7 +281,7 @@ class Job:
 
     def all_results(self) -> list[Result]:
         """Every result so far, by input index (does not wait)."""
-        return [Result.from_wire(r) for r in self.client.command("results", job=self.id)["results"]]
+        return [Result.from_wire(r, self.model) for r in self.client.command("results", job=self.id)["results"]]
 
     def rate(self) -> dict[str, Any]:
         """``rate`` (images/s over the window), ``overall``, ``count``, ``duplicates``, ``window``, ``state``."""

@@ -147,7 +147,7 @@ class SimCluster:
                 continue
             piece = ev.task.queries[ev.first:ev.last]
             elapsed = len(piece) * self.costs.get(ev.task.model, 0.01) / w.speed
-            results = [{"qid": q["qid"], "input": q["input"], "top5": [["x", 1.0]], "error": None} for q in piece]
+            results = [[q["index"], [["x", 1.0]], None] for q in piece]
             final = ev.last >= len(ev.task.queries)
             self.deliver(ev.worker, TaskResult(ev.task.task_id, ev.task.job_id, ev.worker, elapsed, results, final))
             self.core.tick(self.t)

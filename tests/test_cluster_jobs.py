@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from chaos.checks import exactly_once
 from conftest import DATA, wait_for
 from rich.console import Console
 
@@ -44,9 +45,8 @@ def wait_done(cluster, jobs: list[str], timeout: float = 60) -> None:
 
 def check_exactly_once(cluster, job: str, n: int) -> list[dict]:
     res = cluster.ctl("results", job=job)["results"]
-    qids = [r["qid"] for r in res]
-    assert len(qids) == len(set(qids)) == n
-    assert sorted(int(q.split(":")[1]) for q in qids) == list(range(n))
+    check = exactly_once(job, res, n)  # every query accepted exactly once, by the coordinator's count
+    assert check.ok, check.problems
     assert sorted(r["input"] for r in res) == sorted(f"in/{p.name}" for p in IMAGES[:n])
     return res
 

@@ -84,8 +84,7 @@ def test_worker_failure_requeues_and_every_input_gets_exactly_one_result():
     assert sorted(j.results) == list(range(200))
     assert not sim.core.registry.is_alive(victim)
     # A late result from the dead worker is acknowledged but dropped.
-    late = TaskResult(held[0], job, victim, 0.1, [{"qid": f"{job}:0", "input": "x", "top5": [["late", 1.0]],
-                                                    "error": None}])
+    late = TaskResult(held[0], job, victim, 0.1, [[0, [["late", 1.0]], None]])
     sim.deliver(victim, late)
     assert j.results[0]["top5"] != [["late", 1.0]]
     # ...and its heartbeat is answered with Rejoin (a new incarnation must join).
@@ -118,7 +117,7 @@ def test_duplicate_results_are_counted_once():
     job = sim.command("submit", model=CHEAP, inputs="in/", batch=8, start=True)["job_id"]
     node = next(iter(sim.workers))
     task = sim.workers[node].received[0]
-    answers = [{"qid": q["qid"], "input": q["input"], "top5": [["a", 0.5]], "error": None} for q in task.queries]
+    answers = [[q["index"], [["a", 0.5]], None] for q in task.queries]
     res = TaskResult(task.task_id, job, node, 0.1, answers)
     sim.deliver(res.node_id, res)
     sim.deliver(res.node_id, res)
@@ -240,7 +239,7 @@ def test_handler_errors_and_non_requests_never_kill_the_coordinator():
     sim.deliver(node, TaskResult("t?", "nojob", node, 0.0, []))
     sim.add_inputs("in", 4)
     job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
-    sim.deliver(node, TaskResult("t?", job, node, 0.0, [{"qid": "garbage"}, {"qid": f"{job}:999"}, {}]))
+    sim.deliver(node, TaskResult("t?", job, node, 0.0, [["garbage", None, None], [999, None, None], []]))
     from common.protocol import Join  # noqa: PLC0415
 
     sim.core.handle(b"no-incarnation", decode(Join("no-incarnation", "worker", "").encode()), sim.t)
@@ -262,7 +261,7 @@ def test_a_partial_result_requeues_the_unanswered_queries_and_task_ids_carry_the
     sim.events.clear()
     q = task.queries[0]
     sim.deliver(node, TaskResult(task.task_id, job, node, 0.01,
-                                 [{"qid": q["qid"], "input": q["input"], "top5": [["a", 1.0]], "error": None}]))
+                                 [[q["index"], [["a", 1.0]], None]]))
     j = sim.core.jobs.jobs[job]
     out_again = sorted([*j.pending, *(i for t in sim.core.jobs.tasks.values() for i in t.indexes)])
     assert len(j.results) == 1 and out_again == [1, 2, 3]  # queued again (or already re-dispatched)
@@ -289,8 +288,7 @@ def test_reattach_with_resent_results_never_overcommits_the_worker():
     sim.deliver(node, Join(node, "worker", node.split("@")[0], inflight=[t.task_id for t in held]))
     done = held[0]
     sim.deliver(node, TaskResult(done.task_id, job, node, 1.0,
-                                 [{"qid": q["qid"], "input": q["input"], "top5": [["a", 1.0]], "error": None}
-                                  for q in done.queries]))
+                                 [[q["index"], [["a", 1.0]], None] for q in done.queries]))
     assert _held(sim, node) == 1  # nothing dispatched before its Ready
     sim.deliver(node, Ready(node, 2, []))
     assert _held(sim, node) == 2
@@ -359,13 +357,13 @@ def test_results_carry_completion_time_and_dispatch_count_and_duplicates_are_cou
     sim._route()
     again = sim.workers[node].received[-1]
     assert again.task_id != task.task_id
-    answers = [{"qid": q["qid"], "input": q["input"], "top5": [["a", 0.5]], "error": None} for q in task.queries]
+    answers = [[q["index"], [["a", 0.5]], None] for q in task.queries]
     sim.t = 7.0
     sim.deliver(node, TaskResult(again.task_id, job, node, 0.1, answers))  # answers the second dispatch
     sim.t = 8.0
     sim.deliver(node, TaskResult(task.task_id, job, node, 0.1, answers))  # the first one, late: 4 duplicates
     res = sim.command("results", job=job)["results"]
-    assert [r["dispatches"] for r in res] == [2, 2, 2, 2]
+    assert [(r["dispatches"], r["arrivals"], r["accepted"]) for r in res] == [(2, 2, 1)] * 4
     assert [r["completed_at"] for r in res] == [7.0] * 4
     rate = sim.command("query_rate", job=job)["jobs"][job]
     assert rate["count"] == 4 and rate["duplicates"] == 4

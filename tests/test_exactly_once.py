@@ -20,7 +20,7 @@ class ReplayingWorker:
         self.sim, self.node = sim, node
 
     def answer(self, task: Task, replays: int = 1) -> TaskResult:
-        rows = [{"qid": q["qid"], "input": q["input"], "top5": [["a", 1.0]], "error": None} for q in task.queries]
+        rows = [[q["index"], [["a", 1.0]], None] for q in task.queries]
         result = TaskResult(task.task_id, task.job_id, self.node, 0.01, rows)
         for _ in range(1 + replays):
             self.sim.deliver(self.node, result)
@@ -43,7 +43,7 @@ def test_a_replayed_result_is_accepted_once_and_reported_as_a_dropped_duplicate(
     job, replayed = run_with_one_replay(sim)
     j = sim.core.jobs.jobs[job]
     assert j.state == "done" and j.completed == 8
-    first = [int(q["qid"].rsplit(":", 1)[1]) for q in replayed.queries]
+    first = [q["index"] for q in replayed.queries]
     assert [j.counts.arrivals[i] for i in first] == [2] * 4 and [j.counts.accepted[i] for i in first] == [1] * 4
     rows = sim.command("results", job=job)["results"]
     assert {(r["dispatches"], r["arrivals"], r["accepted"]) for r in rows if int(r["qid"].split(":")[1]) in first} \

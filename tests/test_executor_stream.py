@@ -37,7 +37,7 @@ SPEC = WeightsSpec("slow", ("slow", ""), label="seeded")
 
 
 def _task(n: int) -> Task:
-    return Task("t1.1-job1", "job1", "slow", 1, [{"qid": f"job1:{i}", "input": f"in/{i}", "version": 1}
+    return Task("t1.1-job1", "job1", "slow", 1, [{"index": i, "input": f"in/{i}", "version": 1}
                                                    for i in range(n)])
 
 
@@ -49,8 +49,8 @@ def test_pieces_follow_the_measured_cost_and_only_the_last_is_final(tmp_path):
     # The first piece measures one image; then ~0.1 s of compute per piece (3 images at 0.03 s).
     assert model.calls[0] == 1 and all(1 <= c <= 4 for c in model.calls[1:]) and sum(model.calls) == 8
     assert [p.final for p in pieces] == [False] * (len(pieces) - 1) + [True]
-    qids = [r["qid"] for p in pieces for r in p.results]
-    assert qids == [q["qid"] for q in task.queries]  # every query once, in order
+    indexes = [r[0] for p in pieces for r in p.results]
+    assert indexes == [q["index"] for q in task.queries]  # every query once, in order
     assert all(p.elapsed > 0 for p in pieces)
 
 
@@ -65,9 +65,9 @@ def test_inputs_that_failed_to_load_and_a_broken_model_still_answer_every_query(
     ex = _executor(tmp_path, Config(stream_interval=0.0), SlowModel(0.0))
     errors = [None, "ImageDecodeError: corrupt", None]
     (piece,) = ex._run(Prepared(_task(3), 0, ["img", None, "img"], errors, SPEC))
-    assert [r["error"] for r in piece.results] == errors and piece.results[1]["top5"] is None
+    assert [r[2] for r in piece.results] == errors and piece.results[1][1] is None
     broken = WeightsSpec("broken", ("broken", ""), error="cannot load model 'broken': boom")
     ex._model = Executor._model.__get__(ex)  # the real one: it refuses a spec that carries an error
     task = Task("t1.2-job1", "job1", "broken", 1, _task(2).queries)
     (piece,) = ex._run(Prepared(task, 0, ["img", "img"], [None, None], broken))
-    assert piece.final and all("boom" in r["error"] for r in piece.results)
+    assert piece.final and all("boom" in r[2] for r in piece.results)

@@ -103,8 +103,8 @@ w = Worker(cfg, Path({str(tmp_path / "w")!r}), port=0, name="w0")
 w.start()
 from common.protocol import Task
 from worker.executor import Prepared
-task = Task("t1.1-j", "j", "noop", 1, [{{"qid": f"j:{{i}}", "input": "in", "version": 1}} for i in range(2)])
-out = [r["top5"] for piece in w.executor._run(Prepared(task, 0, [b"x", b"y"], [None, None])) for r in piece.results]
+task = Task("t1.1-j", "j", "noop", 1, [{{"index": i, "input": "in", "version": 1}} for i in range(2)])
+out = [r[1] for piece in w.executor._run(Prepared(task, 0, [b"x", b"y"], [None, None])) for r in piece.results]
 w.shutdown(leave=False)
 print("torch" in sys.modules, "torchvision" in sys.modules, "models" in sys.modules, out)
 """

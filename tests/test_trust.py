@@ -25,7 +25,7 @@ def SimCluster(costs: dict[str, float], speeds: list[float], cfg=None) -> _SimCl
 
 
 def answers(task, label: str = "a") -> list[dict]:
-    return [{"qid": q["qid"], "input": q["input"], "top5": [[label, 0.5]], "error": None} for q in task.queries]
+    return [[q["index"], [[label, 0.5]], None] for q in task.queries]
 
 
 def dropped(sim: SimCluster) -> dict[str, int]:
@@ -53,8 +53,7 @@ def test_a_result_naming_another_job_cannot_steal_that_jobs_task():
     before = dropped(sim).get("bad_result", 0)
     # Job a's worker answers job a's task id but claims it belongs to job b, with b's query ids.
     forged = TaskResult(ta.task_id, b, ta.worker, 0.1,
-                        [{"qid": f"{b}:{i}", "input": "x", "top5": [["stolen", 1.0]], "error": None}
-                         for i in range(8)])
+                        [[i, [["stolen", 1.0]], None] for i in range(8)])
     sim.deliver(ta.worker, forged)
     jb, ja = sim.core.jobs.jobs[b], sim.core.jobs.jobs[a]
     assert not jb.results and not ja.results
@@ -83,7 +82,8 @@ def test_a_result_from_a_worker_that_does_not_hold_the_task_is_dropped():
     assert dropped(sim).get("bad_result") == 1
 
 
-@pytest.mark.parametrize("case", ["index outside the task", "index of another job", "not a list of pairs",
+@pytest.mark.parametrize("case", ["index outside the task", "index outside the job", "index not a number",
+                                  "not a list of pairs",
                                   "probability not finite", "duplicate query", "error not text"])
 def test_a_result_with_entries_that_do_not_answer_the_task_is_dropped(case):
     sim = SimCluster({CHEAP: 1.0}, speeds=[1])
@@ -94,12 +94,13 @@ def test_a_result_with_entries_that_do_not_answer_the_task_is_dropped(case):
     sim.events.clear()
     entries = answers(first)
     entry = {
-        "index outside the task": {"qid": f"{job}:7", "top5": [["x", 1.0]], "error": None},
-        "index of another job": {"qid": "job9-cheap:0", "top5": [["x", 1.0]], "error": None},
-        "not a list of pairs": {"qid": entries[0]["qid"], "top5": {"x": 1}, "error": None},
-        "probability not finite": {"qid": entries[0]["qid"], "top5": [["x", math.nan]], "error": None},
-        "duplicate query": dict(entries[0]),
-        "error not text": {"qid": entries[0]["qid"], "top5": None, "error": ["boom"]},
+        "index outside the task": [7, [["x", 1.0]], None],
+        "index outside the job": [99, [["x", 1.0]], None],
+        "index not a number": ["job9-cheap:0", [["x", 1.0]], None],
+        "not a list of pairs": [entries[0][0], {"x": 1}, None],
+        "probability not finite": [entries[0][0], [["x", math.nan]], None],
+        "duplicate query": list(entries[0]),
+        "error not text": [entries[0][0], None, ["boom"]],
     }[case]
     bad = [*entries[1:], entry] if case != "duplicate query" else [*entries, entry]
     sim.deliver(node, TaskResult(first.task_id, job, node, 0.1, bad))

@@ -464,11 +464,8 @@ class Executor:
                         errors[k] = str(exc)
             elapsed = time.perf_counter() - t0
             i = piece.stop
-            results = [
-                {"qid": task.queries[k].get("qid"), "input": task.queries[k].get("input"),
-                 "top5": preds[k] if errors[k] is None else None, "error": errors[k]}
-                for k in piece
-            ]
+            results = [[task.queries[k].get("index"), preds[k] if errors[k] is None else None, errors[k]]
+                       for k in piece]
             yield TaskResult(task.task_id, task.job_id, self.node_id_fn(), elapsed, results, final=i >= n)
             if i >= n:
                 return

@@ -33,7 +33,7 @@ def hostile_frames(rnd: random.Random, n: int) -> list[bytes]:
     valid = [
         P.Join("127.0.0.1:1@1", "worker", "127.0.0.1:1").encode(),
         P.Heartbeat("127.0.0.1:9@9").encode(),
-        P.TaskResult("t9.9-nojob", "nojob", "127.0.0.1:9@9", 0.1, [{"qid": "nojob:1"}]).encode(),
+        P.TaskResult("t9.9-nojob", "nojob", "127.0.0.1:9@9", 0.1, [[1, None, None]]).encode(),
         P.Stored("127.0.0.1:9@9", "nofile", 3, 10, "00").encode(),
         P.WriteChunk(1, "x/y", 1, 5, b"abc", 10, "00", False).encode(),
         P.ReadChunk(2, "no/such", 1, 0, 1 << 20).encode(),
@@ -70,8 +70,7 @@ def forged_identity_frames(rnd: random.Random, node_ids: list[str], job: str, to
     """Well-formed messages of every type that names a node, each naming a node that is not the sender."""
     def result(node: str) -> P.Message:
         return P.TaskResult(f"t1.{rnd.randint(1, 50)}-{job}", job, node, rnd.random(),
-                            [{"qid": f"{job}:{i}", "input": "x", "top5": [["FORGED", 1.0]], "error": None}
-                             for i in range(total)])
+                            [[i, [["FORGED", 1.0]], None] for i in range(total)])
 
     makers = [
         result,

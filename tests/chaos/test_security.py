@@ -144,8 +144,7 @@ def test_a_client_key_cannot_act_as_a_worker_or_read_the_state(make_cluster):
                 if isinstance(m, P.Task):
                     tasks.append(m)
                     s.send(P.TaskResult(m.task_id, m.job_id, node, 0.1, [
-                        {"qid": q["qid"], "input": q["input"], "top5": [["FORGED", 1.0]], "error": None}
-                        for q in m.queries]).encode())
+                        [q["index"], [["FORGED", 1.0]], None] for q in m.queries]).encode())
             s.send(P.Heartbeat(node).encode())
         return c.ctl("completed", job=job)[job]["completed"] == 12
 
