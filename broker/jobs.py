@@ -184,7 +184,7 @@ class Job:
         the state store re-uses a finished job's snapshot item until this changes."""
         if self.finished is None or self.stats is None:
             return None
-        return (str(self.state), self.finished, self.completed, self.stats.completed, self.stats.duplicates,
+        return (str(self.state), self.finished, self.completed, self.stats.duplicates,
                 self.results_version, self.batch_size, self.latency_target, self.weight,
                 tuple(self.counts.totals().values()))
 
