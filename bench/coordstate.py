@@ -59,11 +59,11 @@ def run_batches(core: Coordinator, job: Job, batches: int, commit_every: int = 1
         tid = f"t1.{b}-{job.job_id}"
         core.emit("task.dispatch", {"task_id": tid, "job_id": job.job_id, "worker": "w@1", "indexes": idx,
                                     "dispatched": time.time()}, 0.0)
-        res = {str(i): {"input": job.inputs[i][0], "model": "noop", "top5": [["noop", 1.0]], "error": None,
-                        "worker": "w@1", "batch": 8, "completed_at": time.time(), "dispatches": 1, "latency": 0.01}
+        res = {str(i): {"top5": [["noop", 1.0]], "error": None, "worker": "w@1", "batch": 8,
+                        "completed_at": time.time(), "latency": 0.01}
                for i in idx}
         core.emit("task.result", {"task_id": tid, "job_id": job.job_id, "results": res, "latency": 0.01,
-                                  "elapsed": 0.005, "ts": time.time(), "worker": "w@1", "duplicates": 0}, 0.0)
+                                  "elapsed": 0.005, "ts": time.time(), "worker": "w@1"}, 0.0)
         if (b + 1) % commit_every == 0:
             t0 = time.perf_counter()
             core.commit()
