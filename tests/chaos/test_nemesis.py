@@ -31,10 +31,12 @@ def hosts(tmp_path):
         net.destroy()
 
 
-def report(scenario: str, **seconds: float) -> None:
-    """One line per scenario for the README table (shown with `pytest -s`); the asserts are the test."""
+def report(scenario: str, h: History, **seconds: float) -> None:
+    """One line per scenario for the README table (shown with `pytest -s`); the asserts are the test
+    (check_history: every query accepted exactly once, by the coordinator's own counts)."""
     detail = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in seconds.items())
-    print(f"\nCHAOS | {scenario} | 0 lost, 0 duplicated | {detail}")
+    dropped = sum(op.get("dropped_duplicates", 0) for op in h.ops)
+    print(f"\nCHAOS | {scenario} | 0 lost, 0 duplicated ({dropped} duplicate answers dropped) | {detail}")
 
 
 def load_and_submit(c: NetnsCluster, h: History, tmp: Path) -> str:
@@ -86,7 +88,7 @@ def test_partitioned_worker_for_10s_then_healed(hosts):
     rejoined = time.monotonic() - t_heal
     wait_done(c, job)
     assert check_history(h, c) == []
-    report("partition one worker 10 s", detected=detected, rejoined_after_heal=rejoined)
+    report("partition one worker 10 s", h, detected=detected, rejoined_after_heal=rejoined)
     incarnations = [m for m in c.ctl("members")["members"] if m["data_addr"] == victim.addr]
     assert {m["state"] for m in incarnations} >= {"failed", "alive"}
 
@@ -106,7 +108,7 @@ def test_three_workers_killed_at_once(hosts):
     at_rf = time.monotonic() - t0
     wait_done(c, job)
     assert check_history(h, c) == []
-    report("SIGKILL 3 of 8 workers at once", detected=detected, back_at_rf=at_rf)
+    report("SIGKILL 3 of 8 workers at once", h, detected=detected, back_at_rf=at_rf)
 
 
 def test_primary_killed_while_a_worker_dies(hosts):
@@ -124,7 +126,7 @@ def test_primary_killed_while_a_worker_dies(hosts):
     promoted = time.monotonic() - t0
     wait_done(c, job)
     assert check_history(h, c) == []
-    report("SIGKILL primary coordinator + a worker", standby_serving=promoted)
+    report("SIGKILL primary coordinator + a worker", h, standby_serving=promoted)
 
 
 def test_gray_failure_sigstop_10s(hosts):
@@ -142,4 +144,4 @@ def test_gray_failure_sigstop_10s(hosts):
     back = time.monotonic() - t0
     wait_done(c, job)
     assert check_history(h, c) == []
-    report("SIGSTOP a worker 10 s, then SIGCONT", rejoined_after_sigcont=back)
+    report("SIGSTOP a worker 10 s, then SIGCONT", h, rejoined_after_sigcont=back)
