@@ -6,10 +6,11 @@ Sockets (port P = the control port of ``addr``):
   P+2   PULL    log records pushed by every node, republished on PUB
 and, when a peer coordinator is configured, a SUB to the peer's PUB and a DEALER to its ROUTER.
 
-Failover rules (zguide Binary Star): a standby promotes itself only when the primary has been
-silent for ``failover_timeout`` *and* a worker has asked it for service in that time (a standby cut
-off from everyone stays standby). Each promotion raises the term; a primary that hears a primary
-with a higher term demotes itself to standby and re-syncs, and workers ignore older terms.
+Failover (zguide Binary Star) is the state machine of common/failover.py, driven once per step by
+``broker/standby.py: Failover``: a standby promotes itself only when the primary has been silent for
+``failover_timeout`` *and* a worker has asked it for service in that time (a standby cut off from
+everyone stays standby). Each promotion raises the term; a primary that hears a primary with a
+higher term demotes itself to standby and re-syncs, and workers ignore older terms.
 """
 
 from __future__ import annotations
@@ -302,14 +303,13 @@ class CoordinatorServer:
         # Membership and control traffic first: the ROUTER (heartbeats, results, requests) and the
         # peer's heartbeats, then bulk log records. Each drain is bounded, so no socket starves another.
         ready = dict(self.poller.poll(int(timeout * 1000)))
-        sync = self.failover.sync
-        if self.link is not None and sync is not None:
-            if self.link.sub in ready:
-                self.link.drain_sub(sync.on_update)
-            if self.link.dealer in ready:
-                sync.drain()
+        link, sync = self.link, self.failover.sync
+        if link is not None and sync is not None and link.sub in ready:
+            link.drain_sub(sync.on_update)
         if self.router in ready:
             backlog = self._drain_router()
+        if link is not None and sync is not None and link.dealer in ready:
+            sync.drain()
         if self.pull in ready:
             self._drain_logs()
         if self.pub in ready:
