@@ -6,10 +6,11 @@ Sockets (port P = the control port of ``addr``):
   P+2   PULL    log records pushed by every node, republished on PUB
 and, when a peer coordinator is configured, a SUB to the peer's PUB and a DEALER to its ROUTER.
 
-Failover rules (zguide Binary Star): a standby promotes itself only when the primary has been
-silent for ``failover_timeout`` *and* a worker has asked it for service in that time (a standby cut
-off from everyone stays standby). Each promotion raises the term; a primary that hears a primary
-with a higher term demotes itself to standby and re-syncs, and workers ignore older terms.
+Failover (zguide Binary Star) is the state machine of common/failover.py, driven once per step by
+``broker/standby.py: Failover``: a standby promotes itself only when the primary has been silent for
+``failover_timeout`` *and* a worker has asked it for service in that time (a standby cut off from
+everyone stays standby). Each promotion raises the term; a primary that hears a primary with a
+higher term demotes itself to standby and re-syncs, and workers ignore older terms.
 """
 
 from __future__ import annotations
@@ -22,32 +23,23 @@ import queue
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from broker.coordinator import PRIMARY, PROBING, STANDBY, Coordinator
+from broker.coordinator import Coordinator
 from broker.jobs import Job
-from broker.snapshot import SnapshotError, SnapshotReceiver, install
+from broker.standby import Failover, PeerLink
 from broker.state_store import StateStore
 from common import security
 from common.config import Config
-from common.failure_detector import LOCAL_STALL, PhiAccrual
+from common.failover import PRIMARY, STANDBY
+from common.failure_detector import LOCAL_STALL
 from common.logstream import LOG_PORT_OFFSET, MAX_LOG_FRAME, PUB_PORT_OFFSET
 from common.loop import run_until_stopped
-from common.protocol import (
-    CoordinatorHeartbeat,
-    Error,
-    LogRecord,
-    Message,
-    StateChunk,
-    StateFetch,
-    StateRequest,
-    StateUpdate,
-    Topic,
-)
-from common.rpc import next_req
+from common.protocol import LogRecord, Message, Topic
 from common.transport import host_port, make_socket, offset_addr, router_send, tcp, try_decode
 
 log = logging.getLogger("idunno.coordinator.server")
@@ -172,6 +164,77 @@ class ResultWriter:
         self.queue.put(None)
 
 
+def bind_sockets(ctx: zmq.Context, cfg: Config, addr: str) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket]:
+    """The ROUTER, XPUB and PULL sockets of a coordinator at ``addr`` (see the module docstring)."""
+    router = make_socket(ctx, zmq.ROUTER, cfg.max_frame_bytes, server=True)
+    router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker with the same id takes over
+    router.bind(tcp(addr))
+    # XPUB with manual subscriptions: the state journal (Topic.STATE) goes to coordinator keys only.
+    pub = make_socket(ctx, zmq.XPUB, cfg.max_frame_bytes, server=True)
+    pub.setsockopt(zmq.XPUB_MANUAL, 1)
+    pub.setsockopt(zmq.SNDHWM, 100_000)
+    pub.bind(tcp(offset_addr(addr, PUB_PORT_OFFSET)))
+    # Only coordinator and worker keys may push log records (ZAP domain NODES).
+    pull = make_socket(ctx, zmq.PULL, min(cfg.max_frame_bytes, MAX_LOG_FRAME), server=True, domain=security.NODES)
+    pull.bind(tcp(offset_addr(addr, LOG_PORT_OFFSET)))
+    return router, pub, pull
+
+
+class TermFile:
+    """The coordinator's current term on disk (Raft's persisted currentTerm)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = data_dir
+        self.path = data_dir / "term"
+
+    def load(self) -> int:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return 0
+
+    def save(self, term: int) -> None:
+        """Persist a new term before it is announced (the Coordinator's term setter calls this):
+        written to a temporary file, fsync'd, renamed over ``term``, directory fsync'd, so a
+        crash or power loss leaves the old or the new number, never none."""
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as fh:
+            fh.write(str(term))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class LogLimiter:
+    """Token bucket per log sender: a flood of records from one node costs the others nothing."""
+
+    def __init__(self, on_drop: Callable[[float, str], None]) -> None:
+        self.buckets: dict[tuple[str, str], list[float]] = {}  # sender -> [tokens, last refill]
+        self.on_drop = on_drop
+
+    def allowed(self, sender: tuple[str, str]) -> bool:
+        now = time.monotonic()
+        bucket = self.buckets.get(sender)
+        if bucket is None:
+            if len(self.buckets) >= MAX_LOG_SENDERS:
+                sender = (sender[0], "*")  # names made up by the thousand share one bucket
+                bucket = self.buckets.get(sender)
+            if bucket is None:
+                bucket = self.buckets[sender] = [LOG_BURST, now]
+        bucket[0] = min(LOG_BURST, bucket[0] + (now - bucket[1]) * LOG_RATE)
+        bucket[1] = now
+        if bucket[0] < 1.0:
+            self.on_drop(now, sender[1])
+            return False
+        bucket[0] -= 1.0
+        return True
+
+
 class CoordinatorServer:
     def __init__(
         self,
@@ -185,106 +248,52 @@ class CoordinatorServer:
     ) -> None:
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
-        host, port = host_port(addr)
         self.addr = addr
         self.peer = peer or None
-        self.data_dir = Path(data_dir or Path(cfg.data_dir) / f"coordinator-{port}")
+        self.data_dir = Path(data_dir or Path(cfg.data_dir) / f"coordinator-{host_port(addr)[1]}")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.router = make_socket(self.ctx, zmq.ROUTER, cfg.max_frame_bytes, server=True)
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker with the same id takes over
-        self.router.bind(tcp(addr))
-        # XPUB with manual subscriptions: the state journal (Topic.STATE) goes to coordinator keys only.
-        self.pub = make_socket(self.ctx, zmq.XPUB, cfg.max_frame_bytes, server=True)
-        self.pub.setsockopt(zmq.XPUB_MANUAL, 1)
-        self.pub.setsockopt(zmq.SNDHWM, 100_000)
-        self.pub.bind(tcp(offset_addr(addr, PUB_PORT_OFFSET)))
-        # Only coordinator and worker keys may push log records (ZAP domain NODES).
-        self.pull = make_socket(self.ctx, zmq.PULL, min(cfg.max_frame_bytes, MAX_LOG_FRAME), server=True,
-                                domain=security.NODES)
-        self.pull.bind(tcp(offset_addr(addr, LOG_PORT_OFFSET)))
+        self.router, self.pub, self.pull = bind_sockets(self.ctx, cfg, addr)
         self.net = ZmqNet(self.router, self.pub)
         self.writer = ResultWriter(cfg, addr, self.data_dir / "spool")
         self.store = StateStore(self.data_dir / "state.sqlite", chunk_bytes=cfg.chunk_bytes,
                                 compact_ops=cfg.state_compact_ops)
-        role = STANDBY if standby else (PROBING if self.peer else PRIMARY)
+        self.term_file = TermFile(self.data_dir)
         # Restored before serving, as a non-primary (replaying a finished job must not write its
         # results yet); the role is taken afterwards, with a term above any stored or restored.
         self.core = Coordinator(
-            cfg, addr, self.net, role=STANDBY, term=self._load_term(),
+            cfg, addr, self.net, role=STANDBY, term=self.term_file.load(),
             db_path=str(self.data_dir / "metadata.sqlite"), scheduler=scheduler, on_job_done=self.writer.submit,
-            store=self.store, persist_term=self._save_term,
+            store=self.store, persist_term=self.term_file.save,
             grant_key=security.CURRENT.grant_key if security.CURRENT else None,
         )
         t0 = time.monotonic()
         restored = self.core.load_state(t0)
         if restored["jobs"]:
             log.info("state restored in %.2fs", time.monotonic() - t0)
-        self.core.role = role
-        if role == PRIMARY:
-            self.core.term += 1  # persisted (fsync'd) by the term's setter before anything announces it
-            self.core.take_over(time.monotonic())
+        self.link = PeerLink(self.ctx, cfg, self.peer) if self.peer else None
+        self.failover = Failover(cfg, self.core, addr, self.link)
+        self.failover.start(standby, time.monotonic())
         gc.freeze()  # the state loaded from disk is long-lived: full GC passes need not walk it (loop stalls)
-        self.started = time.monotonic()
-        self.last_expiry = self.started
-        self.peer_sub: zmq.Socket | None = None
-        self.peer_dealer: zmq.Socket | None = None
-        self.peer_fd: PhiAccrual | None = None  # adaptive detector over the peer's heartbeats
-        self.last_step = self.started
-        self.peer_role = ""
-        self.peer_term = 0
-        self.transfer: SnapshotReceiver | None = None  # the snapshot being pulled from the primary
-        self.snapshot_sent = -1e9
-        self.buffered: list[StateUpdate] = []
-        self.ever_synced = False
-        self.refusal_logged = False
-        if self.peer:
-            self.peer_sub = make_socket(self.ctx, zmq.SUB, cfg.max_frame_bytes)
-            for topic in (Topic.HEARTBEAT, Topic.STATE):
-                self.peer_sub.setsockopt(zmq.SUBSCRIBE, topic)
-            self.peer_sub.setsockopt(zmq.RCVHWM, 100_000)
-            self.peer_sub.connect(tcp(offset_addr(self.peer, PUB_PORT_OFFSET)))
-            self.peer_dealer = make_socket(self.ctx, zmq.DEALER, cfg.max_frame_bytes)
-            self.peer_dealer.connect(tcp(self.peer))
+        self.started = self.last_expiry = self.last_step = time.monotonic()
+        self.failover.started = self.started
         self.poller = zmq.Poller()
-        for s in (self.router, self.pull, self.peer_sub, self.peer_dealer, self.pub):
-            if s is not None:
-                self.poller.register(s, zmq.POLLIN)
+        peer_socks = (self.link.sub, self.link.dealer) if self.link else ()
+        for s in (self.router, self.pull, *peer_socks, self.pub):
+            self.poller.register(s, zmq.POLLIN)
         self.stop_event = threading.Event()
         self.metrics: dict | None = None  # refreshed by the loop for the Prometheus thread
         self.next_metrics = 0.0
         self.compact_loop_max = 0.0  # longest time a compaction held the loop (seconds)
-        self.log_buckets: dict[tuple[str, str], list[float]] = {}  # sender -> [tokens, last refill]
-        log.info("coordinator %s up as %s (term %d, peer %s)", addr, role, self.core.term, self.peer or "none")
-
-    # -- term persistence ---------------------------------------------------------------------
-    def _load_term(self) -> int:
-        try:
-            return int((self.data_dir / "term").read_text().strip())
-        except (OSError, ValueError):
-            return 0
-
-    def _save_term(self, term: int) -> None:
-        """Persist a new term before it is announced (the Coordinator's term setter calls this):
-        written to a temporary file, fsync'd, renamed over ``term``, directory fsync'd, so a
-        crash or power loss leaves the old or the new number, never none."""
-        path = self.data_dir / "term"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(str(term))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(self.data_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        self.log_limiter = LogLimiter(lambda now, node: self.core.drop(
+            "log_rate", now, "log records from %r over %.0f/s dropped", node[:80], LOG_RATE))
+        log.info("coordinator %s up as %s (term %d, peer %s)", addr, self.core.role, self.core.term,
+                 self.peer or "none")
 
     # -- loop -----------------------------------------------------------------------------------
     def _stalled(self, gap: float) -> None:
         self.core.loop_stalled(gap)
-        if gap > LOCAL_STALL and self.peer_fd is not None:
-            self.peer_fd.excuse(gap)  # our own stall is not the peer's silence
+        if gap > LOCAL_STALL and self.link is not None:
+            self.link.excuse(gap)  # our own stall is not the peer's silence
 
     def step(self, now: float) -> None:
         self._stalled(now - self.last_step)
@@ -294,12 +303,13 @@ class CoordinatorServer:
         # Membership and control traffic first: the ROUTER (heartbeats, results, requests) and the
         # peer's heartbeats, then bulk log records. Each drain is bounded, so no socket starves another.
         ready = dict(self.poller.poll(int(timeout * 1000)))
-        if self.peer_sub in ready:
-            self._drain_peer_sub()
+        link, sync = self.link, self.failover.sync
+        if link is not None and sync is not None and link.sub in ready:
+            link.drain_sub(sync.on_update)
         if self.router in ready:
             backlog = self._drain_router()
-        if self.peer_dealer in ready:
-            self._drain_peer_dealer()
+        if link is not None and sync is not None and link.dealer in ready:
+            sync.drain()
         if self.pull in ready:
             self._drain_logs()
         if self.pub in ready:
@@ -312,7 +322,7 @@ class CoordinatorServer:
         if now - polled > LOCAL_STALL:
             self._stalled(now - polled)
             self.last_step = now  # the next step's gap starts after what was excused here
-        self._failover_rules(now)
+        self.failover.step(now)  # the Binary Star rules: common/failover.py's COORDINATOR_TABLE
         # With unread messages left (the drain hit its budget), heartbeats may be among them: read on
         # before declaring anyone failed, unless the backlog has held expiry off for too long.
         defer = backlog and now - self.last_expiry < self.cfg.failure_timeout
@@ -354,9 +364,10 @@ class CoordinatorServer:
         self.writer.stop()
         self.core.commit()
         self.store.close()
-        for s in (self.router, self.pub, self.pull, self.peer_sub, self.peer_dealer):
-            if s is not None:
-                s.close(0)
+        for s in (self.router, self.pub, self.pull):
+            s.close(0)
+        if self.link is not None:
+            self.link.close()
 
     def _drain_router(self) -> bool:
         """Handle waiting messages for at most DRAIN_BUDGET seconds; True if some are left unread."""
@@ -390,7 +401,8 @@ class CoordinatorServer:
             except zmq.Again:
                 return
             msg = try_decode(frame.bytes, MAX_LOG_FRAME, "log pusher")
-            if isinstance(msg, LogRecord) and self._log_allowed((security.role_of(frame) or "", msg.node[:200])):
+            if isinstance(msg, LogRecord) and self.log_limiter.allowed((security.role_of(frame) or "",
+                                                                        msg.node[:200])):
                 self.net.publish_raw(Topic.LOG, frame.bytes)
 
     def _drain_subscriptions(self) -> None:
@@ -417,196 +429,3 @@ class CoordinatorServer:
                                    role or "unknown", topic[:40])
             for t in topics:  # XPUB_MANUAL: applies to the pipe whose message was read last
                 self.pub.setsockopt(option, t)
-
-    def _log_allowed(self, sender: tuple[str, str]) -> bool:
-        """Token bucket per sender: a flood of records from one node costs the others nothing."""
-        now = time.monotonic()
-        bucket = self.log_buckets.get(sender)
-        if bucket is None:
-            if len(self.log_buckets) >= MAX_LOG_SENDERS:
-                sender = (sender[0], "*")  # names made up by the thousand share one bucket
-                bucket = self.log_buckets.get(sender)
-            if bucket is None:
-                bucket = self.log_buckets[sender] = [LOG_BURST, now]
-        bucket[0] = min(LOG_BURST, bucket[0] + (now - bucket[1]) * LOG_RATE)
-        bucket[1] = now
-        if bucket[0] < 1.0:
-            self.core.drop("log_rate", now, "log records from %r over %.0f/s dropped", sender[1][:80], LOG_RATE)
-            return False
-        bucket[0] -= 1.0
-        return True
-
-    # -- peer coordinator ---------------------------------------------------------------------
-    def _drain_peer_sub(self) -> None:
-        if self.peer_sub is None:  # only polled when a peer is configured
-            return
-        for _ in range(10_000):
-            try:
-                frames = self.peer_sub.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) != 2:
-                continue
-            msg = try_decode(frames[1], self.cfg.max_frame_bytes, "peer coordinator")
-            if isinstance(msg, CoordinatorHeartbeat):
-                heard = time.monotonic()
-                if self.peer_fd is None:
-                    self.peer_fd = PhiAccrual(self.cfg.detector_params(self.cfg.failover_timeout), heard)
-                else:
-                    self.peer_fd.heartbeat(heard)
-                self.peer_role, self.peer_term = msg.role, msg.term
-            elif isinstance(msg, StateUpdate):
-                self._on_state_update(msg)
-
-    def _drain_peer_dealer(self) -> None:
-        if self.peer_dealer is None:
-            return
-        budget_end = time.monotonic() + DRAIN_BUDGET  # decoding chunks is real work: let the loop tick
-        for _ in range(100):
-            if time.monotonic() > budget_end:
-                return
-            try:
-                frame = self.peer_dealer.recv(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            msg = try_decode(frame, self.cfg.max_frame_bytes, "peer coordinator")
-            t = self.transfer
-            if t is None or self.core.role != STANDBY or getattr(msg, "req", None) != t.req:
-                continue  # a chunk of a superseded transfer, or nothing we asked for
-            now = time.monotonic()
-            if isinstance(msg, StateChunk):
-                try:
-                    t.add(msg.index, msg.data, msg.last, now)
-                except SnapshotError as exc:
-                    log.warning("snapshot transfer %d failed: %s; starting over", t.req, exc)
-                    self.transfer = None
-                    continue
-                if t.done:
-                    self._install(t, now)
-                else:
-                    self._fetch(t.wanted())
-            elif isinstance(msg, Error):
-                log.warning("snapshot transfer %d refused by the primary: %s", t.req, msg.message)
-                self.transfer = None  # _failover_rules asks again after request_timeout
-
-    def _install(self, t: SnapshotReceiver, now: float) -> None:
-        self.transfer = None
-        t0 = time.monotonic()
-        seq, term = install(self.core, t, now)
-        gc.freeze()  # the replicated state is long-lived: keep the cyclic GC from walking it on every full pass
-        took = time.monotonic() - t0
-        self.core.synced = self.ever_synced = True
-        pending, self.buffered = self.buffered, []
-        for u in pending:
-            self._on_state_update(u)
-        log.info("standby synced: state seq %d (now %d), term %d, %d jobs, %d files; %.1f MB in %d chunks in "
-                 "%.2fs (%d resumes), installed in %.2fs", seq, self.core.state_seq, term, len(self.core.jobs.jobs),
-                 len(self.core.master.files), t.bytes / 1e6, t.have, now - t.started, t.resumes, took)
-
-    def _fetch(self, indexes: list[int]) -> None:
-        t = self.transfer
-        if t is None or self.peer_dealer is None:
-            return
-        for i in indexes:
-            try:
-                self.peer_dealer.send(StateFetch(t.req, i, t.have).encode(), flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                return  # not connected yet: the resume timer asks again
-
-    def _request_snapshot(self, now: float) -> None:
-        if self.peer_dealer is None:
-            return
-        self.transfer = SnapshotReceiver(next_req(), self.cfg.transfer_window, now, sink=self.core.master.apply_entries)
-        self.snapshot_sent = now
-        self.core.synced = False
-        self.buffered = []
-        try:
-            self.peer_dealer.send(StateRequest(self.transfer.req).encode(), flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            self.transfer = None
-            return
-        self._fetch(self.transfer.wanted())
-
-    def _sync(self, now: float) -> None:
-        """Standby with a live primary: start, resume or restart the snapshot transfer as needed."""
-        t = self.transfer
-        if t is None:
-            if now - self.snapshot_sent > self.cfg.request_timeout:
-                self._request_snapshot(now)
-            return
-        if now - t.last_progress > self.cfg.request_timeout:
-            if t.resumes >= 3:
-                log.warning("snapshot transfer %d stuck at chunk %d: starting over", t.req, t.have)
-                self._request_snapshot(now)
-            else:
-                log.info("snapshot transfer %d: no chunk for %.1fs, resuming at chunk %d", t.req,
-                         now - t.last_progress, t.have)
-                self._fetch(t.resume(now))
-
-    def _on_state_update(self, u: StateUpdate) -> None:
-        if self.core.role != STANDBY:
-            return
-        if not self.core.synced:
-            self.buffered.append(u)
-            return
-        if u.term > self.core.term:
-            # A primary of a newer term (a restarted one continues its own stored history, whose
-            # seq numbers may overlap ours): its snapshot, not a patch onto our copy.
-            log.warning("state update of term %d (ours %d): re-syncing", u.term, self.core.term)
-            self.core.term = u.term
-            self._request_snapshot(time.monotonic())
-            return
-        if u.seq <= self.core.state_seq:
-            return
-        if u.seq != self.core.state_seq + 1:
-            log.warning("state update gap (have %d, got %d): re-syncing", self.core.state_seq, u.seq)
-            self._request_snapshot(time.monotonic())
-            return
-        self.core.apply_update(u.seq, u.term, u.op, u.data, time.monotonic())
-
-    def _failover_rules(self, now: float) -> None:
-        core = self.core
-        peer_alive = self.peer_fd is not None and not self.peer_fd.failed(now)
-        if core.role == PROBING:
-            if peer_alive and self.peer_role == PRIMARY:
-                core.role = STANDBY
-                core.term = max(core.term, self.peer_term)
-                log.info("peer %s is primary (term %d): starting as standby", self.peer, self.peer_term)
-            elif now - self.started > self.cfg.failover_timeout:
-                core.term = max(core.term, self.peer_term) + 1  # persisted before it is announced
-                core.take_over(now)
-                log.info("no primary heard: starting as primary (term %d)", core.term)
-            return
-        if core.role == PRIMARY:
-            self.ever_synced = True  # it held the authoritative state: demoted, it may take over again
-            if peer_alive and self.peer_role == PRIMARY and (
-                self.peer_term > core.term or (self.peer_term == core.term and self.peer < self.addr)
-            ):
-                core.demote()
-                core.term = self.peer_term
-                self.core.synced = False  # our state is stale: take the new primary's snapshot
-                self.transfer = None
-            return
-        # standby
-        if peer_alive and self.peer_role == PRIMARY:
-            if not self.core.synced:
-                self._sync(now)
-            return
-        voted = now - core.last_vote < max(2 * self.cfg.failover_timeout, 2.0)
-        if not peer_alive and voted and now - self.started > self.cfg.failover_timeout:
-            if not self.ever_synced:
-                # Never held the primary's state (the primary may still be loading its own): taking
-                # over now would present an empty cluster and hand out job ids and versions again.
-                if not self.refusal_logged:
-                    self.refusal_logged = True
-                    log.warning("not promoting: this standby never synced with a primary (start it without "
-                                "--standby to let it start a cluster on its own state)")
-                return
-            if not self.core.synced:
-                log.warning("promoting with the state of an unfinished re-sync (the primary died during it)")
-            self.transfer = None
-            self.buffered = []
-            core.term = max(core.term, self.peer_term)
-            t0 = time.monotonic()
-            core.promote(now)
-            log.info("promotion took %.0f ms", (time.monotonic() - t0) * 1000)

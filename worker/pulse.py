@@ -26,6 +26,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,44 @@ class PulseFile:
     def close(self) -> None:
         self.map.close()
         self._fh.close()
+
+
+class PulseSidecar:
+    """The worker's handle on its pulse process: started with the worker, told each new node id."""
+
+    def __init__(self, cfg: Config, path: Path) -> None:
+        self.cfg = cfg
+        self.path = path
+        self.file: PulseFile | None = None
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, node_id: str) -> None:
+        self.file = PulseFile(self.path, node_id)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.pulse", str(os.getpid()), str(self.file.path)],
+            stdin=subprocess.DEVNULL, env={**os.environ, **self.cfg.env()},
+        )
+
+    def tick(self, now: float) -> None:
+        if self.file is not None:
+            self.file.tick(now)
+
+    def set_node(self, node_id: str) -> None:
+        if self.file is not None:
+            self.file.set_node(node_id)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=2)
+            self.proc = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def read_file(m: mmap.mmap) -> tuple[float, str]:
