@@ -1,4 +1,4 @@
-"""The error the SDFS master answers a client request with (shared by every part of the master)."""
+"""The errors of SDFS: the master's refusal of a request, and a client operation's failure."""
 
 from __future__ import annotations
 
@@ -9,3 +9,11 @@ class MasterError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class SdfsError(RuntimeError):
+    """A client operation that failed (also importable from sdfs.client, where callers expect it)."""
+
+    def __init__(self, message: str, corrupt: bool = False) -> None:
+        super().__init__(message)
+        self.corrupt = corrupt  # the replica answered with data that fails its checksum
