@@ -66,12 +66,12 @@ def test_a_stored_copy_becomes_a_holder_and_the_version_leaves_the_dirty_set() -
 
 
 def test_a_copy_with_the_wrong_checksum_is_dropped_and_the_version_checked_again() -> None:
-    r = Rig()
+    r = Rig(n=3)
     r.add("f", {"n0@1", "n1@1"})
     ((target, _),) = r.planner.tick(NOW)
     assert r.planner.stored(target, "f", 1, True, "other") == [(target, Drop("f", 1))]
     assert target not in r.table.files["f"][1].holders
-    assert copies(r.planner.tick(NOW)) == {("f", 1): {target}}  # asked again (the only node left)
+    assert copies(r.planner.tick(NOW)) == {("f", 1): {target}}  # asked again (the only non-holder)
 
 
 def test_a_timed_out_copy_is_planned_again_and_a_dead_targets_copy_elsewhere() -> None:
