@@ -135,8 +135,20 @@ class FileTable:
         self.dirty[(name, v.version)] = None
 
     def _unindex(self, name: str, v: VersionMeta) -> None:
+        """Forget the whole version: every holder's load, and the version under every node name.
+        (Not one holder at a time: with two incarnations of a node among the holders, each would
+        see the other still holding it, and the version would stay listed under the name.)"""
         for h in v.holders:
-            self._unindex_holder(name, v, h)
+            self.stored_load[h] -= 1
+            if self.stored_load[h] <= 0:
+                del self.stored_load[h]
+        key = (name, v.version)
+        for nn in {node_name(h) for h in v.holders}:
+            keys = self.held.get(nn)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self.held[nn]
 
     def _unindex_holder(self, name: str, v: VersionMeta, h: str) -> None:
         self.stored_load[h] -= 1
