@@ -59,6 +59,8 @@ MAX_REPLACEMENT_ROUNDS = 3  # pipeline recovery: new targets asked for at most t
 
 
 class SdfsClient:
+    """put / get / ls / delete / store for the CLI, workers and tests (see the module docstring)."""
+
     def __init__(self, cfg: Config, coordinators: list[str] | None = None, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()

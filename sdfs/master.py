@@ -49,6 +49,8 @@ __all__ = [
 
 
 class SdfsMaster:
+    """The master as the coordinator sees it: one object, the parts wired over one FileTable."""
+
     def __init__(
         self,
         cfg: Config,

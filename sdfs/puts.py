@@ -41,6 +41,8 @@ class PendingPut:
 
 
 class PendingPuts:
+    """Puts between begin and commit: their versions, targets and quorum, and recent commits."""
+
     def __init__(self, table: FileTable, cfg: Config, live_nodes: Callable[[], dict[str, str]],
                  changed: Callable[[Iterable[str]], None], stats: Counter[str]) -> None:
         self.table = table

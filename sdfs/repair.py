@@ -31,6 +31,8 @@ _NONE: frozenset[str] = frozenset()
 
 
 class RepairPlanner:
+    """Turns the dirty set into Replicate commands, bounded per tick; tracks copies in flight."""
+
     def __init__(self, table: FileTable, cfg: Config, live_nodes: Callable[[], dict[str, str]],
                  load: Callable[[], Counter[str]], changed: Callable[[Iterable[str]], None],
                  stats: Counter[str]) -> None:

@@ -55,6 +55,8 @@ def parse_store(store: list[list[Any]], known: dict[str, int]) -> Reported:
 
 
 class NodeReports:
+    """Applies node store reports and readers' bad-replica reports to a FileTable."""
+
     def __init__(self, table: FileTable, tombstones: Tombstones, cfg: Config,
                  live_nodes: Callable[[], dict[str, str]], in_flight: Callable[[], set[Key]],
                  changed: Callable[[Iterable[str]], None], stats: Counter[str]) -> None:

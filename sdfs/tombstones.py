@@ -24,6 +24,8 @@ log = logging.getLogger("idunno.sdfs.master")
 
 
 class Tombstones:
+    """Deletes, tombstone confirmation by node reports, and tombstone expiry, over a FileTable."""
+
     def __init__(self, table: FileTable, ttl: float, changed: Callable[[Iterable[str]], None],
                  stats: Counter[str], clock: Callable[[], float] = time.time) -> None:
         self.table = table
