@@ -784,3 +784,19 @@ def test_a_big_change_set_is_journalled_in_ops_that_fit_a_frame() -> None:
     cl.master.node_report(node, [[f"x/{i}", 1, 1, "c"] for i in range(n)])
     sizes = [len(d["entries"]) for op, d in cl.journal if op == "sdfs.files"]
     assert sizes == [JOURNAL_BATCH, JOURNAL_BATCH, 5]
+
+
+def test_a_version_held_by_two_incarnations_of_a_node_is_fully_forgotten_when_deleted(c: Cluster) -> None:
+    """A repair may copy a version onto a node's new incarnation before that node's report replaces
+    the old one as holder; deleting the version then must not leave it listed under the node's name
+    (the node's next report looked it up and crashed the master with a KeyError)."""
+    plan = c.put("f")
+    old = replica_ids(plan)[0]
+    new = old.split("@")[0] + "@2"
+    c.kill(old)
+    c.live[new] = addr(new)
+    assert c.master.stored(new, "f", 1, True, "c0ffee") == []
+    assert {old, new} <= c.master.files["f"][1].holders
+    c.master.delete("f")
+    assert old.split("@")[0] not in c.master.held
+    assert c.master.node_report(new, []) == []
