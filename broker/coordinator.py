@@ -1295,7 +1295,7 @@ class Coordinator:
                 j.job_id: {
                     "model": j.model,
                     "rates": j.stats.series(self.cfg.rate_window),
-                    "latencies": j.stats.latencies[-20_000:],
+                    "latencies": j.stats.recent_latencies(),
                     "spans": [[sp.worker, sp.start, sp.end, sp.n] for sp in j.stats.spans],
                 }
                 for j in self._jobs(args)
@@ -1317,7 +1317,7 @@ class Coordinator:
                     "in_flight": sum(len(t.indexes) for t in self.jobs.tasks.values() if t.job_id == j.job_id),
                     "batch_size": j.batch_size,
                     "duplicates": j.stats.duplicates,
-                    "latencies": list(j.stats.latencies),
+                    "latency": j.stats.latencies.to_dict(),  # constant size; the collector reads it
                 }
                 for j in self.jobs.jobs.values()
             },
