@@ -110,3 +110,25 @@ def test_the_bin_count_is_capped_whatever_the_value_range():
         d.add(10 ** (-9 + 21 * k / 20_000))  # 1 ns .. 1e12 s: more 1 % bins than the cap
     assert len(d.to_dict()["bins"]) <= SKETCH_BINS
     assert d.quantile(0.99) == pytest.approx(10 ** (-9 + 21 * 0.99), rel=RELATIVE_ACCURACY)  # the top keeps 1 %
+
+
+def test_the_prometheus_histogram_is_counted_from_the_sketch():
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+    from broker.metrics import CoordinatorCollector  # noqa: PLC0415
+
+    d = Distribution()
+    for v, n in ((0.03, 10), (0.2, 5), (3.0, 2)):
+        d.add(v, n)
+    job = {"model": "m", "completed": 17, "errors": 0, "pending": 0, "in_flight": 0, "batch_size": 4,
+           "latency": d.to_dict()}
+    snap = {"jobs": {"j": job}, "rates": {"j": {"rate": 1.0}}, "members": [], "busy_seconds": {},
+            "failures_detected": 0, "loop_stall_max": 0.0, "slowest_message": ["", 0.0], "heartbeat_gap_max": 0.0,
+            "sdfs": {"files": 0, "under_replicated": 0}, "role": "primary", "term": 1}
+    registry = CollectorRegistry()
+    registry.register(CoordinatorCollector(lambda: snap))
+    labels = {"job": "j", "model": "m"}
+    buckets = [registry.get_sample_value("idunno_query_latency_seconds_bucket", labels | {"le": le})
+               for le in ("0.05", "0.25", "2.5", "5.0", "+Inf")]
+    assert buckets == [10, 15, 15, 17, 17]
+    assert registry.get_sample_value("idunno_query_latency_seconds_sum", labels) == pytest.approx(7.3)
