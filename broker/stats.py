@@ -68,8 +68,7 @@ class Distribution:
     def _new_sketch(store: CollapsingLowestDenseStore, zeros: float) -> BaseDDSketch:
         # Built from its parts (not DDSketch()) so the bins can be serialized and restored through
         # the store's own fields; values are never negative, so the negative store stays empty.
-        return BaseDDSketch(_MAPPING, store, CollapsingLowestDenseStore(SKETCH_BINS),
-                            zeros)
+        return BaseDDSketch(_MAPPING, store, CollapsingLowestDenseStore(SKETCH_BINS), zeros)
 
     def add(self, value: float, n: int = 1) -> None:
         if n <= 0 or not math.isfinite(value):
