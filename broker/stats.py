@@ -5,15 +5,29 @@ over the batch's compute interval (a fluid count), so a window edge that cuts a 
 counts half of it: without that, rates jump by a whole batch at each completion and two equally
 served jobs look 10-20 % apart on short windows. Timestamps are wall-clock so the standby's copy
 of the statistics stays meaningful after a takeover.
+
+Latency and compute time per image are kept as a ``Distribution``: exact count, mean, standard
+deviation, min and max (Welford's running moments), and quantiles from a DDSketch with 1 % relative
+accuracy and at most ``SKETCH_BINS`` bins. Memory, snapshot size and the cost of a summary are
+constant per job however many queries it answers (a sorted list of every latency was not).
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from ddsketch.ddsketch import BaseDDSketch
+from ddsketch.mapping import LogarithmicMapping
+from ddsketch.store import CollapsingLowestDenseStore
+
+RELATIVE_ACCURACY = 0.01  # quantiles are within 1 % of a value whose rank is the requested one
+SKETCH_BINS = 2048  # 1 % bins cover 1e-6 s .. 1e11 s before the lowest ones merge: never in practice
+RECENT_LATENCIES = 20_000  # per-query latencies the timeline (report histogram) shows
+_MAPPING = LogarithmicMapping(RELATIVE_ACCURACY)  # value <-> bin key; immutable, shared
 
 
 @dataclass
@@ -33,14 +47,132 @@ class Span:
     n: int
 
 
+class Distribution:
+    """Count, mean, std, min, max and quantiles of a stream of non-negative values in constant space.
+
+    Values are added with a weight (a batch of n images adds its per-image figure once, weight n).
+    A value that is not finite is ignored and a negative one counts as 0, so one absurd report from
+    a worker cannot break a summary, a snapshot or the standby's copy.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0  # sum of squared deviations from the mean (Welford)
+        self.min = math.inf
+        self.max = -math.inf
+        self._store = CollapsingLowestDenseStore(SKETCH_BINS)
+        self._sketch = self._new_sketch(self._store, 0.0)
+
+    @staticmethod
+    def _new_sketch(store: CollapsingLowestDenseStore, zeros: float) -> BaseDDSketch:
+        # Built from its parts (not DDSketch()) so the bins can be serialized and restored through
+        # the store's own fields; values are never negative, so the negative store stays empty.
+        return BaseDDSketch(_MAPPING, store, CollapsingLowestDenseStore(SKETCH_BINS), zeros)
+
+    def add(self, value: float, n: int = 1) -> None:
+        if n <= 0 or not math.isfinite(value):
+            return
+        value = max(0.0, value)
+        total = self.count + n
+        delta = value - self.mean
+        self.mean += delta * n / total
+        self.m2 += delta * delta * self.count * n / total  # Chan et al.: merge n copies of one value
+        self.count = total
+        self.min = min(self.min, value)
+        self.max = max(self.max, value)
+        self._sketch.add(value, n)
+
+    def _at_rank(self, k: int) -> float:
+        """The k-th smallest value (0-based) within RELATIVE_ACCURACY, clamped to the exact min and max.
+        DDSketch answers rank q * (count - 1) with the bin whose running count exceeds it: half a
+        rank above k keeps float error off the bin edge."""
+        q = min(1.0, (k + 0.5) / (self.count - 1)) if self.count > 1 else 0.0
+        return min(self.max, max(self.min, self._sketch.get_quantile_value(q)))
+
+    def quantile(self, q: float) -> float:
+        """Nearest-rank quantile (0 <= q <= 1), as the sorted-list percentile it replaces."""
+        if not self.count:
+            return math.nan
+        return self._at_rank(max(0, min(self.count - 1, math.ceil(q * self.count) - 1)))
+
+    def median(self) -> float:
+        """Middle value, or the mean of the two middle ones (as ``statistics.median``)."""
+        if not self.count:
+            return math.nan
+        half = self.count // 2
+        return self._at_rank(half) if self.count % 2 else (self._at_rank(half - 1) + self._at_rank(half)) / 2
+
+    def cumulative(self, bounds: Iterable[float]) -> list[int]:
+        """How many values are <= each bound (ascending bounds), for cumulative histogram buckets.
+        Bin-exact: a value within 1 % of a bound may be counted on either side of it."""
+        st, out = self._store, []
+        zeros = self.count - int(st.count)
+        n, i = zeros, st.min_key if st.count else 0
+        for bound in bounds:
+            if bound < 0:
+                out.append(0)
+                continue
+            if bound >= self.max:
+                out.append(self.count)
+                continue
+            last = _MAPPING.key(bound) if bound > 0 else i - 1
+            while st.count and i <= min(last, st.max_key):
+                n += int(st.bins[i - st.offset])
+                i += 1
+            out.append(n)
+        return out
+
+    def summary(self) -> dict[str, float]:
+        if not self.count:
+            return {"count": 0, "avg": math.nan, "std": math.nan, "median": math.nan, "p90": math.nan,
+                    "p95": math.nan, "p99": math.nan}
+        return {
+            "count": self.count,
+            "avg": self.mean,
+            "std": math.sqrt(max(0.0, self.m2 / self.count)),  # population std, as statistics.pstdev
+            "median": self.median(),
+            "p90": self.quantile(0.90),
+            "p95": self.quantile(0.95),
+            "p99": self.quantile(0.99),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for snapshots and standby sync: the moments and the occupied bin range."""
+        st = self._store
+        lo, hi = (st.min_key, st.max_key) if st.count else (0, -1)
+        bins = [int(c) for c in st.bins[lo - st.offset:hi - st.offset + 1]]
+        return {"n": self.count, "mean": self.mean, "m2": self.m2, "min": self.min, "max": self.max,
+                "zeros": self.count - int(st.count), "k0": lo, "bins": bins}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Distribution:
+        out = cls()
+        out.count, out.mean, out.m2 = int(d["n"]), float(d["mean"]), float(d["m2"])
+        out.min, out.max = float(d["min"]), float(d["max"])
+        k0 = int(d["k0"])
+        for i, c in enumerate(d["bins"]):
+            if c:
+                out._store.add(k0 + i, int(c))
+        out._sketch = cls._new_sketch(out._store, float(d["zeros"]))
+        return out
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Distribution:
+        out = cls()
+        for v in values:
+            out.add(v)
+        return out
+
+
 @dataclass
 class JobStats:
     job_id: str
     completed: int = 0
     errors: int = 0
     first_result: float | None = None
-    latencies: list[float] = field(default_factory=list)  # seconds, dispatch -> result, per query
-    compute: list[float] = field(default_factory=list)  # seconds of compute per image
+    latencies: Distribution = field(default_factory=Distribution)  # seconds, dispatch -> result, per query
+    compute: Distribution = field(default_factory=Distribution)  # seconds of compute per image
     history: deque[Completion] = field(default_factory=lambda: deque(maxlen=100_000))
     spans: deque[Span] = field(default_factory=lambda: deque(maxlen=20_000))
     started: float | None = None  # first dispatch
@@ -54,8 +186,8 @@ class JobStats:
         self.errors += errors
         if self.first_result is None:
             self.first_result = now
-        self.latencies.extend([latency] * n)
-        self.compute.extend([elapsed / n] * n)
+        self.latencies.add(latency, n)
+        self.compute.add(elapsed / n, n)
         start = now - max(elapsed, 1e-6)
         self.history.append(Completion(start, now, n))
 
@@ -96,14 +228,25 @@ class JobStats:
             t += step
         return out
 
+    def recent_latencies(self, limit: int = RECENT_LATENCIES) -> list[float]:
+        """The last ``limit`` per-query latencies, oldest first, from the batch spans (a span runs
+        from dispatch to result, so its length is its queries' latency)."""
+        out: list[float] = []
+        for sp in reversed(self.spans):
+            if len(out) >= limit:
+                break
+            out.extend([sp.end - sp.start] * min(sp.n, limit - len(out)))
+        out.reverse()
+        return out
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id,
             "completed": self.completed,
             "errors": self.errors,
             "first_result": self.first_result,
-            "latencies": self.latencies[-20_000:],
-            "compute": self.compute[-20_000:],
+            "latency": self.latencies.to_dict(),
+            "compute_time": self.compute.to_dict(),
             "history": [[c.start, c.end, c.n] for c in list(self.history)[-5_000:]],
             "spans": [[sp.worker, sp.start, sp.end, sp.n] for sp in list(self.spans)[-5_000:]],
             "started": self.started,
@@ -113,8 +256,12 @@ class JobStats:
     @classmethod
     def restore(cls, d: dict[str, Any]) -> JobStats:
         s = cls(d["job_id"], int(d["completed"]), int(d["errors"]), d.get("first_result"))
-        s.latencies = list(d.get("latencies", []))
-        s.compute = list(d.get("compute", []))
+        if "latency" in d:
+            s.latencies = Distribution.from_dict(d["latency"])
+            s.compute = Distribution.from_dict(d["compute_time"])
+        else:  # a state written before the sketch: its (last 20,000) values
+            s.latencies = Distribution.of(d.get("latencies", []))
+            s.compute = Distribution.of(d.get("compute", []))
         s.history.extend(Completion(float(a), float(b), int(n)) for a, b, n in d.get("history", []))
         s.spans.extend(Span(str(w), float(a), float(b), int(n)) for w, a, b, n in d.get("spans", []))
         s.started = d.get("started")
@@ -122,28 +269,9 @@ class JobStats:
         return s
 
 
-def percentile(sorted_values: list[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return math.nan
-    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100 * len(sorted_values)) - 1))
-    return sorted_values[k]
-
-
-def summarize(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"count": 0, "avg": math.nan, "std": math.nan, "median": math.nan, "p90": math.nan,
-                "p95": math.nan, "p99": math.nan}
-    s = sorted(values)
-    return {
-        "count": len(s),
-        "avg": statistics.fmean(s),
-        "std": statistics.pstdev(s) if len(s) > 1 else 0.0,
-        "median": statistics.median(s),
-        "p90": percentile(s, 90),
-        "p95": percentile(s, 95),
-        "p99": percentile(s, 99),
-    }
+def summarize(values: Distribution | Iterable[float]) -> dict[str, float]:
+    """count, avg, std, median, p90, p95, p99 of a Distribution (or of plain values, via one)."""
+    return (values if isinstance(values, Distribution) else Distribution.of(values)).summary()
 
 
 def rate_gap(rates: list[float]) -> float:

@@ -131,7 +131,7 @@ class Views:
                 j.job_id: {
                     "model": j.model,
                     "rates": j.stats.series(self.cfg.rate_window),
-                    "latencies": j.stats.latencies[-20_000:],
+                    "latencies": j.stats.recent_latencies(),
                     "spans": [[sp.worker, sp.start, sp.end, sp.n] for sp in j.stats.spans],
                 }
                 for j in self.selected(args)
@@ -161,7 +161,7 @@ class Views:
                 j.job_id: {"model": j.model, "completed": j.completed, "errors": j.stats.errors,
                            "pending": len(j.pending), "in_flight": self.jobs.in_flight(j.job_id),
                            "batch_size": j.batch_size, "duplicates": j.stats.duplicates,
-                           "latencies": list(j.stats.latencies)}
+                           "latency": j.stats.latencies.to_dict()}
                 for j in self.jobs.jobs.values()
             },
             "members": [m.public() for m in c.registry.members.values()],

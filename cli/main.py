@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from common.config import Config
@@ -98,29 +99,7 @@ COMMAND_NAMES = ("coordinator", "worker", "up", "down", "members", "ctl", "shell
                  "keys", "demo", "models")
 
 
-class _Skipped:
-    """Stands in for the sub-parser of a command that is not on this command line: building all of them
-    (argparse runs gettext for every parser) is a fair part of a short CLI call's start-up."""
-
-    def add_argument(self, *a: Any, **kw: Any) -> None:
-        pass
-
-    def add_argument_group(self, *a: Any, **kw: Any) -> _Skipped:
-        return self
-
-
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The whole command line; with ``only``, just that command's sub-parser (enough to parse it)."""
-    parser = argparse.ArgumentParser(prog="idunno", description="IDunno distributed ML inference")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    class sub:  # noqa: N801 - stands for `subparsers`, skipping the commands not asked for
-        @staticmethod
-        def add_parser(name: str, **kw: Any) -> Any:
-            return subparsers.add_parser(name, **kw) if only is None or name == only else _Skipped()
-
-    p = sub.add_parser("coordinator", help="run a coordinator (primary or hot standby)")
-    _common(p)
+def _coordinator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bind", help="host:port of the control socket (PUB is +1, logs +2)")
     p.add_argument("--peer", help="the other coordinator (primary <-> standby)")
     p.add_argument("--standby", action="store_true", help="start as hot standby of --primary/--peer")
@@ -131,16 +110,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="attach the interactive shell (default: when stdin is a terminal)")
     p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
 
-    p = sub.add_parser("worker", help="run a worker (inference + SDFS storage)")
-    _common(p)
+
+def _worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=0, help="SDFS data port; also the node's address")
     p.add_argument("--name", help="the node's stable identity and data directory (<data-dir>/<name>); "
                                   "default worker-<host>-<port>")
     p.add_argument("--torch-threads", type=int)
     p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
 
-    p = sub.add_parser("up", help="start a local cluster on loopback")
-    _common(p)
+
+def _up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--no-standby", action="store_true")
     p.add_argument("--preload", default="", metavar="MODEL,...",
@@ -153,49 +132,48 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         "brings back the same nodes with their data")
     p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
 
-    p = sub.add_parser("down", help="stop the local cluster started by `idunno up`")
-    _common(p)
+
+def _down_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--purge", action="store_true",
                    help="also delete the cluster's state (SDFS files, jobs, logs) from --data-dir")
 
-    p = sub.add_parser("members", help="print the membership table")
-    _common(p)
 
-    p = sub.add_parser("ctl", help="run one coordinator command (see `idunno ctl help`)")
-    _common(p)
+def _no_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _ctl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="command and arguments")
 
-    p = sub.add_parser("shell", help="attach the coordinator shell to a running cluster")
-    _common(p)
 
-    p = sub.add_parser("sdfs", help="SDFS commands: one-shot with arguments, the worker shell without")
-    _common(p)
+def _sdfs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node", help="data address of the node whose `store` to show (worker shell's node)")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
 
-    p = sub.add_parser("logs", help="stream live logs from every node")
-    _common(p)
+
+def _logs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node", help="only nodes whose name contains this")
     p.add_argument("--level", default="DEBUG")
     p.add_argument("--grep", help="only messages matching this regular expression")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
 
-    p = sub.add_parser("top", help="live view: members, per-job progress and rates, who runs what")
-    _common(p)
+
+def _top_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
 
-    p = sub.add_parser("report", help="write a PNG report of jobs (rates, latency, worker timeline)")
-    _common(p)
+
+def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("jobs", nargs="*", help="job ids (default: every job)")
     p.add_argument("--out", default="report.png")
 
-    p = sub.add_parser("keys", help="`keys init`: create CURVE keys for an authenticated, encrypted cluster")
+
+def _keys_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["init"])
     p.add_argument("--dir", default="keys", help="where to write the keys (then set IDUNNO_CURVE_DIR)")
     p.add_argument("--force", action="store_true")
 
-    p = sub.add_parser("demo", help="start a cluster, load data/, run AlexNet and ResNet jobs, print stats")
-    _common(p)
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--images", default="data", help="directory of input images")
     p.add_argument("--batch", type=int, default=4)
@@ -203,6 +181,37 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--report", default="report.png", help="where to write the run report ('' for none)")
     p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
 
+
+# (name, help, takes the cluster options, adds its own arguments), in `idunno --help` order.
+SUBCOMMANDS: tuple[tuple[str, str, bool, Callable[[argparse.ArgumentParser], None]], ...] = (
+    ("coordinator", "run a coordinator (primary or hot standby)", True, _coordinator_args),
+    ("worker", "run a worker (inference + SDFS storage)", True, _worker_args),
+    ("up", "start a local cluster on loopback", True, _up_args),
+    ("down", "stop the local cluster started by `idunno up`", True, _down_args),
+    ("members", "print the membership table", True, _no_args),
+    ("ctl", "run one coordinator command (see `idunno ctl help`)", True, _ctl_args),
+    ("shell", "attach the coordinator shell to a running cluster", True, _no_args),
+    ("sdfs", "SDFS commands: one-shot with arguments, the worker shell without", True, _sdfs_args),
+    ("logs", "stream live logs from every node", True, _logs_args),
+    ("top", "live view: members, per-job progress and rates, who runs what", True, _top_args),
+    ("report", "write a PNG report of jobs (rates, latency, worker timeline)", True, _report_args),
+    ("keys", "`keys init`: create CURVE keys for an authenticated, encrypted cluster", False, _keys_args),
+    ("demo", "start a cluster, load data/, run AlexNet and ResNet jobs, print stats", True, _demo_args),
+)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, just that command's sub-parser (enough to parse it):
+    building all of them (argparse runs gettext for every parser) is a fair part of a short CLI
+    call's start-up."""
+    parser = argparse.ArgumentParser(prog="idunno", description="IDunno distributed ML inference")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, cluster_options, add_args in SUBCOMMANDS:
+        if only is None or name == only:
+            p = subparsers.add_parser(name, help=help_text)
+            if cluster_options:
+                _common(p)
+            add_args(p)
     if only in (None, "models"):
         from cli.models_cmd import add_parser as add_models_parser  # noqa: PLC0415
 
@@ -253,85 +262,102 @@ def dispatch(ns: argparse.Namespace) -> int:
     cmd = ns.command
     quiet = cmd in ("coordinator", "worker") or (cmd in ("ctl", "members") and ns.json)
     console: Any = None if quiet else make_console()
-    if cmd == "coordinator":
-        from cli.daemons import run_coordinator  # noqa: PLC0415
+    handler = HANDLERS.get(cmd)
+    if handler is None:
+        raise ValueError(f"unknown command {cmd}")
+    return handler(ns, console)
 
-        cfg = resolve_config(ns, metrics_port=ns.metrics_port, role="coordinator", insecure=ns.insecure or None)
-        addr = ns.bind or cfg.coordinator
-        shell = sys.stdin.isatty() if ns.shell is None else ns.shell
-        return run_coordinator(cfg, addr, ns.peer or ns.primary, ns.standby, ns.data_dir, ns.scheduler, shell)
-    if cmd == "worker":
-        from cli.daemons import run_worker  # noqa: PLC0415
 
-        cfg = resolve_config(ns, torch_threads=ns.torch_threads, role="worker", insecure=ns.insecure or None)
-        return run_worker(cfg, ns.port, ns.data_dir, ns.name)
-    if cmd == "up":
-        return cmd_up(ns, console)
-    if cmd == "down":
-        from cli.cluster import stop_from_state  # noqa: PLC0415
+def _cmd_coordinator(ns: argparse.Namespace, console: Console) -> int:
+    from cli.daemons import run_coordinator  # noqa: PLC0415
 
-        data_dir = data_dir_of(ns)
-        if ns.purge:
-            from cli.cluster import cluster_entries  # noqa: PLC0415
+    cfg = resolve_config(ns, metrics_port=ns.metrics_port, role="coordinator", insecure=ns.insecure or None)
+    addr = ns.bind or cfg.coordinator
+    shell = sys.stdin.isatty() if ns.shell is None else ns.shell
+    return run_coordinator(cfg, addr, ns.peer or ns.primary, ns.standby, ns.data_dir, ns.scheduler, shell)
 
-            cluster_entries(data_dir)  # refuse before stopping anything, not after
-        n = stop_from_state(data_dir)
-        console.print(plain(f"stopped {n} processes" if n else f"no running cluster found in {data_dir}"))
-        if ns.purge:
-            from cli.cluster import purge_data_dir  # noqa: PLC0415
 
-            console.print(plain(f"purged {purge_data_dir(data_dir)} entries of cluster state from {data_dir}"))
-        return 0
-    if cmd in ("members", "ctl"):
-        return cmd_ctl(ns, console, ["members"] if cmd == "members" else ns.cmd)
-    if cmd == "shell":
-        from cli.shell import coordinator_shell  # noqa: PLC0415
+def _cmd_worker(ns: argparse.Namespace, console: Console) -> int:
+    from cli.daemons import run_worker  # noqa: PLC0415
 
-        return coordinator_shell(resolve_config(ns))
-    if cmd == "sdfs":
-        return cmd_sdfs(ns, console)
-    if cmd == "logs":
-        from cli.logs import stream_logs  # noqa: PLC0415
+    cfg = resolve_config(ns, torch_threads=ns.torch_threads, role="worker", insecure=ns.insecure or None)
+    return run_worker(cfg, ns.port, ns.data_dir, ns.name)
 
-        stream_logs(resolve_config(ns), ns.node, ns.level, ns.grep, duration=ns.duration)
-        return 0
-    if cmd == "top":
-        from cli.top import live_view  # noqa: PLC0415
 
-        live_view(resolve_config(ns), console, duration=ns.duration)
-        return 0
-    if cmd == "keys":
-        from common.security import init_keys  # noqa: PLC0415
+def _cmd_down(ns: argparse.Namespace, console: Console) -> int:
+    from cli.cluster import stop_from_state  # noqa: PLC0415
 
-        d = init_keys(ns.dir, overwrite=ns.force)
-        console.print(plain(f"keys written to {d}; start every node and client with IDUNNO_CURVE_DIR={d.resolve()} "
-                            f"(or curve_dir in the config). Coordinator hosts need coordinator.key_secret and "
-                            f"grant.key, worker hosts worker.key_secret and grant.key, clients client.key_secret; "
-                            f"every host the public *.key files. Add another client's public key to "
-                            f"{d / 'authorized'} to admit it."))
-        return 0
-    if cmd == "report":
-        from cli.report import write_report  # noqa: PLC0415
-        from idunno.client import Client  # noqa: PLC0415
+    data_dir = data_dir_of(ns)
+    if ns.purge:
+        from cli.cluster import cluster_entries  # noqa: PLC0415
 
-        with Client(cfg=resolve_config(ns)) as client:
-            timeline = client.command("timeline")
-        if ns.jobs:
-            missing = [j for j in ns.jobs if j not in timeline["jobs"]]
-            if missing:
-                raise ValueError(f"no such job: {', '.join(missing)}")
-            timeline["jobs"] = {j: timeline["jobs"][j] for j in ns.jobs}
-        console.print(plain(f"report written to {write_report(timeline, ns.out)}"))
-        return 0
-    if cmd == "models":
-        from cli.models_cmd import run_models  # noqa: PLC0415
+        cluster_entries(data_dir)  # refuse before stopping anything, not after
+    n = stop_from_state(data_dir)
+    console.print(plain(f"stopped {n} processes" if n else f"no running cluster found in {data_dir}"))
+    if ns.purge:
+        from cli.cluster import purge_data_dir  # noqa: PLC0415
 
-        return run_models(ns, resolve_config(ns), console)
-    if cmd == "demo":
-        from cli.demo import run_demo  # noqa: PLC0415
+        console.print(plain(f"purged {purge_data_dir(data_dir)} entries of cluster state from {data_dir}"))
+    return 0
 
-        return run_demo(ns, console)
-    raise ValueError(f"unknown command {cmd}")
+
+def _cmd_shell(ns: argparse.Namespace, console: Console) -> int:
+    from cli.shell import coordinator_shell  # noqa: PLC0415
+
+    return coordinator_shell(resolve_config(ns))
+
+
+def _cmd_logs(ns: argparse.Namespace, console: Console) -> int:
+    from cli.logs import stream_logs  # noqa: PLC0415
+
+    stream_logs(resolve_config(ns), ns.node, ns.level, ns.grep, duration=ns.duration)
+    return 0
+
+
+def _cmd_top(ns: argparse.Namespace, console: Console) -> int:
+    from cli.top import live_view  # noqa: PLC0415
+
+    live_view(resolve_config(ns), console, duration=ns.duration)
+    return 0
+
+
+def _cmd_keys(ns: argparse.Namespace, console: Console) -> int:
+    from common.security import init_keys  # noqa: PLC0415
+
+    d = init_keys(ns.dir, overwrite=ns.force)
+    console.print(plain(f"keys written to {d}; start every node and client with IDUNNO_CURVE_DIR={d.resolve()} "
+                        f"(or curve_dir in the config). Coordinator hosts need coordinator.key_secret and "
+                        f"grant.key, worker hosts worker.key_secret and grant.key, clients client.key_secret; "
+                        f"every host the public *.key files. Add another client's public key to "
+                        f"{d / 'authorized'} to admit it."))
+    return 0
+
+
+def _cmd_report(ns: argparse.Namespace, console: Console) -> int:
+    from cli.report import write_report  # noqa: PLC0415
+    from idunno.client import Client  # noqa: PLC0415
+
+    with Client(cfg=resolve_config(ns)) as client:
+        timeline = client.command("timeline")
+    if ns.jobs:
+        missing = [j for j in ns.jobs if j not in timeline["jobs"]]
+        if missing:
+            raise ValueError(f"no such job: {', '.join(missing)}")
+        timeline["jobs"] = {j: timeline["jobs"][j] for j in ns.jobs}
+    console.print(plain(f"report written to {write_report(timeline, ns.out)}"))
+    return 0
+
+
+def _cmd_models(ns: argparse.Namespace, console: Console) -> int:
+    from cli.models_cmd import run_models  # noqa: PLC0415
+
+    return run_models(ns, resolve_config(ns), console)
+
+
+def _cmd_demo(ns: argparse.Namespace, console: Console) -> int:
+    from cli.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(ns, console)
 
 
 def cmd_ctl(ns: argparse.Namespace, console: Console, tokens: list[str]) -> int:
@@ -402,11 +428,46 @@ def preload_list(spec: str) -> list[str]:
 
 
 def cmd_up(ns: argparse.Namespace, console: Console) -> int:
-    from cli.cluster import LocalCluster, cluster_entries, env_insecure, existing_workers, load_state  # noqa: PLC0415
+    from cli.cluster import LocalCluster, env_insecure  # noqa: PLC0415
 
     data_dir = data_dir_of(ns)
     if ns.workers < 1:
         raise ValueError("--workers must be >= 1")
+    _clear_earlier_cluster(ns, console, data_dir)
+    env = {}
+    preload = preload_list(ns.preload)
+    if preload:
+        env["IDUNNO_PRELOAD_MODELS"] = ",".join(preload)
+    if ns.insecure or env_insecure():
+        print(f"idunno: {INSECURE_WARNING}", file=sys.stderr)
+    cluster = LocalCluster(workers=ns.workers, standby=not ns.no_standby, data_dir=data_dir, env=env,
+                           metrics_port=ns.metrics_port, insecure=ns.insecure or env_insecure())
+    try:
+        cluster.start(timeout=ns.timeout)
+    except BaseException:
+        cluster.stop()
+        raise
+    _announce_cluster(ns, console, cluster, preload)
+    if ns.detach:
+        return 0
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    console.print("running; press Ctrl-C to stop the cluster")
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    cluster.stop()
+    console.print("cluster stopped")
+    return 0
+
+
+def _clear_earlier_cluster(ns: argparse.Namespace, console: Console, data_dir: str) -> None:
+    """Stop a cluster an earlier `up` left running, wipe its state with --fresh, and say which
+    workers come back with their replicas."""
+    from cli.cluster import cluster_entries, existing_workers, load_state  # noqa: PLC0415
+
     if ns.fresh:
         cluster_entries(data_dir)  # refuse (before stopping anything) if the directory is not only ours
     if load_state(data_dir):
@@ -429,19 +490,9 @@ def cmd_up(ns: argparse.Namespace, console: Console) -> int:
         if idle:
             console.print(plain(f"  not started (--workers {ns.workers}): {', '.join(idle)}; their replicas are "
                                 f"re-created on the running workers"))
-    env = {}
-    preload = preload_list(ns.preload)
-    if preload:
-        env["IDUNNO_PRELOAD_MODELS"] = ",".join(preload)
-    if ns.insecure or env_insecure():
-        print(f"idunno: {INSECURE_WARNING}", file=sys.stderr)
-    cluster = LocalCluster(workers=ns.workers, standby=not ns.no_standby, data_dir=data_dir, env=env,
-                           metrics_port=ns.metrics_port, insecure=ns.insecure or env_insecure())
-    try:
-        cluster.start(timeout=ns.timeout)
-    except BaseException:
-        cluster.stop()
-        raise
+
+
+def _announce_cluster(ns: argparse.Namespace, console: Console, cluster: Any, preload: list[str]) -> None:
     coords = ",".join(a for a in (cluster.coordinator, cluster.standby_addr) if a)
     metrics = f", metrics on http://{cluster.host}:{ns.metrics_port}/metrics" if ns.metrics_port else ""
     console.print(plain(f"IDunno cluster up: coordinator {cluster.coordinator}"
@@ -451,19 +502,25 @@ def cmd_up(ns: argparse.Namespace, console: Console) -> int:
         console.print(plain(f"  {p.role:<12} pid {p.popen.pid:<8} {p.addr}   log {p.log_path}"))
     console.print(plain(f"attach a shell: idunno shell        (or: idunno shell --coordinator {coords})"))
     console.print("SDFS shell:     idunno sdfs         logs: idunno logs         stop: idunno down")
-    if ns.detach:
-        return 0
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    console.print("running; press Ctrl-C to stop the cluster")
-    try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    cluster.stop()
-    console.print("cluster stopped")
-    return 0
+
+
+# One handler per command, each taking the parsed line and the console (None for daemons and --json).
+HANDLERS: dict[str, Callable[[argparse.Namespace, Any], int]] = {
+    "coordinator": _cmd_coordinator,
+    "worker": _cmd_worker,
+    "up": cmd_up,
+    "down": _cmd_down,
+    "members": lambda ns, console: cmd_ctl(ns, console, ["members"]),
+    "ctl": lambda ns, console: cmd_ctl(ns, console, ns.cmd),
+    "shell": _cmd_shell,
+    "sdfs": cmd_sdfs,
+    "logs": _cmd_logs,
+    "top": _cmd_top,
+    "keys": _cmd_keys,
+    "report": _cmd_report,
+    "models": _cmd_models,
+    "demo": _cmd_demo,
+}
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ class Arg:
     kind: type = str
     required: bool = True
     help: str = ""
-    default: object = None
     lo: float | None = None  # inclusive bounds of a numeric argument (ints are also capped at MAX_INT)
     hi: float | None = None
     option: bool = False  # written ``--name VALUE`` (``--name`` alone for a bool); otherwise positional
@@ -90,7 +89,7 @@ class CommandSpec:
 
 JOB = Arg("job", help="job id (see `jobs`)")
 REQUEST_ID = Arg("request_id", str, False, "any id up to 64 characters: the same command again with the same id "
-                 "returns the first one's result (set automatically; retries repeat it)", None, option=True,
+                 "returns the first one's result (set automatically; retries repeat it)", option=True,
                  metavar="ID")
 OPT_JOB = Arg("job", required=False, help="job id; all jobs when omitted")
 
@@ -108,15 +107,15 @@ COMMANDS: dict[str, CommandSpec] = {
                 Arg("model", help="torchvision classifier name, e.g. alexnet, resnet50"),
                 Arg("inputs", help="SDFS glob or prefix, e.g. 'data/*.jpg'"),
                 Arg("batch", int, False, "queries per batch, or auto (default: the cluster's default_batch_size)",
-                    0, lo=1, option=True, auto=True),
+                    lo=1, option=True, auto=True),
                 Arg("latency_target", float, False, "with --batch auto: seconds of compute per batch (default: "
-                    "the cluster's default_latency_target)", 0.0, lo=0.01, hi=3600, option=True, metavar="S"),
-                Arg("weight", float, False, "share relative to other jobs", 1.0, lo=0.001, hi=1000, option=True,
+                    "the cluster's default_latency_target)", lo=0.01, hi=3600, option=True, metavar="S"),
+                Arg("weight", float, False, "share relative to other jobs", lo=0.001, hi=1000, option=True,
                     metavar="W"),
                 Arg("start", bool, False, "start right away (a job submitted while others run starts anyway)",
-                    False, option=True),
+                    option=True),
                 Arg("weights", str, False, "pin the job to this SDFS checkpoint (default: models/<model>.pth, "
-                    "see docs/models.md)", None, option=True, metavar="SDFS_NAME"),
+                    "see docs/models.md)", option=True, metavar="SDFS_NAME"),
                 REQUEST_ID,
             ),
             once=True,
@@ -126,16 +125,16 @@ COMMANDS: dict[str, CommandSpec] = {
         CommandSpec("query_time", "query latency: avg, std, median, p90, p95, p99", (OPT_JOB,)),
         CommandSpec("set_batch_size", "change a job's batch size, or auto (takes effect live)",
                     (JOB, Arg("n", int, lo=1, auto=True),
-                     Arg("latency_target", float, False, "with auto: seconds of compute per batch", 0.0, lo=0.01,
+                     Arg("latency_target", float, False, "with auto: seconds of compute per batch", lo=0.01,
                          hi=3600, option=True, metavar="S"))),
         CommandSpec(
             "results",
             "results of a job: per input top-5, worker, latency, completion time, times dispatched",
             (
                 JOB,
-                Arg("limit", int, False, "at most this many (0: all)", 0, lo=0, option=True),
+                Arg("limit", int, False, "at most this many (0: all)", lo=0, option=True),
                 Arg("after", int, False, "in completion order, skipping the first N (a cursor: the reply's `next`)",
-                    None, lo=0, option=True),
+                    lo=0, option=True),
             ),
         ),
         CommandSpec("cancel", "cancel a job: pending queries are dropped, in-flight ones finish, results are kept",
@@ -192,7 +191,7 @@ CLIENT_COMMANDS: dict[str, CommandSpec] = {
         CommandSpec(
             "wait",
             "wait until a job is finished (done, or cancelled with nothing left in flight); exit 1 on timeout",
-            (JOB, Arg("timeout", float, False, "give up after this many seconds (default: no limit)", 0.0,
+            (JOB, Arg("timeout", float, False, "give up after this many seconds (default: no limit)",
                       lo=0, option=True, metavar="SECONDS")),
         ),
     ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from common.failure_detector import DetectorParams
@@ -84,7 +84,6 @@ class Config:
     curve_dir: str = ""  # cluster key directory (`idunno up` makes one, `idunno keys init`): CURVE on every TCP socket
     insecure: bool = False  # daemons run without keys (plaintext, no authentication) only when this is set
     log_level: str = "INFO"
-    extra: dict[str, Any] = field(default_factory=dict)
     # --- durable coordinator state (broker/state_store.py, docs/durability.md) -----------------
     state_compact_ops: int = 20_000  # journal ops after the last snapshot that trigger a compaction
 
@@ -118,7 +117,7 @@ class Config:
 
     def env(self) -> dict[str, str]:
         """This configuration as IDUNNO_* environment variables (for a child process to load it whole)."""
-        return {f"IDUNNO_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self) if f.name != "extra"}
+        return {f"IDUNNO_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self)}
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -154,7 +153,7 @@ def load_config(path: str | None = None, env: dict[str, str] | None = None, **ov
 
             doc = tomllib.load(fh)
         values.update(doc.get("idunno", doc))
-    known = {f.name: f for f in fields(Config) if f.name != "extra"}
+    known = {f.name: f for f in fields(Config)}
     for name in known:
         key = f"IDUNNO_{name.upper()}"
         if key in env:

@@ -38,13 +38,12 @@ class Member:
     joined_at: float = 0.0  # wall clock, for display
     last_seen: float = 0.0  # monotonic, local to the detector; not part of the view
     busy: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
     detector: PhiAccrual | None = field(default=None, repr=False, compare=False)  # local, not replicated
 
     def public(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id, "role": self.role, "data_addr": self.data_addr, "state": str(self.state),
-            "joined_at": self.joined_at, "busy": self.busy, "extra": dict(self.extra),
+            "joined_at": self.joined_at, "busy": self.busy,
         }
 
     @classmethod
@@ -56,7 +55,6 @@ class Member:
             state=MemberState(d.get("state", "alive")),
             joined_at=float(d.get("joined_at", 0.0)),
             busy=int(d.get("busy", 0)),
-            extra=dict(d.get("extra", {})),
         )
 
 

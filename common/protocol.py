@@ -93,54 +93,71 @@ def _validator(hint: Any) -> Validator:
     return v
 
 
-def _compile(hint: Any) -> Validator:  # noqa: C901 - one branch per kind of hint
+def _compile(hint: Any) -> Validator:
+    """One checker per kind of hint: Any, a union, None, list[...], dict[..., ...], or a scalar type."""
     if hint is Any:
         return lambda value, path: None
+    if hint is type(None):
+        return _check_nil
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        alts = [_validator(a) for a in typing.get_args(hint)]
-
-        def check_union(value: Any, path: str) -> None:
-            for alt in alts:
-                try:
-                    alt(value, path)
-                    return
-                except ProtocolError:
-                    pass
-            raise ProtocolError(f"{path}: {value!r:.60} matches none of {hint}")
-
-        return check_union
-    if hint is type(None):
-
-        def check_nil(value: Any, path: str) -> None:
-            if value is not None:
-                raise ProtocolError(f"{path}: expected nil")
-
-        return check_nil
+        return _union_check(hint)
     if origin is list:
-        (item,) = typing.get_args(hint) or (Any,)
-        check_item = None if item is Any else _validator(item)
-
-        def check_list(value: Any, path: str) -> None:
-            if not isinstance(value, list):
-                raise ProtocolError(f"{path}: expected list, got {type(value).__name__}")
-            if check_item is not None:
-                for i, v in enumerate(value):
-                    check_item(v, f"{path}[{i}]")
-
-        return check_list
+        return _list_check(hint)
     if origin is dict:
-        kt, vt = typing.get_args(hint) or (Any, Any)
-        check_key, check_value = _validator(kt), _validator(vt)
+        return _dict_check(hint)
+    return _scalar_check(hint)
 
-        def check_dict(value: Any, path: str) -> None:
-            if not isinstance(value, dict):
-                raise ProtocolError(f"{path}: expected map, got {type(value).__name__}")
-            for k, v in value.items():
-                check_key(k, f"{path}.key")
-                check_value(v, f"{path}[{k!r:.30}]")
 
-        return check_dict
+def _check_nil(value: Any, path: str) -> None:
+    if value is not None:
+        raise ProtocolError(f"{path}: expected nil")
+
+
+def _union_check(hint: Any) -> Validator:
+    alts = [_validator(a) for a in typing.get_args(hint)]
+
+    def check_union(value: Any, path: str) -> None:
+        for alt in alts:
+            try:
+                alt(value, path)
+                return
+            except ProtocolError:
+                pass
+        raise ProtocolError(f"{path}: {value!r:.60} matches none of {hint}")
+
+    return check_union
+
+
+def _list_check(hint: Any) -> Validator:
+    (item,) = typing.get_args(hint) or (Any,)
+    check_item = None if item is Any else _validator(item)
+
+    def check_list(value: Any, path: str) -> None:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{path}: expected list, got {type(value).__name__}")
+        if check_item is not None:
+            for i, v in enumerate(value):
+                check_item(v, f"{path}[{i}]")
+
+    return check_list
+
+
+def _dict_check(hint: Any) -> Validator:
+    kt, vt = typing.get_args(hint) or (Any, Any)
+    check_key, check_value = _validator(kt), _validator(vt)
+
+    def check_dict(value: Any, path: str) -> None:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{path}: expected map, got {type(value).__name__}")
+        for k, v in value.items():
+            check_key(k, f"{path}.key")
+            check_value(v, f"{path}[{k!r:.30}]")
+
+    return check_dict
+
+
+def _scalar_check(hint: Any) -> Validator:
     name = getattr(hint, "__name__", str(hint))  # bare list / dict too: any items will do
     if hint is float:
         def ok(value: Any) -> bool:

@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,15 @@ def write_hint(path: str | os.PathLike[str] | None, endpoints: list[str], primar
             Path(tmp).unlink(missing_ok=True)
 
 
+
+@dataclass
+class _CallState:
+    """What one ``call`` learned about the endpoints so far."""
+
+    silent: set[int] = field(default_factory=set)  # endpoints that did not answer during this call
+    refused: set[int] = field(default_factory=set)  # endpoints that answered "not primary" during this call
+    takeover_until: float | None = None  # keep asking until then while a takeover may be under way
+
 class RpcClient:
     """Talk to one of several equivalent endpoints (the coordinators), switching on failure."""
 
@@ -131,9 +141,7 @@ class RpcClient:
         attempts = max(1, (self.cfg.request_retries if retries is None else retries) * len(self.endpoints))
         last = "no attempt"
         started = time.monotonic()
-        silent: set[int] = set()  # endpoints that did not answer during this call
-        refused: set[int] = set()  # endpoints that answered "not primary" during this call
-        takeover_until: float | None = None
+        st = _CallState()
         attempt = 0
         while attempt < attempts:
             # With a standby configured, the first round probes each endpoint briefly.
@@ -151,41 +159,44 @@ class RpcClient:
             reply = self._wait(sock, req, wait)
             if reply is None:
                 last = f"no reply from {self.endpoints[self.current]} within {wait:.1f}s"
-                silent.add(self.current)
+                st.silent.add(self.current)
                 attempt += 1
                 self._switch()
                 continue
-            if isinstance(reply, Error):
-                if reply.code == ErrorCode.NOT_PRIMARY:
-                    last = reply.message
-                    now = time.monotonic()
-                    refused.add(self.current)
-                    others = [i for i in range(len(self.endpoints)) if i != self.current and i not in silent]
-                    # Every other coordinator is silent, or all of them say "not primary" (both just
-                    # started and still probing for each other): a takeover or an election is under way.
-                    electing = len(refused) == len(self.endpoints)
-                    if (not others or electing) and len(self.endpoints) > 1:
-                        # Ask again shortly instead of waiting out a dead primary once more, for as long
-                        # as a takeover (or a start-up election) takes.
-                        if takeover_until is None:
-                            takeover_until = now + 2 * self.cfg.failover_timeout + self.cfg.failure_max_timeout
-                        if now < takeover_until:
-                            time.sleep(0.05)  # client side only
-                            if electing:
-                                self._switch()  # ask each in turn: whichever wins answers
-                            continue
-                        silent.clear()  # it is not taking over: try the others again
-                    attempt += 1
-                    self._switch()
-                    time.sleep(0.05)  # client side only: give a takeover a moment
-                    continue
-                self._answered()
-                raise RpcError(reply.code, reply.message)
+            if isinstance(reply, Error) and reply.code == ErrorCode.NOT_PRIMARY:
+                last = reply.message
+                attempt += self._after_not_primary(st)
+                continue
             self._answered()
+            if isinstance(reply, Error):
+                raise RpcError(reply.code, reply.message)
             return reply
         what = getattr(msg, "name", None) or msg.TYPE  # a Command by its name: "jobs", not "cmd"
         raise Unavailable(f"{what}: no answer from {', '.join(self.endpoints)} after {attempts} attempts "
                           f"in {time.monotonic() - started:.1f}s (last: {last})")
+
+    def _after_not_primary(self, st: _CallState) -> int:
+        """The current endpoint answered "not primary": pick whom to ask next. Returns 1 when that
+        used up an attempt, 0 when a takeover (or a start-up election) is under way and the same
+        round is asked again shortly instead of waiting out a dead primary once more."""
+        now = time.monotonic()
+        st.refused.add(self.current)
+        others = [i for i in range(len(self.endpoints)) if i != self.current and i not in st.silent]
+        # Every other coordinator is silent, or all of them say "not primary" (both just
+        # started and still probing for each other): a takeover or an election is under way.
+        electing = len(st.refused) == len(self.endpoints)
+        if (not others or electing) and len(self.endpoints) > 1:
+            if st.takeover_until is None:
+                st.takeover_until = now + 2 * self.cfg.failover_timeout + self.cfg.failure_max_timeout
+            if now < st.takeover_until:
+                time.sleep(0.05)  # client side only
+                if electing:
+                    self._switch()  # ask each in turn: whichever wins answers
+                return 0
+            st.silent.clear()  # it is not taking over: try the others again
+        self._switch()
+        time.sleep(0.05)  # client side only: give a takeover a moment
+        return 1
 
     def _wait(self, sock: zmq.Socket, req: int, timeout: float) -> Message | None:
         deadline = time.monotonic() + timeout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import zmq
 
@@ -81,5 +80,3 @@ def router_send(sock: zmq.Socket, identity: bytes, msg: Message) -> bool:
         log.debug("send %s to %r failed: %s", msg.TYPE, identity, exc)
         return False
 
-
-Handler = Callable[..., None]

@@ -89,24 +89,26 @@ def big_cluster(tmp_path):
         assert not [p for p in c.procs if p.popen.poll() is None]
 
 
-def test_standby_syncs_50mb_state_and_takes_over_within_3s_losing_nothing(big_cluster, tmp_path):
-    c = big_cluster
-    images = sorted(DATA.glob("*.jpg"))[:8]
+def fill_with_jobs(c: LocalCluster, images: list[Path]) -> tuple[int, int]:
+    """JOBS noop jobs over ``images``, all done and their results files written: (jobs, SDFS files)."""
     with SdfsClient(c.config()) as client:
         client.put_many([(str(p), f"real/{p.name}") for p in images])
     for _ in range(JOBS):  # (a submit retried after a slow reply may add a job: at least JOBS, all done)
         c.ctl("submit", model="noop", inputs="real/", batch=4, start=True, timeout=10.0)
     wait_for(lambda: (s := [j["state"] for j in c.ctl("jobs", timeout=5.0)]) and len(s) >= JOBS
              and set(s) == {"done"}, timeout=120, what="50 noop jobs done")
-
     # Every finished job's results file is written (asynchronously) before the state is compared. The
     # count is taken now: `info` walks every file (O(files) on the primary's loop, see sdfs/master.py),
     # and a stall just before the kill would only lengthen the standby's adaptive detection.
     n_jobs = len(c.ctl("jobs", timeout=10.0))
-    before_files = wait_for(lambda: (n := c.ctl("info", timeout=10.0)["sdfs"]["files"]) == FILES + len(images) + n_jobs
-                            and n, timeout=60, what="every results file written")
+    files = wait_for(lambda: (n := c.ctl("info", timeout=10.0)["sdfs"]["files"]) == FILES + len(images) + n_jobs
+                     and n, timeout=60, what="every results file written")
+    return n_jobs, files
 
-    # Restart the standby: it must pull the whole state again, chunk by chunk, while the primary serves.
+
+def restart_standby_until_synced(c: LocalCluster) -> float:
+    """SIGKILL the standby and start it again: it pulls the whole state, chunk by chunk, while the
+    primary serves. Returns the megabytes transferred (from the standby's log)."""
     standby = next(p for p in c.procs if p.addr == c.standby_addr and p.popen.poll() is None)
     c.kill(standby, signal.SIGKILL)
     primary_pid = next(p for p in c.procs if p.addr == c.coordinator).popen.pid
@@ -119,18 +121,16 @@ def test_standby_syncs_50mb_state_and_takes_over_within_3s_losing_nothing(big_cl
     took = time.monotonic() - t0
     line = synced_line(next(p.log_path for p in c.procs if p.addr == c.standby_addr and p.popen.poll() is None))
     assert line is not None
-    megabytes = float(line[2])
-    print(f"\nstandby restart -> synced in {took:.1f}s: {megabytes:.1f} MB in {line[3]} chunks, "
+    print(f"\nstandby restart -> synced in {took:.1f}s: {float(line[2]):.1f} MB in {line[3]} chunks, "
           f"transfer {line[4]}s; primary RSS {primary_rss:.0f} MB before, {memory_mb(primary_pid, 'VmRSS'):.0f} MB "
           f"after (peak {memory_mb(primary_pid, 'VmHWM'):.0f}); standby peak "
           f"{memory_mb(restarted.popen.pid, 'VmHWM'):.0f} MB, now {memory_mb(restarted.popen.pid, 'VmRSS'):.0f} MB")
-    assert megabytes >= 50, f"state of only {megabytes} MB"
-    assert view(c.standby_addr)["state_seq"] == view(c.coordinator)["state_seq"]
+    return float(line[2])
 
-    before_jobs = c.ctl("jobs")
-    assert len(before_jobs) == n_jobs
-    workers = {m["node_id"] for m in c.alive_workers()}
 
+def kill_primary_until_standby_answers(c: LocalCluster) -> tuple[Config, list[dict], float]:
+    """SIGKILL the primary; poll the standby's `jobs` until it answers as primary:
+    (a config for the new primary, its `jobs` answer, seconds from the kill to that answer)."""
     primary = next(p for p in c.procs if p.addr == c.coordinator)
     c.kill(primary, signal.SIGKILL)
     t_kill = time.monotonic()
@@ -142,8 +142,22 @@ def test_standby_syncs_50mb_state_and_takes_over_within_3s_losing_nothing(big_cl
         except RpcError:
             return None
 
-    after_jobs = wait_for(answered, timeout=30, interval=0.02, what="the standby to answer as primary")
-    takeover = time.monotonic() - t_kill
+    jobs = wait_for(answered, timeout=30, interval=0.02, what="the standby to answer as primary")
+    return standby_cfg, jobs, time.monotonic() - t_kill
+
+
+def test_standby_syncs_50mb_state_and_takes_over_within_3s_losing_nothing(big_cluster, tmp_path):
+    c = big_cluster
+    images = sorted(DATA.glob("*.jpg"))[:8]
+    n_jobs, before_files = fill_with_jobs(c, images)
+    megabytes = restart_standby_until_synced(c)
+    assert megabytes >= 50, f"state of only {megabytes} MB"
+    assert view(c.standby_addr)["state_seq"] == view(c.coordinator)["state_seq"]
+
+    before_jobs = c.ctl("jobs")
+    assert len(before_jobs) == n_jobs
+    workers = {m["node_id"] for m in c.alive_workers()}
+    standby_cfg, after_jobs, takeover = kill_primary_until_standby_answers(c)
     print(f"kill -> new primary answers `jobs`: {takeover:.2f}s")
     assert takeover <= 3.0
     assert after_jobs == before_jobs

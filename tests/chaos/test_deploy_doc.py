@@ -72,71 +72,77 @@ def machines(tmp_path):
         net.destroy()  # kills every process in the namespaces (the doc's daemons run under nohup)
 
 
-def test_deploy_doc_on_three_machines(machines):
-    net, tmp = machines
-    blocks = doc_blocks()
-    ips = [h.ip for h in net.hosts]
-    env_line = blocks["env"].strip()
-    assert env_line == "A=10.0.0.1 B=10.0.0.2 C=10.0.0.3"
-    prelude = f"set -e\nA={ips[0]} B={ips[1]} C={ips[2]}\n"
-    # `idunno` on the PATH, running this tree with the test's interpreter (as `. .venv/bin/activate` would).
-    bindir = tmp / "bin"
-    bindir.mkdir()
-    shim = bindir / "idunno"
-    shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m cli.main \"$@\"\n")
-    shim.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IDUNNO_")}
-    env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", PYTHONPATH=str(REPO), IDUNNO_TORCH_THREADS="1",
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    homes = {name: tmp / name for name in ("a", "b", "c")}
-    for d in homes.values():
-        d.mkdir()
+class DocMachines:
+    """The three namespaces as the doc's reader sees them: a home directory each, `idunno` on the PATH
+    (this tree, with the test's interpreter, as `. .venv/bin/activate` would give), and the doc's
+    blocks run there with the example addresses replaced by the namespaces'."""
 
-    def run(machine: str, block: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        host = net.hosts["abc".index(machine)]
-        r = subprocess.run(["ip", "netns", "exec", host.ns, "bash", "-c", prelude + blocks[block]],
-                           cwd=homes[machine], env=env, capture_output=True, text=True, timeout=timeout)
+    def __init__(self, net: Netns, tmp: Path, blocks: dict[str, str]) -> None:
+        self.net, self.tmp, self.blocks = net, tmp, blocks
+        self.ips = [h.ip for h in net.hosts]
+        self.prelude = f"set -e\nA={self.ips[0]} B={self.ips[1]} C={self.ips[2]}\n"
+        bindir = tmp / "bin"
+        bindir.mkdir()
+        shim = bindir / "idunno"
+        shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m cli.main \"$@\"\n")
+        shim.chmod(0o755)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("IDUNNO_")}
+        self.env.update(PATH=f"{bindir}{os.pathsep}{self.env['PATH']}", PYTHONPATH=str(REPO),
+                        IDUNNO_TORCH_THREADS="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.homes = {name: tmp / name for name in ("a", "b", "c")}
+        for d in self.homes.values():
+            d.mkdir()
+
+    def sh(self, machine: str, script: str, timeout: float) -> subprocess.CompletedProcess:
+        host = self.net.hosts["abc".index(machine)]
+        return subprocess.run(["ip", "netns", "exec", host.ns, "bash", "-c", self.prelude + script],
+                              cwd=self.homes[machine], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def run(self, machine: str, block: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        r = self.sh(machine, self.blocks[block], timeout)
         assert r.returncode == 0, f"{block} on {machine}: {r.stdout}\n{r.stderr}"
         return r
 
-    run("a", "keys")
-    assert blocks["copy-keys"].strip() == "scp -r keys $B: && scp -r keys $C:"
-    for m in ("b", "c"):  # what the scp line does, without ssh between namespaces
-        shutil.copytree(homes["a"] / "keys", homes[m] / "keys")
-    for m in ("a", "b", "c"):
-        run(m, f"machine-{m}")
-
-    # Wait, as a reader would with `idunno ctl members`, until the three workers are alive.
-    client_env = blocks["client"].splitlines()[0]
-    assert client_env.startswith("export IDUNNO_CURVE_DIR=$PWD/keys IDUNNO_COORDINATOR=$A:7100")
-    blocks["members-json"] = client_env + "\nidunno ctl members --json\n"
-
-    def alive_workers() -> list[str]:
-        r = subprocess.run(["ip", "netns", "exec", net.hosts[2].ns, "bash", "-c", prelude + blocks["members-json"]],
-                           cwd=homes["c"], env=env, capture_output=True, text=True, timeout=60)
+    def alive_workers(self) -> list[str]:
+        """`idunno ctl members --json` on machine C, with the client block's environment line."""
+        r = self.sh("c", self.blocks["client"].splitlines()[0] + "\nidunno ctl members --json\n", 60)
         if r.returncode != 0:
             return []
         members = json.loads(r.stdout)["members"]
         return [m["data_addr"] for m in members if m["role"] == "worker" and m["state"] == "alive"]
 
-    wait_for(lambda: len(alive_workers()) == 3, timeout=120, interval=0.5, what="3 workers alive")
-    assert sorted(alive_workers()) == sorted(f"{ip}:7200" for ip in ips)
 
-    images = homes["c"] / "images"
+def test_deploy_doc_on_three_machines(machines):
+    net, tmp = machines
+    blocks = doc_blocks()
+    assert blocks["env"].strip() == "A=10.0.0.1 B=10.0.0.2 C=10.0.0.3"
+    doc = DocMachines(net, tmp, blocks)
+    doc.run("a", "keys")
+    assert blocks["copy-keys"].strip() == "scp -r keys $B: && scp -r keys $C:"
+    for m in ("b", "c"):  # what the scp line does, without ssh between namespaces
+        shutil.copytree(doc.homes["a"] / "keys", doc.homes[m] / "keys")
+    for m in ("a", "b", "c"):
+        doc.run(m, f"machine-{m}")
+
+    # Wait, as a reader would with `idunno ctl members`, until the three workers are alive.
+    assert blocks["client"].startswith("export IDUNNO_CURVE_DIR=$PWD/keys IDUNNO_COORDINATOR=$A:7100")
+    wait_for(lambda: len(doc.alive_workers()) == 3, timeout=120, interval=0.5, what="3 workers alive")
+    assert sorted(doc.alive_workers()) == sorted(f"{ip}:7200" for ip in doc.ips)
+
+    images = doc.homes["c"] / "images"
     images.mkdir()
     for p in sorted(DATA.glob("*.jpg"))[:12]:
         shutil.copy(p, images / p.name)
-    r = run("c", "client", timeout=900)
-    out = r.stdout
+    out = doc.run("c", "client", timeout=900).stdout
     assert "put 12 files under in/" in out
     assert "job1-alexnet done: 12/12 results" in out
     assert "results of job1-alexnet (12/12" in out
-    for ip in ips:  # three machines, three workers in the membership table
+    for ip in doc.ips:  # three machines, three workers in the membership table
         assert f"{ip}:7200" in out
     # The cluster really is encrypted: a client without the keys gets no answer.
     nokeys = subprocess.run(
         ["ip", "netns", "exec", net.hosts[2].ns, sys.executable, "-m", "cli.main", "ctl", "members",
-         "--coordinator", f"{ips[0]}:7100"],
-        env=dict(env, IDUNNO_REQUEST_TIMEOUT="1", IDUNNO_REQUEST_RETRIES="1"), cwd=tmp, capture_output=True,
+         "--coordinator", f"{doc.ips[0]}:7100"],
+        env=dict(doc.env, IDUNNO_REQUEST_TIMEOUT="1", IDUNNO_REQUEST_RETRIES="1"), cwd=tmp, capture_output=True,
         text=True, timeout=60)
     assert nokeys.returncode == 1 and "members: no answer" in nokeys.stderr

@@ -105,6 +105,40 @@ def test_up_by_default_answers_no_one_without_the_clusters_keys(make_cluster, st
         assert [f["name"] for f in client.ls("")] == ["secret.txt"]
 
 
+def _rogue_workers(c, client_key, ids: list[str]) -> dict[str, zmq.Socket]:
+    """DEALERs with the client key and each given node id as ROUTER identity, each sending what a
+    worker sends: join, ready, heartbeat, leave, a stored report (5 messages per id)."""
+    rogues = {node: keyed(zmq.DEALER, c.coordinator, client_key, identity=node.encode()) for node in ids}
+    for node, s in rogues.items():
+        for msg in (P.Join(node, "worker", "127.0.0.1:1"), P.Ready(node, 64, ["noop"]), P.Heartbeat(node),
+                    P.Leave(node), P.Stored(node, "in/x", 1, 1, "00", ok=False)):
+            s.send(msg.encode())
+    return rogues
+
+
+def _forge_results(rogues: dict[str, zmq.Socket], tasks: list[P.Task]) -> None:
+    """Answer any task a rogue got with a forged label (keeping it in ``tasks``), and heartbeat."""
+    for node, s in rogues.items():
+        while s.poll(0):
+            m = P.decode(s.recv())
+            if isinstance(m, P.Task):
+                tasks.append(m)
+                s.send(P.TaskResult(m.task_id, m.job_id, node, 0.1, [
+                    [q["index"], [["FORGED", 1.0]], None] for q in m.queries]).encode())
+        s.send(P.Heartbeat(node).encode())
+
+
+def _topics_seen(subs: dict[str, zmq.Socket]) -> dict[str, set[bytes]]:
+    """The topics each subscriber has received so far; closes them."""
+    seen = {}
+    for name, s in subs.items():
+        seen[name] = set()
+        while s.poll(0):
+            seen[name].add(s.recv_multipart()[0])
+        s.close()
+    return seen
+
+
 def test_a_client_key_cannot_act_as_a_worker_or_read_the_state(make_cluster):
     """Findings 1, 2 and 4 with a key the cluster does know: the client key (and an operator with it)."""
     c = make_cluster(workers=2, standby=True)
@@ -115,13 +149,7 @@ def test_a_client_key_cannot_act_as_a_worker_or_read_the_state(make_cluster):
     before = c.ctl("info")["dropped"].get("wrong_role", 0)
     # A rogue worker with its own node id, and one reusing a live worker's id (ROUTER identity too).
     rogue_id = "127.0.0.1:1@1"
-    rogues = {rogue_id: keyed(zmq.DEALER, c.coordinator, client_key, identity=rogue_id.encode()),
-              victim: keyed(zmq.DEALER, c.coordinator, client_key, identity=victim.encode())}
-    tasks = []
-    for node, s in rogues.items():
-        for msg in (P.Join(node, "worker", "127.0.0.1:1"), P.Ready(node, 64, ["noop"]), P.Heartbeat(node),
-                    P.Leave(node), P.Stored(node, "in/x", 1, 1, "00", ok=False)):
-            s.send(msg.encode())
+    rogues = _rogue_workers(c, client_key, [rogue_id, victim])
     # Only the coordinator's key may ask for the state: to a client key, no snapshot and no answer.
     state = keyed(zmq.DEALER, c.coordinator, client_key)
     assert answered(state, P.StateRequest(7)) is None
@@ -136,16 +164,10 @@ def test_a_client_key_cannot_act_as_a_worker_or_read_the_state(make_cluster):
         subs[name].setsockopt(zmq.SUBSCRIBE, topic)
     wait_for(lambda: subs["client, everything"].poll(100), timeout=10, what="the subscription to take")
     job = c.ctl("submit", model="noop", inputs="in/", batch=1, start=True)["job_id"]
+    tasks: list[P.Task] = []
 
     def forge_and_collect() -> bool:
-        for node, s in rogues.items():
-            while s.poll(0):
-                m = P.decode(s.recv())
-                if isinstance(m, P.Task):
-                    tasks.append(m)
-                    s.send(P.TaskResult(m.task_id, m.job_id, node, 0.1, [
-                        [q["index"], [["FORGED", 1.0]], None] for q in m.queries]).encode())
-            s.send(P.Heartbeat(node).encode())
+        _forge_results(rogues, tasks)
         return c.ctl("completed", job=job)[job]["completed"] == 12
 
     wait_for(forge_and_collect, timeout=60, interval=0.1, what="the job to complete")
@@ -160,12 +182,7 @@ def test_a_client_key_cannot_act_as_a_worker_or_read_the_state(make_cluster):
     assert tasks == []
     for s in rogues.values():
         s.close()
-    seen = {}
-    for name, s in subs.items():
-        seen[name] = set()
-        while s.poll(0):
-            seen[name].add(s.recv_multipart()[0])
-        s.close()
+    seen = _topics_seen(subs)
     assert P.Topic.HEARTBEAT in seen["client, everything"] and P.Topic.STATE not in seen["client, everything"]
     assert seen["client, state"] == set()
     assert seen["coordinator"] == {P.Topic.STATE}  # the journal itself flows (12 results were journalled)

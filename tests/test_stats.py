@@ -1,0 +1,136 @@
+"""Latency statistics in constant space: the DDSketch-backed Distribution and JobStats' snapshot."""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+
+import msgpack
+import pytest
+
+from broker.stats import RELATIVE_ACCURACY, SKETCH_BINS, Distribution, JobStats, summarize
+
+
+def exact_quantile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank quantile of a sorted list: what query_time reported before the sketch."""
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def packed_size(d: Distribution) -> int:
+    return len(msgpack.packb(d.to_dict()))
+
+
+def test_a_million_latencies_keep_the_state_bounded_and_quantiles_within_one_percent():
+    rng = random.Random(7)
+    values = [rng.lognormvariate(-1.5, 0.8) for _ in range(1_000_000)]  # ~0.2 s median, long right tail
+    d = Distribution()
+    sizes = []
+    for k, v in enumerate(values):
+        d.add(v)
+        if k + 1 in (1_000, 100_000, 1_000_000):
+            sizes.append(packed_size(d))
+    # The state is the occupied bin range: it grows with the log of the value range, not the count.
+    assert max(sizes) < 8_000, sizes
+    assert sizes[-1] - sizes[1] < 1_000, sizes
+    s = sorted(values)
+    summary = d.summary()
+    assert summary["count"] == 1_000_000
+    exact_of = {"median": (s[499_999] + s[500_000]) / 2} | {f"p{p}": exact_quantile(s, p / 100) for p in (90, 95, 99)}
+    for key, exact in exact_of.items():
+        assert abs(summary[key] - exact) <= RELATIVE_ACCURACY * exact, (key, summary[key], exact)
+    mean = math.fsum(values) / len(values)
+    assert summary["avg"] == pytest.approx(mean, rel=1e-9)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+    assert summary["std"] == pytest.approx(std, rel=1e-6)
+
+
+def test_weighted_adds_equal_repeated_adds_and_absurd_values_are_ignored():
+    a, b = Distribution(), Distribution()
+    for v, n in ((0.5, 16), (1.25, 3), (0.0, 2), (7.0, 1)):
+        a.add(v, n)
+        for _ in range(n):
+            b.add(v)
+    for bad in (math.nan, math.inf, -math.inf):
+        a.add(bad, 5)
+    a.add(1.0, 0)
+    assert a.summary() == pytest.approx(b.summary())
+    assert a.summary()["count"] == 22
+    assert a.min == 0.0 and a.max == 7.0
+    a.add(-3.0)  # a negative latency (clock step) counts as 0, it cannot poison the sketch
+    assert a.min == 0.0 and a.count == 23
+
+
+def test_summary_of_nothing_is_nan_and_summarize_accepts_plain_values():
+    empty = Distribution().summary()
+    assert empty["count"] == 0 and all(math.isnan(empty[k]) for k in ("avg", "std", "median", "p99"))
+    s = summarize([1.0, 2.0, 3.0, 4.0])
+    assert s["count"] == 4 and s["avg"] == 2.5 and s["std"] == pytest.approx(statistics.pstdev([1, 2, 3, 4]))
+    assert s["p99"] == pytest.approx(4.0, rel=RELATIVE_ACCURACY)  # nearest rank, as before the sketch
+    assert s["median"] == pytest.approx(2.5, rel=RELATIVE_ACCURACY)  # mean of the two middle values
+    assert summarize([5.0])["p90"] == 5.0 and summarize([5.0])["std"] == 0.0
+
+
+def test_cumulative_buckets_count_values_up_to_each_bound():
+    d = Distribution()
+    for v, n in ((0.0, 1), (0.03, 10), (0.2, 5), (3.0, 2)):
+        d.add(v, n)
+    assert d.cumulative([0.0, 0.05, 0.1, 0.25, 2.5, 5.0]) == [1, 11, 11, 16, 16, 18]
+
+
+def test_job_stats_survive_snapshot_through_msgpack():
+    st = JobStats("j1")
+    rng = random.Random(3)
+    t = 1000.0
+    for _ in range(5_000):
+        lat = rng.uniform(0.05, 2.0)
+        t += 0.01
+        st.record(8, 1, lat, lat / 2, t, "w1")
+    wire = msgpack.unpackb(msgpack.packb(st.snapshot()), strict_map_key=False)
+    back = JobStats.restore(wire)
+    assert back.latencies.summary() == pytest.approx(st.latencies.summary())
+    assert back.compute.summary() == pytest.approx(st.compute.summary())
+    assert (back.completed, back.errors) == (40_000, 5_000)
+    # the restored sketch keeps counting like the original
+    st.record(4, 0, 9.0, 1.0, t + 1)
+    back.record(4, 0, 9.0, 1.0, t + 1)
+    assert back.latencies.summary() == pytest.approx(st.latencies.summary())
+    assert len(st.recent_latencies()) == 20_000
+
+
+def test_a_snapshot_from_before_the_sketch_restores_its_values():
+    old = {"job_id": "j", "completed": 3, "errors": 0, "first_result": 1.0, "latencies": [0.1, 0.2, 0.3],
+           "compute": [0.01, 0.02, 0.03], "history": [], "spans": [], "started": 0.5}
+    st = JobStats.restore(old)
+    assert st.latencies.count == 3 and st.latencies.mean == pytest.approx(0.2)
+    assert st.compute.summary()["median"] == pytest.approx(0.02, rel=RELATIVE_ACCURACY)
+
+
+def test_the_bin_count_is_capped_whatever_the_value_range():
+    d = Distribution()
+    for k in range(20_000):
+        d.add(10 ** (-9 + 21 * k / 20_000))  # 1 ns .. 1e12 s: more 1 % bins than the cap
+    assert len(d.to_dict()["bins"]) <= SKETCH_BINS
+    assert d.quantile(0.99) == pytest.approx(10 ** (-9 + 21 * 0.99), rel=RELATIVE_ACCURACY)  # the top keeps 1 %
+
+
+def test_the_prometheus_histogram_is_counted_from_the_sketch():
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+    from broker.metrics import CoordinatorCollector  # noqa: PLC0415
+
+    d = Distribution()
+    for v, n in ((0.03, 10), (0.2, 5), (3.0, 2)):
+        d.add(v, n)
+    job = {"model": "m", "completed": 17, "errors": 0, "pending": 0, "in_flight": 0, "batch_size": 4,
+           "latency": d.to_dict()}
+    snap = {"jobs": {"j": job}, "rates": {"j": {"rate": 1.0}}, "members": [], "busy_seconds": {},
+            "failures_detected": 0, "loop_stall_max": 0.0, "slowest_message": ["", 0.0], "heartbeat_gap_max": 0.0,
+            "sdfs": {"files": 0, "under_replicated": 0}, "role": "primary", "term": 1}
+    registry = CollectorRegistry()
+    registry.register(CoordinatorCollector(lambda: snap))
+    labels = {"job": "j", "model": "m"}
+    buckets = [registry.get_sample_value("idunno_query_latency_seconds_bucket", labels | {"le": le})
+               for le in ("0.05", "0.25", "2.5", "5.0", "+Inf")]
+    assert buckets == [10, 15, 15, 17, 17]
+    assert registry.get_sample_value("idunno_query_latency_seconds_sum", labels) == pytest.approx(7.3)
