@@ -193,8 +193,8 @@ class ReplicatedState:
             return
         self.jobs.dispatch(job, d["task_id"], d["worker"], list(d["indexes"]), d["dispatched"],
                            now + self.cfg.task_timeout_min)
-        if job.stats.started is None:  # the rate's origin: the first dispatch (``job.started``: the start command)
-            job.stats.started = d["dispatched"]
+        if job.stats.first_dispatch is None:
+            job.stats.first_dispatch = d["dispatched"]
 
     def _op_task_result(self, d: dict[str, Any], now: float) -> None:
         job = self.jobs.jobs.get(d["job_id"])

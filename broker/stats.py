@@ -175,7 +175,9 @@ class JobStats:
     compute: Distribution = field(default_factory=Distribution)  # seconds of compute per image
     history: deque[Completion] = field(default_factory=lambda: deque(maxlen=100_000))
     spans: deque[Span] = field(default_factory=lambda: deque(maxlen=20_000))
-    started: float | None = None  # first dispatch
+    # The rate's origin: the job's first dispatch (not Job.started, the `start` command's time: a job
+    # started while every worker was busy has no rate until it runs).
+    first_dispatch: float | None = None
     duplicates: int = 0  # results dropped because their query already had one (re-dispatched queries)
 
     def record(self, n: int, errors: int, latency: float, elapsed: float, now: float, worker: str = "") -> None:
@@ -206,15 +208,15 @@ class JobStats:
         job is younger than that (dividing a 3 s old job's images by 10 s would understate it)."""
         if self.first_result is None:
             return 0.0
-        if self.started is not None:
-            window = max(1e-3, min(window, now - self.started))
+        if self.first_dispatch is not None:
+            window = max(1e-3, min(window, now - self.first_dispatch))
         return self.images_between(now - window, now) / window
 
     def overall_rate(self) -> float:
         """Images per second from the first dispatch to the last result."""
-        if not self.history or self.started is None:
+        if not self.history or self.first_dispatch is None:
             return 0.0
-        span = self.history[-1].end - self.started
+        span = self.history[-1].end - self.first_dispatch
         return self.completed / span if span > 0 else 0.0
 
     def series(self, window: float, step: float = 1.0) -> list[list[float]]:
@@ -249,7 +251,7 @@ class JobStats:
             "compute_time": self.compute.to_dict(),
             "history": [[c.start, c.end, c.n] for c in list(self.history)[-5_000:]],
             "spans": [[sp.worker, sp.start, sp.end, sp.n] for sp in list(self.spans)[-5_000:]],
-            "started": self.started,
+            "first_dispatch": self.first_dispatch,
             "duplicates": self.duplicates,
         }
 
@@ -264,7 +266,7 @@ class JobStats:
             s.compute = Distribution.of(d.get("compute", []))
         s.history.extend(Completion(float(a), float(b), int(n)) for a, b, n in d.get("history", []))
         s.spans.extend(Span(str(w), float(a), float(b), int(n)) for w, a, b, n in d.get("spans", []))
-        s.started = d.get("started")
+        s.first_dispatch = d.get("first_dispatch", d.get("started"))  # "started": states written before the rename
         s.duplicates = int(d.get("duplicates", 0))
         return s
 
