@@ -168,7 +168,6 @@ class Distribution:
 @dataclass
 class JobStats:
     job_id: str
-    completed: int = 0
     errors: int = 0
     first_result: float | None = None
     latencies: Distribution = field(default_factory=Distribution)  # seconds, dispatch -> result, per query
@@ -184,7 +183,6 @@ class JobStats:
         if n <= 0:
             return
         self.spans.append(Span(worker, now - latency, now, n))
-        self.completed += n
         self.errors += errors
         if self.first_result is None:
             self.first_result = now
@@ -217,7 +215,7 @@ class JobStats:
         if not self.history or self.first_dispatch is None:
             return 0.0
         span = self.history[-1].end - self.first_dispatch
-        return self.completed / span if span > 0 else 0.0
+        return self.latencies.count / span if span > 0 else 0.0
 
     def series(self, window: float, step: float = 1.0) -> list[list[float]]:
         """[t, rate over the window ending at t] from the first result to the last (for reports)."""
@@ -244,7 +242,6 @@ class JobStats:
     def snapshot(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id,
-            "completed": self.completed,
             "errors": self.errors,
             "first_result": self.first_result,
             "latency": self.latencies.to_dict(),
@@ -257,7 +254,7 @@ class JobStats:
 
     @classmethod
     def restore(cls, d: dict[str, Any]) -> JobStats:
-        s = cls(d["job_id"], int(d["completed"]), int(d["errors"]), d.get("first_result"))
+        s = cls(d["job_id"], int(d["errors"]), d.get("first_result"))
         if "latency" in d:
             s.latencies = Distribution.from_dict(d["latency"])
             s.compute = Distribution.from_dict(d["compute_time"])

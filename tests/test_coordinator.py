@@ -122,7 +122,7 @@ def test_duplicate_results_are_counted_once():
     sim.deliver(res.node_id, res)
     sim.deliver(res.node_id, res)
     j = sim.core.jobs.jobs[job]
-    assert len(j.results) == 8 and j.stats.completed == 8 and j.state == "done"
+    assert len(j.results) == 8 and j.stats.latencies.count == 8 and j.state == "done"
 
 
 def test_set_batch_size_takes_effect_live():
@@ -228,7 +228,7 @@ def test_standby_replays_the_primarys_state_and_takes_over_without_losing_or_dup
     for job in (a, b):
         j = standby.jobs.jobs[job]
         assert j.state == "done" and sorted(j.results) == list(range(300))
-        assert j.stats.completed == 300  # statistics continued, no reset, no double count
+        assert j.stats.latencies.count == 300  # statistics continued, no reset, no double count
         assert len(j.results) >= done_before[job]
 
 

@@ -215,7 +215,7 @@ def test_a_restarted_coordinator_resumes_a_running_job_exactly_once_and_counts_o
     assert core.term == term + 1
     assert len(core.jobs.jobs[job].results) == seen  # ... but never what a client was told
     assert core.jobs.jobs[done_job].state is JobState.DONE and len(core.jobs.jobs[done_job].results) == 10
-    assert core.jobs.jobs[job].stats.completed == seen
+    assert core.jobs.jobs[job].stats.latencies.count == seen
     assert all(t.startswith(f"t{term + 1}.") for t in core.jobs.tasks)  # the crash's in-flight ones re-queued
     sim.run_until(30.0)
     j = core.jobs.jobs[job]
@@ -224,7 +224,7 @@ def test_a_restarted_coordinator_resumes_a_running_job_exactly_once_and_counts_o
     assert len(per_input) == 300 and set(per_input.values()) == {1}
     assert set(j.counts.accepted) == {1}  # accepted once each, across the restart (the journal replayed)
     rate = sim.command("query_rate", job=job)["jobs"][job]
-    assert rate["count"] == 300 and j.stats.completed == 300
+    assert rate["count"] == 300 and j.stats.latencies.count == 300
     assert sim.command("query_time", job=job)[job]["latency"]["count"] == 300
     # The next job id follows the restored ones (SDFS metadata lives in the master's own SQLite,
     # which this simulated restart does not have: the workers report their files again).
@@ -372,4 +372,4 @@ def test_a_standby_keeps_the_primary_snapshot_and_stream_and_restarts_from_them(
     assert info["skipped"] == 0 and info["requeued"] > 0
     assert again.state_seq == sim.core.state_seq + info["requeued"]
     assert sorted(again.jobs.jobs[job].results) == sorted(sim.core.jobs.jobs[job].results)
-    assert again.jobs.jobs[job].stats.completed == sim.core.jobs.jobs[job].stats.completed
+    assert again.jobs.jobs[job].stats.latencies.count == sim.core.jobs.jobs[job].stats.latencies.count

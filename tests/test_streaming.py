@@ -95,7 +95,7 @@ def test_partial_results_count_at_once_keep_the_slot_and_the_final_piece_frees_i
     sim.deliver(node, TaskResult(task.task_id, job_id, node, 0.18, _answers(task, 0, 2), final=False))
     acks = list(sim.acks)
     job = sim.core.jobs.jobs[job_id]
-    assert len(job.results) == 2 and job.stats.completed == 2
+    assert len(job.results) == 2 and job.stats.latencies.count == 2
     assert [(a.task_id, a.final) for a in acks] == [(task.task_id, False)]  # the worker keeps its copy
     assert task.task_id in sim.core.jobs.tasks  # still out: the other 6 are computing
     assert sim.core.jobs.in_flight(job_id) == 6 and not job.pending.count(2)

@@ -125,7 +125,7 @@ def test_an_absurd_elapsed_cannot_poison_the_task_timeout(elapsed):
     timeout = sim.core.task_timeout(j, node)
     assert math.isfinite(timeout) and timeout <= 10 * sim.cfg.task_timeout_min
     compute = j.stats.compute
-    assert math.isfinite(compute.mean) and math.isfinite(compute.m2) and compute.count == j.stats.completed
+    assert math.isfinite(compute.mean) and math.isfinite(compute.m2) and compute.count == j.completed
     # ...nor reach the standby through the snapshot.
     assert all(math.isfinite(v) for per_worker in sim.core.snapshot()["cost"].values() for v in per_worker.values())
 
