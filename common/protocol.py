@@ -567,7 +567,9 @@ class Task(Message):
     job_id: str
     model: str
     term: int
-    queries: list[dict[str, Any]]  # {"index": int (the query's position in its job), "input": str, "version": int}
+    # {"index": int (the query's position in its job), "input": str, "version": int}, and "source":
+    # the version's view as Locate gives it (its live replicas) when the worker holds no replica.
+    queries: list[dict[str, Any]]
     weights: str = ""  # the job's pinned SDFS checkpoint (submit --weights); "" = the model's default weights
 
 
