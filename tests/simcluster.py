@@ -121,7 +121,9 @@ class SimCluster:
         return reply.data
 
     def _route(self) -> None:
-        self.core.commit()  # as the server's loop does once per iteration: publishes the iteration's ops
+        # The server's loop publishes an iteration's ops at its commit; here each delivery is an
+        # iteration, but the state store is committed only where a test (or a command) does.
+        self.core.log.publish()
         for ident, msg in self.net.take():
             node = ident.decode()
             if node == "client":

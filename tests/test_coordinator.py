@@ -192,7 +192,7 @@ def test_standby_replays_the_primarys_state_and_takes_over_without_losing_or_dup
 
     def replicate() -> None:
         nonlocal applied
-        sim.core.commit()
+        sim.core.log.publish()
         updates = state_updates(sim.net.published)
         for u in updates[applied:]:
             assert u.seq == standby.state_seq + 1
@@ -425,7 +425,7 @@ def test_cancel_is_replicated_to_the_standby_and_survives_a_snapshot():
     assert j.state == "cancelled" and not j.pending
     assert j.counts == sim.core.jobs.jobs[job].counts  # restoring in-flight tasks does not recount
     fresh = Coordinator(sim.cfg, "sim:3", sim.net.__class__(), role=STANDBY, clock=lambda: sim.t)
-    sim.core.commit()
+    sim.core.log.publish()
     for u in state_updates(sim.net.published):
         fresh.apply_op(u.op, u.data, sim.t)
     assert fresh.jobs.jobs[job].state == "cancelled" and not fresh.jobs.jobs[job].pending

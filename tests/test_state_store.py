@@ -358,7 +358,7 @@ def test_a_standby_keeps_the_primary_snapshot_and_stream_and_restarts_from_them(
     sim.run_until(2.0)
     from simcluster import state_updates  # noqa: PLC0415
 
-    sim.core.commit()
+    sim.core.log.publish()
     for u in state_updates(sim.net.published):
         if u.seq > seq0:
             standby.apply_update(u.seq, u.term, u.op, u.data, sim.t)
