@@ -351,6 +351,44 @@ def curve_table(rows: list[list], repeat: int) -> None:
           f"alternating rounds", ["measure", "--insecure", "CURVE", "x --insecure"], rows)
 
 
+def noop_rounds(cluster: LocalCluster, workers: int, repeat: int, raw_n: int) -> tuple[list[float], list[dict]]:
+    """(b)'s rounds: raw round trips, then a noop job over ``np/``, alternating."""
+    run_job(cluster, "np/0/img_00*", 1, model=NOOP)  # warm-up, untimed
+    task_size, result_size = message_sizes("np/")
+    noop_runs: list[dict] = []
+    raw_runs: list[float] = []
+    for r in range(repeat):
+        raw_runs.append(raw_n / raw_dispatch(raw_n, workers, cluster.config().worker_credit, task_size, result_size))
+        noop_runs.append(run_job(cluster, "np/", 1, model=NOOP))
+        console.print(f"    round {r + 1}/{repeat}: raw {raw_runs[-1]:,.0f} round trips/s, noop job "
+                      f"{noop_runs[-1]['n'] / noop_runs[-1]['seconds']:,.0f} queries/s")
+    return raw_runs, noop_runs
+
+
+def dispatch_only(repeat: int, noop_copies: int, raw_n: int) -> int:
+    """Only (b), on a 2-worker cluster of its own (no model preloaded)."""
+    workers = 2
+    with temp_dir("idunno-bench-dispatch-") as tmp:
+        cluster = LocalCluster(workers=workers, standby=False, data_dir=str(tmp), torch_threads=1)
+        with running(cluster, timeout=120):
+            n_noop, put_s = put_copies(cluster, noop_copies, "np")
+            console.print(f"(b) noop jobs over {n_noop} inputs (put in {put_s:.1f}s), batch 1, alternating with "
+                          f"{raw_n} raw ROUTER->DEALER round trips; load average {os.getloadavg()[0]:.2f}")
+            raw_runs, noop_runs = noop_rounds(cluster, workers, repeat, raw_n)
+            credit = cluster.config().worker_credit
+    noop_rates = [r["n"] / r["seconds"] for r in noop_runs]
+    noop_rate, raw_rate = statistics.median(noop_rates), statistics.median(raw_runs)
+    table(f"(b) dispatch rate: {n_noop} queries a job, batch 1, {workers} workers x credit {credit} "
+          f"(median of {repeat} alternating rounds)", ["path", "per round / s", "median / s", "us per query", "x raw"],
+          [["baseline: raw ROUTER -> DEALER round trips", ", ".join(f"{x:,.0f}" for x in raw_runs), raw_rate,
+            1e6 / raw_rate, 1.0],
+           ["cluster: noop-model job, first dispatch -> last result", ", ".join(f"{x:,.0f}" for x in noop_rates),
+            noop_rate, 1e6 / noop_rate, noop_rate / raw_rate]])
+    headline(f"noop dispatch {noop_rate:,.0f} queries/s = {noop_rate / raw_rate:.2f}x raw ROUTER-DEALER "
+             f"({raw_rate:,.0f}/s; goal >= 0.5x or >= 10,000/s); load average {os.getloadavg()[0]:.2f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 100 images, 2000 round trips")
@@ -364,6 +402,8 @@ def main() -> int:
     ap.add_argument("--cli-runs", type=int, default=None, help="(d) runs of each process (default 30, quick 10)")
     ap.add_argument("--cli-only", action="store_true", help="only (d), on a small cluster of its own")
     ap.add_argument("--curve-only", action="store_true", help="only (e), on two small clusters of its own")
+    ap.add_argument("--dispatch-only", action="store_true",
+                    help="only (b), on a 2-worker cluster of its own (IDUNNO_PROFILE=path profiles its coordinator)")
     args = ap.parse_args()
     cli_runs = args.cli_runs or (10 if args.quick else 30)
     if args.cli_only:
@@ -371,6 +411,8 @@ def main() -> int:
     curve_rounds = args.repeat or (1 if args.quick else 3)
     curve_trips = (args.round_trips or (2000 if args.quick else 10_000)) // 2
     curve_copies = max(1, math.ceil((args.noop_queries or (200 if args.quick else 1000)) / 100))
+    if args.dispatch_only:
+        return dispatch_only(args.repeat or (1 if args.quick else 3), curve_copies, 2000 if args.quick else 10_000)
     if args.curve_only:
         rows = curve_cost(curve_rounds, curve_trips, curve_copies)
         curve_table(rows, curve_rounds)
@@ -409,16 +451,8 @@ def main() -> int:
             n_noop, put_s = put_copies(cluster, noop_copies, "np")
             console.print(f"(b) noop jobs over {n_noop} inputs (put in {put_s:.1f}s), batch 1, alternating with "
                           f"{raw_n} raw ROUTER->DEALER round trips")
-            run_job(cluster, "np/0/img_00*", 1, model=NOOP)  # warm-up, untimed
+            raw_runs, noop_runs = noop_rounds(cluster, workers, repeat, raw_n)
             task_size, result_size = message_sizes("np/")
-            noop_runs: list[dict] = []
-            raw_runs: list[float] = []
-            for r in range(repeat):
-                raw_runs.append(raw_n / raw_dispatch(raw_n, workers, cluster.config().worker_credit,
-                                                     task_size, result_size))
-                noop_runs.append(run_job(cluster, "np/", 1, model=NOOP))
-                console.print(f"    round {r + 1}/{repeat}: raw {raw_runs[-1]:,.0f} round trips/s, noop job "
-                              f"{noop_runs[-1]['n'] / noop_runs[-1]['seconds']:,.0f} queries/s")
             time.sleep(1.0)
             members_data = cluster.ctl("members")
             console.print(f"(c) {round_trips} round trips: pyzmq+msgpack echo, then RpcClient 'members'")

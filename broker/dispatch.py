@@ -141,7 +141,7 @@ class Dispatcher:
         self.core.emit("task.dispatch", {"task_id": task_id, "job_id": job.job_id, "worker": node,
                                          "indexes": indexes, "dispatched": self.core.clock()}, now)
         self.state.jobs.tasks[task_id].deadline = now + self.task_timeout(job, node, n)
-        queries = [{"index": i, "input": job.inputs[i][0], "version": job.inputs[i][1]} for i in indexes]
+        queries = self._queries(job, indexes, node)
         self.slots[node].outstanding[task_id] = now
         self.state.charge(task_id, job, n)
         if not self.core.net.send(node.encode(), Task(task_id, job.job_id, job.model, self.core.term, queries,
@@ -150,6 +150,21 @@ class Dispatcher:
             self.core.emit("task.requeue", {"task_id": task_id}, now)
             return False
         return True
+
+    def _queries(self, job: Job, indexes: list[int], node: str) -> list[dict[str, Any]]:
+        """A Task's queries; an input the worker holds no replica of carries its replicas' locations
+        (the master's table), so the worker reads it without a Locate request to us (issue #14)."""
+        master = self.core.master
+        live = master.live_nodes()
+        queries = []
+        for i in indexes:
+            name, version = job.inputs[i]
+            q: dict[str, Any] = {"index": i, "input": name, "version": version}
+            source = master.source(name, version, node, live)
+            if source is not None:
+                q["source"] = source
+            queries.append(q)
+        return queries
 
     # ------------------------------------------------------------------------------------------
     # worker messages

@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from broker.state_store import StateStore
-from common.protocol import StateUpdate, Topic
+from common.protocol import StateUpdate, StateUpdates, Topic
 
 if TYPE_CHECKING:
     from broker.coordinator import Coordinator
@@ -31,6 +31,10 @@ class Journal:
         self.state_seq = 0
         self.recovering = False  # journal ops of the start-up recovery although not (yet) primary
         self._durable_cache: dict[str, tuple[Any, dict[str, Any]]] = {}  # finished jobs' snapshot items
+        # Ops journalled but not yet published: one frame per loop iteration (:meth:`publish`), not
+        # one per op (issue #14). Their term, as a frame carries one.
+        self.outbox: list[tuple[int, str, dict[str, Any]]] = []
+        self.outbox_term = 0
 
     def journal(self, op: str, data: dict[str, Any]) -> None:
         """Publish one state change to the standby and append it to the state store (only the
@@ -43,7 +47,22 @@ class Journal:
         if self.store is not None and op not in NOT_STORED:
             self.store.append(self.state_seq, core.term, op, data)
         if core.is_primary:
-            core.net.publish(Topic.STATE, StateUpdate(self.state_seq, core.term, op, data))
+            if self.outbox and self.outbox_term != core.term:
+                self.publish()
+            self.outbox_term = core.term
+            self.outbox.append((self.state_seq, op, data))
+
+    def publish(self) -> None:
+        """Send the ops journalled since the last call to the standby, in order, in one frame."""
+        if not self.outbox:
+            return
+        ops, self.outbox = self.outbox, []
+        if len(ops) == 1:
+            seq, op, data = ops[0]
+            msg: StateUpdate | StateUpdates = StateUpdate(seq, self.outbox_term, op, data)
+        else:
+            msg = StateUpdates(ops[0][0], self.outbox_term, [o[1] for o in ops], [o[2] for o in ops])
+        self.core.net.publish(Topic.STATE, msg)
 
     def emit(self, op: str, data: dict[str, Any], now: float) -> None:
         self.core.state.apply_op(op, data, now)
@@ -58,7 +77,9 @@ class Journal:
             self.store.append(seq, term, op, data)
 
     def commit(self) -> None:
-        """Make every op so far durable (a write into the WAL: survives the process's death)."""
+        """Make every op so far durable (a write into the WAL: survives the process's death), and
+        publish them to the standby (once per loop iteration, and before answering a client)."""
+        self.publish()
         if self.store is not None:
             self.store.commit(self.state_seq)
 

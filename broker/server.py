@@ -355,9 +355,21 @@ class CoordinatorServer:
             log.info("state compaction started at seq %d (%.1f ms on the loop)", core.state_seq, took * 1000)
 
     def run(self) -> None:
+        # IDUNNO_PROFILE=<path>: profile the loop (cProfile) and dump its stats to <path>.<pid> on
+        # exit, to see where a query's time goes in the coordinator (bench/README.md, issue #14).
+        profile_to = os.environ.get("IDUNNO_PROFILE")
+        profiler = None
+        if profile_to:
+            import cProfile  # noqa: PLC0415 - only when asked for
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         try:
             run_until_stopped(self.step, self.stop_event, log)
         finally:
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(f"{profile_to}.{os.getpid()}")
             self.close()
 
     def close(self) -> None:

@@ -23,7 +23,16 @@ from common.config import Config
 from common.failover import STANDBY_STATES, START_EVENT, Action, Event, State, coordinator_machine, peer_event
 from common.failure_detector import PhiAccrual
 from common.logstream import PUB_PORT_OFFSET
-from common.protocol import CoordinatorHeartbeat, Error, StateChunk, StateFetch, StateRequest, StateUpdate, Topic
+from common.protocol import (
+    CoordinatorHeartbeat,
+    Error,
+    StateChunk,
+    StateFetch,
+    StateRequest,
+    StateUpdate,
+    StateUpdates,
+    Topic,
+)
 from common.rpc import next_req
 from common.transport import make_socket, offset_addr, tcp, try_decode
 
@@ -75,6 +84,9 @@ class PeerLink:
                 self.role, self.term = msg.role, msg.term
             elif isinstance(msg, StateUpdate):
                 on_update(msg)
+            elif isinstance(msg, StateUpdates):  # one loop iteration's ops: in order, each checked for a gap
+                for u in msg.updates():
+                    on_update(u)
 
     def send(self, payload: bytes) -> bool:
         try:

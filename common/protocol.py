@@ -567,7 +567,9 @@ class Task(Message):
     job_id: str
     model: str
     term: int
-    queries: list[dict[str, Any]]  # {"index": int (the query's position in its job), "input": str, "version": int}
+    # {"index": int (the query's position in its job), "input": str, "version": int}, and "source":
+    # the version's view as Locate gives it (its live replicas) when the worker holds no replica.
+    queries: list[dict[str, Any]]
     weights: str = ""  # the job's pinned SDFS checkpoint (submit --weights); "" = the model's default weights
 
 
@@ -663,3 +665,23 @@ class StateUpdate(Message):
     term: int
     op: str
     data: dict[str, Any]
+
+
+@message
+class StateUpdates(Message):
+    """The ops the primary journalled in one loop iteration, in one PUB frame (issue #14): op ``i``
+    is ``StateUpdate(first + i, term, ops[i], data[i])``, applied by the standby one by one."""
+
+    TYPE = "state_updates"
+    first: int
+    term: int
+    ops: list[str]
+    data: list[dict[str, Any]]
+
+    def __post_init__(self) -> None:
+        if len(self.ops) != len(self.data):
+            raise ProtocolError(f"state_updates: {len(self.ops)} ops but {len(self.data)} data")
+
+    def updates(self) -> list[StateUpdate]:
+        pairs = zip(self.ops, self.data, strict=True)
+        return [StateUpdate(self.first + i, self.term, op, d) for i, (op, d) in enumerate(pairs)]

@@ -173,6 +173,15 @@ class SdfsMaster:
                                              f"replica holders is alive")
         return readable[: max(1, count)]
 
+    def source(self, name: str, version: int, reader: str, live: dict[str, str]) -> dict[str, Any] | None:
+        """Where ``reader`` reads one version of a file, as Locate would answer (version, size,
+        checksum, live replicas), for the coordinator to put in a Task (issue #14: no Locate per
+        input); None if ``reader`` holds a replica itself or no live node does (it then asks Locate)."""
+        meta = self.table.files.get(name, {}).get(version)
+        if meta is None or reader in meta.holders or not any(h in live for h in meta.holders):
+            return None
+        return _version_view(meta, live)
+
     def ls(self, pattern: str) -> list[dict[str, Any]]:
         """Every file matching ``pattern`` that can be read now (its newest version has a live replica)."""
         live = self.live_nodes()

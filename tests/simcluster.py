@@ -14,12 +14,36 @@ from typing import Any
 from broker.coordinator import Coordinator
 from common.config import Config
 from common.modelnames import MODEL_NAMES
-from common.protocol import Command, Heartbeat, Join, Message, Ok, Ready, ResultAck, Task, TaskResult, decode
+from common.protocol import (
+    Command,
+    Heartbeat,
+    Join,
+    Message,
+    Ok,
+    Ready,
+    ResultAck,
+    StateUpdate,
+    StateUpdates,
+    Task,
+    TaskResult,
+    Topic,
+    decode,
+)
 
 # For tests of other mechanics that need a job's first task to be a whole batch, answered at once
 # (no slow start, no streamed pieces).
 WHOLE_BATCHES = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, slow_start=False,
                        stream_interval=0.0)
+
+
+def state_updates(published: list[tuple[bytes, bytes]]) -> list[StateUpdate]:
+    """Every op published on the STATE topic, one StateUpdate each (a frame may hold an iteration's ops)."""
+    out: list[StateUpdate] = []
+    for topic, raw in published:
+        if topic == Topic.STATE:
+            msg = decode(raw)
+            out.extend(msg.updates() if isinstance(msg, StateUpdates) else [msg])
+    return out
 
 
 class MemoryNet:
@@ -97,6 +121,9 @@ class SimCluster:
         return reply.data
 
     def _route(self) -> None:
+        # The server's loop publishes an iteration's ops at its commit; here each delivery is an
+        # iteration, but the state store is committed only where a test (or a command) does.
+        self.core.log.publish()
         for ident, msg in self.net.take():
             node = ident.decode()
             if node == "client":

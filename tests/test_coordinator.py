@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from simcluster import WHOLE_BATCHES, SimCluster
+from simcluster import WHOLE_BATCHES, SimCluster, state_updates
 
 from broker.coordinator import STANDBY, Coordinator
 from broker.stats import rate_gap
@@ -188,11 +188,12 @@ def test_standby_replays_the_primarys_state_and_takes_over_without_losing_or_dup
     sim = SimCluster({CHEAP: 0.02, DEAR: 0.05}, speeds=[1, 1, 1])
     standby = Coordinator(sim.cfg, "sim:2", sim.net.__class__(), role=STANDBY, clock=lambda: sim.t)
     standby.restore(sim.core.snapshot(), sim.core.state_seq, sim.core.term, sim.t)
-    applied = sum(1 for topic, _ in sim.net.published if topic == Topic.STATE)  # contained in the snapshot
+    applied = len(state_updates(sim.net.published))  # contained in the snapshot
 
     def replicate() -> None:
         nonlocal applied
-        updates = [decode(b) for topic, b in sim.net.published if topic == Topic.STATE]
+        sim.core.log.publish()
+        updates = state_updates(sim.net.published)
         for u in updates[applied:]:
             assert u.seq == standby.state_seq + 1
             standby.apply_op(u.op, u.data, sim.t)
@@ -424,10 +425,9 @@ def test_cancel_is_replicated_to_the_standby_and_survives_a_snapshot():
     assert j.state == "cancelled" and not j.pending
     assert j.counts == sim.core.jobs.jobs[job].counts  # restoring in-flight tasks does not recount
     fresh = Coordinator(sim.cfg, "sim:3", sim.net.__class__(), role=STANDBY, clock=lambda: sim.t)
-    for topic, b in sim.net.published:
-        if topic == Topic.STATE:
-            u = decode(b)
-            fresh.apply_op(u.op, u.data, sim.t)
+    sim.core.log.publish()
+    for u in state_updates(sim.net.published):
+        fresh.apply_op(u.op, u.data, sim.t)
     assert fresh.jobs.jobs[job].state == "cancelled" and not fresh.jobs.jobs[job].pending
 
 

@@ -356,11 +356,11 @@ def test_a_standby_keeps_the_primary_snapshot_and_stream_and_restarts_from_them(
     standby.restore(sim.core.snapshot(), sim.core.state_seq, sim.core.term, sim.t)  # the initial sync
     seq0 = sim.core.state_seq
     sim.run_until(2.0)
-    from common.protocol import StateUpdate, Topic, decode  # noqa: PLC0415
+    from simcluster import state_updates  # noqa: PLC0415
 
-    for topic, raw in sim.net.published:
-        u = decode(raw)
-        if topic == Topic.STATE and isinstance(u, StateUpdate) and u.seq > seq0:
+    sim.core.log.publish()
+    for u in state_updates(sim.net.published):
+        if u.seq > seq0:
             standby.apply_update(u.seq, u.term, u.op, u.data, sim.t)
     standby.commit()
     assert standby.store.wait_idle(30)

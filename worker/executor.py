@@ -280,7 +280,8 @@ class Executor:
                 images, errors = [], []
                 for q in task.queries:
                     try:
-                        images.append(self._load(client, str(q.get("input")), int(q.get("version", 0)), decode))
+                        images.append(self._load(client, str(q.get("input")), int(q.get("version", 0)), decode,
+                                                 q.get("source")))
                         errors.append(None)
                     except Exception as exc:
                         images.append(None)
@@ -317,7 +318,7 @@ class Executor:
         except Exception:  # a broken install: each query gets the import error as its result
             return True
 
-    def _load(self, client: SdfsClient, name: str, version: int, decode: bool = True) -> Any:
+    def _load(self, client: SdfsClient, name: str, version: int, decode: bool = True, source: Any = None) -> Any:
         if version and self.store.has(name, version):
             data = self.store.path(name, version).read_bytes()  # our own verified replica
         else:
@@ -325,11 +326,7 @@ class Executor:
             if version and cached.exists():
                 data = cached.read_bytes()
             else:
-                versions = client.locate(name, 1)
-                v = next((x for x in versions if not version or x["version"] == version), None)
-                if v is None:  # asked for a version that has been pruned: take the newest
-                    v = versions[0]
-                data = client.get_bytes(name, v)
+                data = self._read_remote(client, name, version, source)
                 tmp = cached.with_suffix(".part")
                 tmp.write_bytes(data)
                 tmp.replace(cached)
@@ -338,6 +335,21 @@ class Executor:
         from models import decode_image  # noqa: PLC0415 - keep torch imports out of the loop thread's start-up
 
         return decode_image(data)
+
+    @staticmethod
+    def _read_remote(client: SdfsClient, name: str, version: int, source: Any) -> bytes:
+        """Read an input from a peer: from the replicas the Task named (no Locate to the coordinator),
+        else, or if none of them serves it, from what Locate says now (the replicas may have moved)."""
+        if isinstance(source, dict) and (not version or source.get("version") == version):
+            try:
+                return client.get_bytes(name, source)
+            except Exception as exc:  # noqa: BLE001 - stale or malformed locations: ask the coordinator
+                log.info("reading %s from the Task's replicas failed (%s): asking Locate", name, exc)
+        versions = client.locate(name, 1)
+        v = next((x for x in versions if not version or x["version"] == version), None)
+        if v is None:  # asked for a version that has been pruned: take the newest
+            v = versions[0]
+        return client.get_bytes(name, v)
 
     # -- compute stage -------------------------------------------------------------------------
     def _model(self, spec: WeightsSpec, preload: bool = False) -> Any:
