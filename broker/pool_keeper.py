@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from broker.jobs import Job, JobState
-from broker.pools import Demand, PoolPlanner
+from broker.pools import Demand, PoolPlanner, summarize
 from common.modelnames import NOOP
 from common.protocol import Preload
 
@@ -56,15 +56,17 @@ class PoolKeeper:
         """Replan when the demand changed or the replan interval elapsed (see broker.pools)."""
         core = self.core
         slots = core.dispatcher.slots
-        workers = [n for n, s in slots.items() if s.ready and core.registry.is_alive(n)]
         jobs = self._demand_jobs()
-        # What the plan depends on: the workers, the jobs (and whether they run) and which of their
+        # What the plan depends on: the workers (membership changes and sessions; cheap to compare,
+        # this runs on every dispatch pass), the jobs (and whether they run) and which of their
         # models have a measured cost (the first measurement replaces the default estimate).
         costs = core.state.costs.by_model
-        signature = (tuple(workers), tuple((j.job_id, j.weight, j.state is JobState.RUNNING, j.model in costs)
-                                           for j in jobs))
+        signature = (core.registry.seq, len(slots),
+                     tuple((j.job_id, j.weight, j.state is JobState.RUNNING, j.model in costs) for j in jobs))
         if not force and not self.planner.due(signature, now):
             return
+        # Sessions not yet Ready are planned too: they get a pool (and its Preload) as they attach.
+        workers = [n for n in slots if core.registry.is_alive(n)]
         known = core.state.costs.per_model()
         demand: dict[str, Demand] = {}
         for j in jobs:
@@ -76,9 +78,12 @@ class PoolKeeper:
         changes = self.planner.update({w: self.capacity(w) for w in workers},
                                       {w: frozenset(slots[w].models) for w in workers}, demand, signature, now)
         for ch in changes:
-            log.info("pool %s", ch.describe())
-            core.event("pool", ch.describe(), now)
+            log.debug("pool %s", ch.describe())
             self._preload(ch.worker, ch.added - set(slots[ch.worker].models), jobs)
+        if changes:
+            # One timeline event per replan, not per worker: a thousand workers joining a pool at
+            # once is one line for `top` and `report`.
+            core.event("pool", summarize(changes), now)
 
     def _preload(self, worker: str, models: Iterable[str], jobs: list[Job]) -> None:
         """Warm start: a worker that joined a pool loads the model now, before its first batch."""

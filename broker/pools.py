@@ -51,6 +51,19 @@ class PoolChange:
         return f"{self.worker}: {' '.join(parts)}"
 
 
+def summarize(changes: list[PoolChange], shown: int = 3) -> str:
+    """One line for the timeline: workers grouped by the same change, a few named per group."""
+    groups: dict[tuple[frozenset[str], frozenset[str]], list[str]] = {}
+    for ch in changes:
+        groups.setdefault((ch.added, ch.removed), []).append(ch.worker)
+    parts = []
+    for (added, removed), workers in groups.items():
+        what = " ".join([f"+{m}" for m in sorted(added)] + [f"-{m}" for m in sorted(removed)])
+        who = ", ".join(workers[:shown]) + (f" and {len(workers) - shown} more" if len(workers) > shown else "")
+        parts.append(f"{who}: {what}")
+    return "; ".join(parts)
+
+
 def apportion(n: int, work: dict[str, float]) -> dict[str, int]:
     """Whole workers per model: ``n`` split by largest remainder of ``n x work / total``, each model
     at least one while ``n`` allows (the most demanding models first)."""
@@ -208,11 +221,13 @@ class PoolPlanner:
             if not lose:
                 out[w] = target[w]
                 continue
-            worth = all(m in loaded.get(w, ()) or
-                        demand[m].backlog / max(1, served.get(m, 0) + 1) > self.load_time for m in gain)
+            # A model no worker serves yet takes one whatever the cost: every job must progress.
+            orphan = any(served.get(m, 0) == 0 for m in gain)
+            worth = orphan or all(m in loaded.get(w, ()) or
+                                  demand[m].backlog / (served.get(m, 0) + 1) > self.load_time for m in gain)
             if gain and not worth:
                 continue
-            if any(held(m) for m in lose):
+            if any(served[m] <= 1 if orphan else held(m) for m in lose):
                 # One move per model per interval, and never a model's last worker; the worker
                 # still takes on the new model beside its own where its budget allows (a swing).
                 if len(base[w] | gain) <= budget[w]:
