@@ -131,11 +131,11 @@ def _fill(names: list[str], pools: dict[str, set[str]], budget: dict[str, int], 
 
 def _assign_primaries(names: list[str], counts: dict[str, int], loaded: dict[str, frozenset[str]],
                       current: dict[str, frozenset[str]]) -> dict[str, str]:
-    """Which worker serves which model as its first: a worker keeps a model of its current pool, then
-    one it has loaded, before it is given any (fewest loads, fewest moves)."""
+    """Which worker serves which model as its first: a worker keeps a model it has loaded, then one
+    of its current pool, before it is given any (fewest loads, fewest moves)."""
     need = dict(counts)
     primary: dict[str, str] = {}
-    for source in (current, loaded):
+    for source in (loaded, current):
         for w in names:
             if w in primary:
                 continue

@@ -162,3 +162,18 @@ def test_submit_preloads_only_the_pool_of_the_model_when_pools_are_bounded() -> 
     sim.run_until(10.0)  # both jobs keep a backlog: no worker falls back to the other pool
     tasks = [(n, m) for n, m in sent if isinstance(m, Task)]
     assert tasks and all(m.model in pools.of(n) for n, m in tasks)
+
+
+def test_jobs_show_loading_until_a_worker_reports_the_model_and_vm_info_shows_pools() -> None:
+    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, pool_max_models=1)
+    sim = SimCluster({"a": 0.05, "b": 0.05}, speeds=[1, 1], cfg=cfg)
+    sim.add_inputs("in", 20)
+    job = sim.command("submit", model="a", inputs="in/")["job_id"]
+    assert [j["loading"] for j in sim.command("jobs")] == [True]
+    worker = "127.0.0.1:9001@1"
+    sim.deliver(worker, Ready(worker, cfg.worker_credit, ["a"]))
+    assert [j["loading"] for j in sim.command("jobs") if j["job_id"] == job] == [False]
+    sim.command("submit", model="b", inputs="in/")
+    info = sim.command("vm_info")
+    assert sorted(tuple(d["pool"]) for d in info.values()) == [("a",), ("b",)]
+    assert info[worker]["pool"] == ["a"]  # the worker that has a loaded keeps it
