@@ -177,3 +177,20 @@ def test_jobs_show_loading_until_a_worker_reports_the_model_and_vm_info_shows_po
     info = sim.command("vm_info")
     assert sorted(tuple(d["pool"]) for d in info.values()) == [("a",), ("b",)]
     assert info[worker]["pool"] == ["a"]  # the worker that has a loaded keeps it
+
+
+def test_top_shows_pool_changes_and_loading_jobs() -> None:
+    from rich.console import Console
+
+    from cli import top
+
+    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, pool_max_models=1)
+    sim = SimCluster({"a": 0.05, "b": 0.05}, speeds=[1, 1], cfg=cfg)
+    sim.add_inputs("in", 20)
+    sim.command("submit", model="a", inputs="in/")
+    sim.command("submit", model="b", inputs="in/")
+    console = Console(record=True, width=200)
+    console.print(top.view(sim.command("status")))
+    text = console.export_text()
+    assert "pool changes" in text and "+b -a" in text, text
+    assert "queued (loading)" in text
