@@ -109,18 +109,23 @@ class Control:
         job = Job(job_id, model, inputs, batch, 1.0 if weight is None else weight, weights=weights,
                   submitted=self.core.clock(), latency_target=target, request_id=request_id)
         self.core.emit("job.add", job.snapshot(), now)
-        self.preload(job)
+        self.preload(job, now)
         self.core.event("job_added", job_id, now)
         if args.get("start") or self.jobs.running():
             self._start([job_id], now)
             self.core.dispatcher.dispatch(now)
         return self.jobs.jobs[job_id].describe()
 
-    def preload(self, job: Job) -> None:
-        """Warm start: every live worker loads the job's model now, before its first batch (docs/models.md)."""
-        if self.core.is_primary and job.model != NOOP:
-            for m in self.core.registry.alive("worker"):
-                self.core.net.send(m.node_id.encode(), Preload(job.model, job.weights))
+    def preload(self, job: Job, now: float) -> None:
+        """Warm start: the workers of the job's model pool load it now, before its first batch
+        (docs/models.md); a worker already in the pool with other weights loaded is told too."""
+        if not self.core.is_primary or job.model == NOOP:
+            return
+        keeper = self.core.dispatcher.pools
+        keeper.refresh(now, force=True)  # a new job is new demand: its pool is planned (and preloaded) now
+        for node in self.core.dispatcher.slots:
+            if job.model in keeper.of(node) and job.weights:
+                self.core.net.send(node.encode(), Preload(job.model, job.weights))
 
     def _batch_args(self, batch: Any, target: float | None) -> tuple[int, float]:
         """(batch size, latency target) from a command's arguments; batch size 0 means auto."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from broker.jobs import Job, TaskInfo, parse_answers
+from broker.pool_keeper import PoolKeeper
 from broker.scheduler import Candidate
 from common.protocol import Ready, Rejoin, ResultAck, Task, TaskResult
 
@@ -54,6 +55,7 @@ class Dispatcher:
         self.core = core
         self.cfg = core.cfg
         self.slots: dict[str, WorkerSlot] = {}
+        self.pools = PoolKeeper(core)
 
     @property
     def state(self) -> Any:
@@ -115,18 +117,36 @@ class Dispatcher:
         free = [(-s.credit, i, node) for i, (node, s) in enumerate(self.slots.items())
                 if self.eligible(node, s) and self.core.registry.is_alive(node)]
         heapq.heapify(free)
+        self.pools.refresh(now)
         while free:
             backlog = self.state.jobs.backlogged()
             if not backlog:
                 return
             _, order, node = heapq.heappop(free)
-            pick = self.state.scheduler.pick(Candidate(j.job_id, j.weight) for j in backlog)
+            # Model pools (broker/pools.py): the worker serves its pool's jobs while they have work.
+            allowed = self.pools.serves(node, self.slots[node].models, backlog)
+            among = None if allowed is None else {j.job_id for j in allowed}
+            pick = self.state.scheduler.pick((Candidate(j.job_id, j.weight) for j in backlog), among)
             if pick is None:
                 return
-            if not self._send_task(self.state.jobs.jobs[pick.job_id], node, now):
+            job = self.state.jobs.jobs[pick.job_id]
+            node, order = self._warm_node(job, node, order, free)
+            if not self._send_task(job, node, now):
                 continue  # not pushed back: for this pass only, a failed send is usually a reconnect
             if self.eligible(node, self.slots[node]):
                 heapq.heappush(free, (-self.slots[node].credit, order, node))
+
+    def _warm_node(self, job: Job, node: str, order: int, free: list[tuple[int, int, str]]) -> tuple[str, int]:
+        """Warm start: a job's first batch goes to a free worker that has its model loaded, if any
+        (``node`` goes back into the heap in its place)."""
+        if job.counts.sent or job.model in self.slots[node].models:
+            return node, order
+        for k, (_credit, other_order, other) in enumerate(free):
+            if job.model in self.slots[other].models:
+                free[k] = (-self.slots[node].credit, order, node)
+                heapq.heapify(free)
+                return other, other_order
+        return node, order
 
     def _send_task(self, job: Job, node: str, now: float) -> bool:
         """Dispatch one batch of ``job`` to ``node``: False if the send failed (the task is re-queued)."""

@@ -14,7 +14,7 @@ workers of any speed and for any number of jobs. ``weight`` gives a job a propor
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 
@@ -39,12 +39,16 @@ class FairTimeScheduler:
         self.vtime[job_id] = max(self.vtime.get(job_id, 0.0), floor)
         self.backlogged.add(job_id)
 
-    def pick(self, candidates: Iterable[Candidate]) -> Candidate | None:
+    def pick(self, candidates: Iterable[Candidate], among: Collection[str] | None = None) -> Candidate | None:
+        """The backlogged job with the smallest virtual time; ``among``: only these may be chosen (a
+        worker's pool), while every candidate still counts as backlogged (keeps its claim)."""
         cands = list(candidates)
         live = {c.job_id for c in cands}
         self.backlogged &= live  # jobs with nothing pending stop accruing a claim
         for c in cands:
             self._activate(c.job_id)
+        if among is not None:
+            cands = [c for c in cands if c.job_id in among]
         if not cands:
             return None
         return min(cands, key=lambda c: (self.vtime[c.job_id], c.job_id))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.jobs import Job, JobState
 from broker.stats import rate_gap, summarize
+from common.modelnames import NOOP
 from common.protocol import ErrorCode
 
 if TYPE_CHECKING:
@@ -65,7 +66,15 @@ class Views:
         }
 
     def cmd_jobs(self, args: dict[str, Any], now: float) -> Any:
-        return [j.describe() for j in self.jobs.jobs.values()]
+        loaded = {m for s in self.core.dispatcher.slots.values() for m in s.models}
+        return [j.describe() | {"loading": self._loading(j, loaded)} for j in self.jobs.jobs.values()]
+
+    @staticmethod
+    def _loading(job: Job, loaded: set[str]) -> bool:
+        """The job waits for its model: unfinished, nothing answered yet, and no worker reports the
+        model loaded (warm start: Preload on submit; docs/models.md)."""
+        return (job.state in (JobState.QUEUED, JobState.RUNNING) and not job.completed
+                and job.model != NOOP and job.model not in loaded)
 
     def _rate(self, job: Job, window: float | None = None) -> float:
         return job.stats.rate(self.core.clock(), window or self.cfg.rate_window)
@@ -112,6 +121,7 @@ class Views:
             slot = c.dispatcher.slots.get(m.node_id)
             out[m.node_id] = {
                 "models": list(slot.models) if slot is not None else [],
+                "pool": sorted(c.dispatcher.pools.of(m.node_id)),  # models it is assigned (broker/pools.py)
                 "credit": slot.credit if slot is not None else 0,
                 "cost_per_image": c.state.costs.of_worker(m.node_id),
                 "tasks": [{"task_id": t.task_id, "job": t.job_id, "queries": [f"{t.job_id}:{i}" for i in t.indexes]}

@@ -66,7 +66,8 @@ def jobs(data: list[dict[str, Any]]) -> Table:
     for col in ("job", "model", "state", "done/total", "pending", "batch", "weight", "started", "finished"):
         t.add_column(col)
     for j in data:
-        _row(t, j["job_id"], j["model"], j["state"], f"{j['completed']}/{j['total']}", str(j["pending"]),
+        state = f"{j['state']} (loading)" if j.get("loading") else j["state"]  # model not loaded anywhere yet
+        _row(t, j["job_id"], j["model"], state, f"{j['completed']}/{j['total']}", str(j["pending"]),
                   str(j["batch_size"]), _f(j["weight"], 1), _ts(j["started"]), _ts(j["finished"]))
     return t
 
@@ -116,11 +117,12 @@ def completed(data: dict[str, Any]) -> Table:
 
 def vm_info(data: dict[str, Any]) -> Table:
     t = Table(title="which worker runs what")
-    for col in ("worker", "models loaded", "free slots", "s/image", "running (job: queries)"):
+    for col in ("worker", "pool", "models loaded", "free slots", "s/image", "running (job: queries)"):
         t.add_column(col)
     for node, d in data.items():
         running = "; ".join(f"{x['job']}: {', '.join(q.split(':')[-1] for q in x['queries'])}" for x in d["tasks"])
-        _row(t, node, ", ".join(d["models"]) or "-", str(d["credit"]), _f(d["cost_per_image"]), running or "idle")
+        _row(t, node, ", ".join(d.get("pool", [])) or "-", ", ".join(d["models"]) or "-", str(d["credit"]),
+             _f(d["cost_per_image"]), running or "idle")
     return t
 
 

@@ -14,7 +14,8 @@ matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-EVENT_COLORS = {"fail": "red", "leave": "orange", "failover": "purple", "job_added": "green", "join": "gray"}
+EVENT_COLORS = {"fail": "red", "leave": "orange", "failover": "purple", "job_added": "green", "join": "gray",
+                "pool": "teal"}  # pool: workers moved between model pools (broker/pools.py)
 
 
 def build_figure(timeline: dict[str, Any], band: float = 0.05) -> Figure:

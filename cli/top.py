@@ -26,13 +26,25 @@ def jobs_panel(status: dict[str, Any]) -> Table:
         jid = j["job_id"]
         lat = times[jid]["latency"]
         bar = ProgressBar(total=max(1, j["total"]), completed=j["completed"], width=30)
-        render._row(t, jid, j["state"], bar, f"{j['completed']}/{j['total']}", f"{rates[jid]['rate']:.2f}",
+        state = f"{j['state']} (loading)" if j.get("loading") else j["state"]
+        render._row(t, jid, state, bar, f"{j['completed']}/{j['total']}", f"{rates[jid]['rate']:.2f}",
                     render._f(lat["median"], 2), render._f(lat["p95"], 2), render._f(lat["p99"], 2))
     return t
 
 
+def pool_panel(status: dict[str, Any], last: int = 5) -> Table:
+    """The latest pool changes from the timeline (workers moved between model pools)."""
+    t = Table(title="pool changes", expand=True)
+    for col in ("at", "change"):
+        t.add_column(col)
+    for ev in [e for e in status.get("events", []) if e.get("kind") == "pool"][-last:]:
+        render._row(t, render._ts(ev.get("ts")), str(ev.get("detail", "")))
+    return t
+
+
 def view(status: dict[str, Any]) -> Group:
-    return Group(render.members(status["members"]), jobs_panel(status), render.vm_info(status["vm_info"]))
+    return Group(render.members(status["members"]), jobs_panel(status), render.vm_info(status["vm_info"]),
+                 pool_panel(status))
 
 
 def live_view(cfg: Config, console: Console, until_done: list[str] | None = None, refresh: float = 1.0,

@@ -65,6 +65,12 @@ class Config:
     # Models (docs/models.md): a worker keeps its loaded models within model_memory_mb (0: derived from
     # this machine's memory and the workers on it), evicting the least recently used.
     model_memory_mb: int = 0
+    # Model pools (broker/pools.py): models a worker's pool may hold (0: no bound beyond the worker's
+    # own model_memory_mb), how often the pools are re-planned at most, and the model load time a
+    # move between pools must outlast (hysteresis).
+    pool_max_models: int = 0
+    pool_replan_interval: float = 5.0
+    pool_load_time: float = 5.0
     model_in_use_window: float = 30.0  # a preload (warm start) never evicts a model used this recently
     weights_check_interval: float = 2.0  # a worker re-checks SDFS for a new or deleted weights file this often
     weights_mirror: str = ""  # base URL serving torchvision's checkpoint files for `models pull` ("" = published)

@@ -420,11 +420,14 @@ class Client:
 
     # -- jobs --------------------------------------------------------------------------------------------
     def submit(self, model: str, inputs: str, batch: int | str | None = None, weight: float = 1.0,
-               start: bool = True, latency_target: float | None = None) -> Job:
+               start: bool = True, latency_target: float | None = None, weights: str = "") -> Job:
         """Run ``model`` (any torchvision classifier, or ``noop``) over the SDFS files matching ``inputs``
         (a glob or prefix). ``start=False`` queues the job until :meth:`start` (unless others run).
-        ``batch="auto"`` sizes each batch so its compute stays under ``latency_target`` seconds."""
+        ``batch="auto"`` sizes each batch so its compute stays under ``latency_target`` seconds.
+        ``weights``: an SDFS checkpoint the job runs with (as ``ctl submit --weights``; docs/models.md)."""
         args: dict[str, Any] = {"model": model, "inputs": inputs, "weight": weight, "start": start}
+        if weights:
+            args["weights"] = weights
         if batch:
             args["batch"] = batch
         if latency_target is not None:

@@ -86,6 +86,8 @@ def test_client_jobs_results_wait_rate_cancel_and_sdfs(make_cluster, tmp_path):
             client.submit("noop", "in/", batch=100_000)
         with pytest.raises(WaitTimeout):
             client.submit("noop", "in/", start=False).wait(timeout=0.3)
+        with pytest.raises(NotFound, match="--weights"):  # the pinned checkpoint reaches the coordinator
+            client.submit("noop", "in/", weights="ckpts/missing.pth")
         # SDFS.
         local = tmp_path / "doc.txt"
         for i in range(3):

@@ -1,0 +1,106 @@
+"""The coordinator's side of the worker pools: feeds :mod:`broker.pools` and acts on its plan.
+
+Demand comes from the replicated jobs (every queued or running job) and the cost table; the
+workers and what they have loaded from their sessions (``WorkerSlot.models``). A worker that
+joins a model's pool is told to load it (``Preload``) and the change goes on the timeline. The
+pools themselves are not replicated: a new primary rebuilds them on its first dispatch pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from broker.jobs import Job, JobState
+from broker.pools import Demand, PoolPlanner, summarize
+from common.modelnames import NOOP
+from common.protocol import Preload
+
+if TYPE_CHECKING:
+    from broker.coordinator import Coordinator
+
+log = logging.getLogger("idunno.coordinator.pools")
+
+UNLIMITED = 1 << 20  # models a worker may hold when nothing bounds it
+
+
+class PoolKeeper:
+    def __init__(self, core: Coordinator) -> None:
+        self.core = core
+        self.cfg = core.cfg
+        self.planner = PoolPlanner(core.cfg.pool_replan_interval, core.cfg.pool_load_time)
+
+    def of(self, worker: str) -> frozenset[str]:
+        return self.planner.of(worker)
+
+    def _demand_jobs(self) -> list[Job]:
+        return [j for j in self.core.state.jobs.jobs.values()
+                if j.state in (JobState.QUEUED, JobState.RUNNING) and j.model != NOOP]
+
+    def _cost(self, model: str, known: dict[str, float]) -> float:
+        """A model's measured seconds per image; before any measurement, the mean of the measured
+        models (1 s while nothing is measured), so a new model is sized like the others."""
+        cost = known.get(model, 0.0)
+        if cost > 0:
+            return cost
+        measured = [c for c in known.values() if c > 0]
+        return sum(measured) / len(measured) if measured else 1.0
+
+    def capacity(self, worker: str) -> int:
+        """Models the worker's pool may hold: ``pool_max_models`` when set, else no bound (the
+        worker's own cache still keeps within ``model_memory_mb``)."""
+        return self.cfg.pool_max_models or UNLIMITED
+
+    def refresh(self, now: float, force: bool = False) -> None:
+        """Replan when the demand changed or the replan interval elapsed (see broker.pools)."""
+        core = self.core
+        slots = core.dispatcher.slots
+        jobs = self._demand_jobs()
+        # What the plan depends on: the workers (membership changes and sessions; cheap to compare,
+        # this runs on every dispatch pass), the jobs (and whether they run) and which of their
+        # models have a measured cost (the first measurement replaces the default estimate).
+        costs = core.state.costs.by_model
+        signature = (core.registry.seq, len(slots),
+                     tuple((j.job_id, j.weight, j.state is JobState.RUNNING, j.model in costs) for j in jobs))
+        if not force and not self.planner.due(signature, now):
+            return
+        # Sessions not yet Ready are planned too: they get a pool (and its Preload) as they attach.
+        workers = [n for n in slots if core.registry.is_alive(n)]
+        known = core.state.costs.per_model()
+        demand: dict[str, Demand] = {}
+        for j in jobs:
+            cost = self._cost(j.model, known)
+            d = demand.setdefault(j.model, Demand(j.model, 0.0, 0.0, False))
+            d.running |= j.state is JobState.RUNNING
+            d.work += j.weight * cost
+            d.backlog += len(j.pending) * cost
+        changes = self.planner.update({w: self.capacity(w) for w in workers},
+                                      {w: frozenset(slots[w].models) for w in workers}, demand, signature, now)
+        for ch in changes:
+            log.debug("pool %s", ch.describe())
+            self._preload(ch.worker, ch.added - set(slots[ch.worker].models), jobs)
+        if changes:
+            # One timeline event per replan, not per worker: a thousand workers joining a pool at
+            # once is one line for `top` and `report`.
+            core.event("pool", summarize(changes), now)
+
+    def _preload(self, worker: str, models: Iterable[str], jobs: list[Job]) -> None:
+        """Warm start: a worker that joined a pool loads the model now, before its first batch."""
+        for model in sorted(models):
+            for weights in sorted({j.weights for j in jobs if j.model == model}):
+                self.core.net.send(worker.encode(), Preload(model, weights))
+
+    def serves(self, worker: str, models: tuple[str, ...], backlog: list[Job]) -> list[Job] | None:
+        """The backlogged jobs a free worker may serve: its pool's; when none of those has work,
+        any (those whose model it has loaded first), so no worker idles while work waits. None:
+        every backlogged job is allowed (no restriction to apply)."""
+        pool = self.planner.of(worker)
+        mine = [j for j in backlog if j.model in pool or j.model == NOOP]
+        if mine:
+            return mine if len(mine) < len(backlog) else None
+        warm = [j for j in backlog if j.model in models]
+        return warm if warm and len(warm) < len(backlog) else None
+
+    def view(self, worker: str) -> dict[str, Any]:
+        return {"pool": sorted(self.planner.of(worker))}
