@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import time
 from array import array
 from collections import deque
@@ -24,6 +25,25 @@ class JobState(StrEnum):
     RUNNING = "running"
     DONE = "done"
     CANCELLED = "cancelled"  # pending queries dropped; in-flight ones finish (``finished`` set when they have)
+
+
+def _le_bytes(a: array) -> bytes:
+    if sys.byteorder == "little":
+        return a.tobytes()
+    b = array(a.typecode, a)
+    b.byteswap()
+    return b.tobytes()
+
+
+def _from_wire(v: Any) -> array:
+    """An array of counts from ``dump()``'s bytes, or from a list of ints (states written earlier)."""
+    if isinstance(v, bytes | bytearray):
+        a = array("I")
+        a.frombytes(bytes(v)[: len(v) - len(v) % a.itemsize])
+        if sys.byteorder != "little":
+            a.byteswap()
+        return a
+    return array("I", (max(0, int(x)) for x in v))
 
 
 class QueryCounts:
@@ -52,9 +72,10 @@ class QueryCounts:
     def totals(self) -> dict[str, int]:
         return {"dispatches": sum(self.dispatches), "arrivals": sum(self.arrivals), "accepted": sum(self.accepted)}
 
-    def dump(self) -> dict[str, list[int]]:
-        return {"dispatches": self.dispatches.tolist(), "arrivals": self.arrivals.tolist(),
-                "accepted": self.accepted.tolist()}
+    def dump(self) -> dict[str, bytes]:
+        """Each array as little-endian bytes: a 100,000-query job's counts are 1.2 MB packed in
+        microseconds, where lists of ints cost a compaction tens of milliseconds on the loop."""
+        return {name: _le_bytes(getattr(self, name)) for name in self.FIELDS}
 
     @classmethod
     def load(cls, n: int, d: dict[str, Any] | None, answered: Any = (),
@@ -64,8 +85,8 @@ class QueryCounts:
         counts = cls(n)
         if d:
             for name in cls.FIELDS:
-                values = [int(v) for v in d.get(name, ())][:n]
-                getattr(counts, name)[:len(values)] = array("I", values)
+                values = _from_wire(d.get(name, ()))[:n]
+                getattr(counts, name)[:len(values)] = values
         else:
             for k, v in (legacy_dispatches or {}).items():
                 if 0 <= int(k) < n:
@@ -185,8 +206,9 @@ class Job:
         if self.finished is None or self.stats is None:
             return None
         return (str(self.state), self.finished, self.completed, self.stats.duplicates,
-                self.results_version, self.batch_size, self.latency_target, self.weight,
-                tuple(self.counts.totals().values()))
+                self.results_version, self.batch_size, self.latency_target, self.weight)
+        # (The counts need no term of their own: once a job is finished nothing is dispatched and
+        # nothing more is accepted, and every later arrival is a duplicate, counted above.)
 
     @classmethod
     def restore(cls, d: dict[str, Any]) -> Job:
