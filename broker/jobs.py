@@ -59,18 +59,29 @@ class QueryCounts:
         self.arrivals = array("I", [0]) * n
         self.accepted = array("I", [0]) * n
         self.sent = 0  # queries dispatched at least once (slow start grows with it)
+        # Kept as they change: summing 100,000-entry arrays cost every `jobs` reply 8 ms per job.
+        self.total = dict.fromkeys(self.FIELDS, 0)
 
     def dispatched(self, index: int) -> None:
         if not self.dispatches[index]:
             self.sent += 1
         self.dispatches[index] += 1
+        self.total["dispatches"] += 1
+
+    def arrived(self, index: int) -> None:
+        self.arrivals[index] += 1
+        self.total["arrivals"] += 1
+
+    def accept(self, index: int) -> None:
+        self.accepted[index] += 1
+        self.total["accepted"] += 1
 
     def row(self, index: int) -> dict[str, int]:
         return {"dispatches": self.dispatches[index], "arrivals": self.arrivals[index],
                 "accepted": self.accepted[index]}
 
     def totals(self) -> dict[str, int]:
-        return {"dispatches": sum(self.dispatches), "arrivals": sum(self.arrivals), "accepted": sum(self.accepted)}
+        return dict(self.total)
 
     def dump(self) -> dict[str, bytes]:
         """Each array as little-endian bytes: a 100,000-query job's counts are 1.2 MB packed in
@@ -94,6 +105,7 @@ class QueryCounts:
             for i in answered:
                 counts.arrivals[i] = counts.accepted[i] = 1
         counts.sent = sum(1 for v in counts.dispatches if v)
+        counts.total = {name: sum(getattr(counts, name)) for name in cls.FIELDS}
         return counts
 
     def __eq__(self, other: object) -> bool:
@@ -382,10 +394,10 @@ class JobTable:
         for i, r in results.items():
             if not 0 <= i < job.total:
                 continue
-            job.counts.arrivals[i] += 1
+            job.counts.arrived(i)
             if i not in job.results and (allowed is None or i in allowed):
                 fresh[i] = r
-                job.counts.accepted[i] += 1
+                job.counts.accept(i)
         job.results.update(fresh)
         job.stats.duplicates += len(results) - len(fresh)
         if fresh and task is None:
