@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from broker.jobs import Job, TaskInfo, parse_answers
 from broker.pool_keeper import PoolKeeper
 from broker.scheduler import Candidate
-from common.protocol import Ready, Rejoin, ResultAck, Task, TaskResult
+from common.protocol import Heartbeat, Ready, Rejoin, ResultAck, Task, TaskResult
 
 if TYPE_CHECKING:
     from broker.coordinator import Coordinator
@@ -44,6 +44,11 @@ class WorkerSlot:
     # A non-worker key spoke under this worker's routing id (ROUTER handover gave it the id): send
     # it nothing until the worker's own key is heard on that id again.
     hijacked: bool = False
+    # Memory as the worker last reported it (Heartbeat/Ready; 0 / empty: not reported).
+    rss_mb: int = 0
+    peak_rss_mb: int = 0
+    budget_mb: int = 0
+    model_mb: dict[str, int] = field(default_factory=dict)
 
     @property
     def credit(self) -> int:
@@ -55,6 +60,8 @@ class Dispatcher:
         self.core = core
         self.cfg = core.cfg
         self.slots: dict[str, WorkerSlot] = {}
+        self.model_mb: dict[str, int] = {}  # each model's size as the workers last reported it
+        self.memory_seq = 0  # bumped when a budget or a model's size changes (the pools' sizing)
         self.pools = PoolKeeper(core)
 
     @property
@@ -64,6 +71,19 @@ class Dispatcher:
     def new_slot(self, inflight: Any, now: float) -> WorkerSlot:
         """A worker's session from its Join: the tasks it says it still holds occupy its slots."""
         return WorkerSlot(outstanding=dict.fromkeys(inflight, now))
+
+    def report(self, slot: WorkerSlot, m: Heartbeat | Ready) -> None:
+        """Take a worker's report of its loaded models and memory. Only what sizes the pools (its
+        budget, the models' sizes) bumps ``memory_seq``; its RSS changes every heartbeat."""
+        slot.models = tuple(m.models)
+        if isinstance(m, Heartbeat):
+            slot.rss_mb, slot.peak_rss_mb = max(0, m.rss_mb), max(0, m.peak_rss_mb)
+        sizes = {k: v for k, v in m.model_mb.items() if v > 0}
+        changed = m.budget_mb != slot.budget_mb or any(self.model_mb.get(k) != v for k, v in sizes.items())
+        slot.budget_mb, slot.model_mb = max(0, m.budget_mb), sizes
+        if changed:
+            self.model_mb.update(sizes)
+            self.memory_seq += 1
 
     def task_gone(self, task: TaskInfo) -> None:
         """A task was re-queued (timeout, failed send, its worker gone): it no longer holds a slot,
@@ -196,7 +216,7 @@ class Dispatcher:
         slot = self.slots.setdefault(m.node_id, WorkerSlot())
         slot.ready = True
         slot.slots = max(0, min(m.slots, 64))
-        slot.models = tuple(m.models)
+        self.report(slot, m)
         self.dispatch(now)
 
     def on_result(self, ident: bytes, m: TaskResult, now: float) -> None:

@@ -89,14 +89,14 @@ class Membership:
             return
         slot = core.dispatcher.slots.get(m.node_id)
         if slot is not None:
-            slot.models = tuple(m.models)
+            core.dispatcher.report(slot, m)
         elif core.is_primary:
             # A member we restored (state store) heartbeating as if joined: this coordinator was
             # restarted at the address the worker follows, so the worker sees no new primary to
             # join. A Welcome re-attaches it (same incarnation; it answers with its Ready and
             # re-sends unacknowledged results), instead of a Rejoin that would cost a new identity.
             slot = core.dispatcher.slots[m.node_id] = core.dispatcher.new_slot((), now)
-            slot.models = tuple(m.models)
+            core.dispatcher.report(slot, m)
             log.info("member %s re-attached after this coordinator's restart", m.node_id)
             core.net.send(ident, Welcome(m.node_id, core.term))
 

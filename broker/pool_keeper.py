@@ -47,10 +47,21 @@ class PoolKeeper:
         measured = [c for c in known.values() if c > 0]
         return sum(measured) / len(measured) if measured else 1.0
 
-    def capacity(self, worker: str) -> int:
-        """Models the worker's pool may hold: ``pool_max_models`` when set, else no bound (the
-        worker's own cache still keeps within ``model_memory_mb``)."""
-        return self.cfg.pool_max_models or UNLIMITED
+    def capacity(self, worker: str, models: Iterable[str] = ()) -> int:
+        """Models the worker's pool may hold: ``pool_max_models`` when set; else as many of
+        ``models`` (those in demand) as fit the budget the worker reports, at their mean size, a
+        model no worker has reported sized like the mean of those reported; else no bound. A count
+        at the mean size is an estimate: the worker's own cache keeps within its budget exactly,
+        evicting the least recently used model."""
+        if self.cfg.pool_max_models:
+            return self.cfg.pool_max_models
+        slot = self.core.dispatcher.slots.get(worker)
+        known = self.core.dispatcher.model_mb
+        if slot is None or slot.budget_mb <= 0 or not known:
+            return UNLIMITED
+        mean_known = sum(known.values()) / len(known)
+        sizes = [known.get(m, mean_known) for m in models] or [mean_known]
+        return max(1, int(slot.budget_mb / (sum(sizes) / len(sizes))))
 
     def refresh(self, now: float, force: bool = False) -> None:
         """Replan when the demand changed or the replan interval elapsed (see broker.pools)."""
@@ -61,7 +72,7 @@ class PoolKeeper:
         # this runs on every dispatch pass), the jobs (and whether they run) and which of their
         # models have a measured cost (the first measurement replaces the default estimate).
         costs = core.state.costs.by_model
-        signature = (core.registry.seq, len(slots),
+        signature = (core.registry.seq, len(slots), core.dispatcher.memory_seq,
                      tuple((j.job_id, j.weight, j.state is JobState.RUNNING, j.model in costs) for j in jobs))
         if not force and not self.planner.due(signature, now):
             return
@@ -75,7 +86,7 @@ class PoolKeeper:
             d.running |= j.state is JobState.RUNNING
             d.work += j.weight * cost
             d.backlog += len(j.pending) * cost
-        changes = self.planner.update({w: self.capacity(w) for w in workers},
+        changes = self.planner.update({w: self.capacity(w, demand) for w in workers},
                                       {w: frozenset(slots[w].models) for w in workers}, demand, signature, now)
         for ch in changes:
             log.debug("pool %s", ch.describe())

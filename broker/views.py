@@ -123,6 +123,12 @@ class Views:
                 "models": list(slot.models) if slot is not None else [],
                 "pool": sorted(c.dispatcher.pools.of(m.node_id)),  # models it is assigned (broker/pools.py)
                 "credit": slot.credit if slot is not None else 0,
+                # Memory as the worker reports it (MB; 0: not reported): RSS now and at its peak,
+                # its model memory budget and each loaded model's size.
+                "rss_mb": slot.rss_mb if slot is not None else 0,
+                "peak_rss_mb": slot.peak_rss_mb if slot is not None else 0,
+                "budget_mb": slot.budget_mb if slot is not None else 0,
+                "model_mb": dict(slot.model_mb) if slot is not None else {},
                 "cost_per_image": c.state.costs.of_worker(m.node_id),
                 "tasks": [{"task_id": t.task_id, "job": t.job_id, "queries": [f"{t.job_id}:{i}" for i in t.indexes]}
                           for t in self.jobs.tasks_of(m.node_id)],

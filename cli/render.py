@@ -115,13 +115,27 @@ def completed(data: dict[str, Any]) -> Table:
     return t
 
 
+def _memory(d: dict[str, Any]) -> str:
+    """RSS / budget in MB (peak RSS in brackets when higher); "-" from a worker that reports none."""
+    rss, peak, budget = d.get("rss_mb", 0), d.get("peak_rss_mb", 0), d.get("budget_mb", 0)
+    if not rss and not budget:
+        return "-"
+    text = f"{rss or '?'} / {budget or '?'} MB"
+    return text + (f" (peak {peak})" if peak > rss else "")
+
+
+def _loaded(d: dict[str, Any]) -> str:
+    sizes = d.get("model_mb", {})
+    return ", ".join(f"{m} ({sizes[m]} MB)" if sizes.get(m) else m for m in d["models"]) or "-"
+
+
 def vm_info(data: dict[str, Any]) -> Table:
     t = Table(title="which worker runs what")
-    for col in ("worker", "pool", "models loaded", "free slots", "s/image", "running (job: queries)"):
+    for col in ("worker", "pool", "models loaded", "RSS / budget", "free slots", "s/image", "running (job: queries)"):
         t.add_column(col)
     for node, d in data.items():
         running = "; ".join(f"{x['job']}: {', '.join(q.split(':')[-1] for q in x['queries'])}" for x in d["tasks"])
-        _row(t, node, ", ".join(d.get("pool", [])) or "-", ", ".join(d["models"]) or "-", str(d["credit"]),
+        _row(t, node, ", ".join(d.get("pool", [])) or "-", _loaded(d), _memory(d), str(d["credit"]),
              _f(d["cost_per_image"]), running or "idle")
     return t
 

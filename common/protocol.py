@@ -21,8 +21,8 @@ import msgpack
 
 # 4 (this round): streamed partial TaskResults (`final`), the standby's snapshot as a chunked
 # transfer (StateFetch/StateChunk replace StateSnapshot), WriteChunk carries the master's write
-# `grant`, Task carries `weights`, Preload; 3: PutReplace (pipeline recovery); 2: Ready carries
-# total `slots`. Nodes of different versions refuse each other.
+# `grant`, Task carries `weights`, Preload, Heartbeat/Ready carry memory (optional fields);
+# 3: PutReplace (pipeline recovery); 2: Ready carries total `slots`. Nodes of different versions refuse each other.
 VERSION = 4
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 
@@ -309,6 +309,13 @@ class Heartbeat(Message):
     node_id: str
     busy: int = 0  # tasks in hand
     models: list[str] = field(default_factory=list)  # models loaded (the pools this worker serves)
+    # Memory, all optional (0 / empty: not reported): the process's resident set now and at its
+    # peak, its model memory budget (model_memory_mb or the machine's share) and, per loaded model,
+    # its parameter and buffer MB as the worker's model cache counts them.
+    rss_mb: int = 0
+    peak_rss_mb: int = 0
+    budget_mb: int = 0
+    model_mb: dict[str, int] = field(default_factory=dict)
 
 
 @message
@@ -558,6 +565,8 @@ class Ready(Message):
     node_id: str
     slots: int
     models: list[str] = field(default_factory=list)  # models already loaded
+    budget_mb: int = 0  # as Heartbeat.budget_mb
+    model_mb: dict[str, int] = field(default_factory=dict)  # as Heartbeat.model_mb
 
 
 @message

@@ -83,8 +83,13 @@ class _Event:
 
 
 class SimCluster:
-    def __init__(self, costs: dict[str, float], speeds: list[float], cfg: Config | None = None) -> None:
+    def __init__(self, costs: dict[str, float], speeds: list[float], cfg: Config | None = None,
+                 budget_mb: int = 0, model_mb: dict[str, int] | None = None) -> None:
         self.t = 0.0
+        # What every worker reports of its memory (Ready, Heartbeat): its budget and the sizes of
+        # the models it has been sent tasks of (as a real worker's cache reports those it loaded).
+        self.budget_mb = budget_mb
+        self.model_mb = model_mb or {}
         self.cfg = cfg or Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2)
         self.net = MemoryNet()
         # The simulated models (any names) are accepted beside the real ones.
@@ -107,7 +112,7 @@ class SimCluster:
     def add_worker(self, node_id: str, speed: float = 1.0) -> None:
         self.workers[node_id] = SimWorker(node_id, speed)
         self.deliver(node_id, Join(node_id, "worker", node_id.split("@")[0]))
-        self.deliver(node_id, Ready(node_id, self.cfg.worker_credit, []))
+        self.deliver(node_id, Ready(node_id, self.cfg.worker_credit, [], self.budget_mb))
 
     def add_inputs(self, prefix: str, n: int) -> None:
         for node in self.workers:  # fully replicated, so the master has no repair work to do
@@ -150,10 +155,17 @@ class SimCluster:
         while self.next_beat <= self.t:
             for w in self.workers.values():
                 if w.alive:
-                    self.core.handle(w.node_id.encode(), decode(Heartbeat(w.node_id).encode()), self.next_beat)
+                    self.core.handle(w.node_id.encode(), decode(self._heartbeat(w).encode()), self.next_beat)
             self.core.tick(self.next_beat)
             self.next_beat += self.cfg.heartbeat_interval
         self._route()
+
+    def _heartbeat(self, w: SimWorker) -> Heartbeat:
+        # Loaded models only where the test gives sizes: the other sims' workers report none.
+        models = sorted({t.model for t in w.received}) if self.model_mb else []
+        sizes = {m: self.model_mb[m] for m in models if m in self.model_mb}
+        return Heartbeat(w.node_id, 0, models, rss_mb=100 + sum(sizes.values()), budget_mb=self.budget_mb,
+                         model_mb=sizes)
 
     def run_until(self, t_end: float) -> None:
         while True:

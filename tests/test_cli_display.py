@@ -40,7 +40,8 @@ def command_data(v: str) -> dict[str, Any]:
     rates = {"gap": 0.0, "jobs": {job: {"rate": 1.0, "window": 10, "model": v, "state": "running",
                                         "overall": 1.0, "count": 1}}}
     times = {job: {"latency": summary(), "compute": summary(), "model": v}}
-    vm = {f"{v}@1": {"models": [v], "credit": 1, "cost_per_image": 0.1,
+    vm = {f"{v}@1": {"models": [v], "credit": 1, "cost_per_image": 0.1, "rss_mb": 300, "peak_rss_mb": 350,
+                     "budget_mb": 600, "model_mb": {v: 233},
                      "tasks": [{"task_id": "t1.1", "job": job, "queries": [f"{job}:{v}"]}]}}
     return {
         "jobs": jobs,
@@ -93,6 +94,19 @@ def test_the_shell_survives_hostile_names_and_error_texts(v):
         assert run_coordinator_line(line, call, c) is True
     assert out.getvalue().count(f"job1-{v}") >= 3
     assert f"jobs: job1-{v}" in out.getvalue()
+
+
+def test_vm_info_shows_memory_and_model_sizes_and_a_dash_when_not_reported():
+    from cli import render
+
+    c, out = console()
+    vm = command_data("alexnet")["vm_info"]
+    vm["old@1"] = {"models": ["m"], "credit": 0, "cost_per_image": None, "tasks": []}  # an older worker
+    c.print(render.vm_info(vm))
+    text = out.getvalue()
+    assert "300 / 600 MB (peak 350)" in text and "alexnet (233 MB)" in text, text
+    old = next(line for line in text.splitlines() if "old@1" in line)
+    assert "│ m " in old and "│ - " in old, old
 
 
 def test_help_text_is_not_markup():

@@ -191,6 +191,14 @@ def test_submit_preloads_the_model_before_the_job_starts(cluster) -> None:
 
     wait_for(everywhere, timeout=30, interval=0.2, what="mnasnet0_5 preloaded on every worker")
     assert cluster.ctl("completed", job=job["job_id"])[job["job_id"]]["completed"] == 0
+
+    def memory_reported() -> bool:  # the next heartbeat carries the loaded model's size
+        return all(w["rss_mb"] > 0 and w["budget_mb"] > 0 and w["model_mb"].get("mnasnet0_5", 0) > 0
+                   for w in cluster.ctl("vm_info").values())
+
+    wait_for(memory_reported, timeout=15, interval=0.2, what="workers report RSS, budget and model sizes")
+    info = cluster.ctl("vm_info")
+    assert all(w["peak_rss_mb"] >= w["rss_mb"] for w in info.values()), info
     cluster.ctl("cancel", job=job["job_id"])
 
 

@@ -194,3 +194,27 @@ def test_top_shows_pool_changes_and_loading_jobs() -> None:
     text = console.export_text()
     assert "pool changes" in text and "+b -a" in text, text
     assert "queued (loading)" in text
+
+
+def test_without_pool_max_models_a_pool_holds_what_fits_the_budget_workers_report() -> None:
+    """pool_max_models = 0: before any size is known nothing bounds a pool; once workers report a
+    250 MB budget and 100 MB models, no pool holds more than two of the three, and all are served."""
+    costs = {"a": 0.05, "b": 0.05, "c": 0.05}
+    cfg = Config(heartbeat_interval=1.0, task_timeout_min=1e6, worker_credit=2, pool_max_models=0)
+    sim = SimCluster(costs, speeds=[1, 1, 1, 1], cfg=cfg, budget_mb=250, model_mb=dict.fromkeys(costs, 100))
+    sim.add_inputs("in", 2000)
+    for m in costs:
+        sim.command("submit", model=m, inputs="in/", batch=4)
+    pools = sim.core.dispatcher.pools
+    assert all(len(pools.of(w)) == 3 for w in sim.workers)  # no size known yet: unbounded
+    sim.command("start")
+    sim.run_until(10.0)  # tasks ran (the jobs still have work), heartbeats carried the sizes, the pools were replanned
+    assert sim.core.dispatcher.model_mb == dict.fromkeys(costs, 100)
+    assert all(len(pools.of(w)) <= 2 for w in sim.workers), {w: pools.of(w) for w in sim.workers}
+    assert all(any(m in pools.of(w) for w in sim.workers) for m in costs)
+    info = sim.command("vm_info")
+    assert all(d["budget_mb"] == 250 and d["rss_mb"] > 100 for d in info.values()), info
+    assert all(set(d["model_mb"]) == set(d["models"]) for d in info.values()), info
+    # A worker's pool bound comes from its own budget, unknown models sized at the known mean.
+    assert pools.capacity("127.0.0.1:9000@1", ["a", "new"]) == 2
+    assert pools.capacity("nobody", ["a"]) > 1000  # no report from it: no bound

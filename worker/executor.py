@@ -217,6 +217,7 @@ class Executor:
         self.resolver = WeightsResolver(cfg, store, cache_dir)
         self._cache: Any = None  # models.ModelCache, built by the compute thread (torch loads there)
         self.loaded: list[str] = []  # models loaded now; read by the loop thread (Heartbeat, Ready)
+        self.model_mb: dict[str, int] = {}  # their sizes as the cache counts them (same: replaced whole)
         self._noop_used = False  # noop has nothing to load, but it is served (and shown) once asked for
         self.cost: dict[str, float] = {}  # seconds per image, per model, measured here (sizes streamed pieces)
         self.stop_event = threading.Event()
@@ -378,6 +379,11 @@ class Executor:
     def _update_loaded(self) -> None:
         # One assignment of a new list: the loop thread reads it without a lock.
         cached = self.cache.names() if self.cfg.torch else []  # torch-free: no model cache (it imports torch)
+        entries = self.cache.entries() if self.cfg.torch else []
+        sizes: dict[str, int] = {}
+        for e in entries:  # a model loaded with two checkpoints counts both
+            sizes[e.name] = sizes.get(e.name, 0) + round(e.nbytes / MB)
+        self.model_mb = sizes
         self.loaded = cached + ([NOOP] if self._noop_used else [])
 
     def _take_gone(self) -> list[tuple[str, str]]:

@@ -14,6 +14,8 @@ deliver and the tasks it still holds.
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -51,7 +53,7 @@ from common.protocol import (
 from common.transport import try_decode
 from sdfs.server import StorageServer
 from sdfs.store import LocalStore
-from worker.executor import Executor
+from worker.executor import MB, Executor
 from worker.hostview import HostView
 from worker.links import CoordinatorLinks
 from worker.pulse import PulseSidecar
@@ -71,6 +73,25 @@ def keep_unacked(unacked: dict[str, TaskResult], piece: TaskResult) -> None:
     kept.results.extend(piece.results)
     kept.elapsed += piece.elapsed
     kept.final = piece.final
+
+
+def rss_mb() -> tuple[int, int]:
+    """This process's resident set now and at its peak, in MB (0 where the OS does not say): one
+    small /proc read and one getrusage call, once per heartbeat."""
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // MB
+    except (OSError, ValueError, IndexError):
+        now = 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # KB on Linux
+    return now, max(now, peak)
+
+
+def heartbeat(node_id: str, busy: int, executor: Executor) -> Heartbeat:
+    """The worker's Heartbeat: liveness, tasks in hand, models loaded and memory (docs/protocol.md)."""
+    now, peak = rss_mb()
+    return Heartbeat(node_id, busy, list(executor.loaded), rss_mb=now, peak_rss_mb=peak,
+                     budget_mb=executor.budget_bytes() // MB, model_mb=dict(executor.model_mb))
 
 
 class Worker:
@@ -199,7 +220,7 @@ class Worker:
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.cfg.heartbeat_interval
             if self.joined:
-                self.links.send(self.primary, Heartbeat(self.node_id, len(self.inflight), list(self.executor.loaded)))
+                self.links.send(self.primary, heartbeat(self.node_id, len(self.inflight), self.executor))
         if self.joined and (req := self.hostview.wanted()) is not None:
             self.links.send(self.primary, ViewRequest(req))
 
@@ -336,7 +357,8 @@ class Worker:
                   sender, m.term)
 
     def _ready(self) -> Ready:
-        return Ready(self.node_id, max(0, self.cfg.worker_credit - self.stale), list(self.executor.loaded))
+        return Ready(self.node_id, max(0, self.cfg.worker_credit - self.stale), list(self.executor.loaded),
+                     self.executor.budget_bytes() // MB, dict(self.executor.model_mb))
 
     def on_rejoin(self, m: Rejoin) -> None:
         log.warning("coordinator asks for a rejoin (%s): starting a new incarnation", m.reason)
