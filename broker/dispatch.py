@@ -79,8 +79,9 @@ class Dispatcher:
         if isinstance(m, Heartbeat):
             slot.rss_mb, slot.peak_rss_mb = max(0, m.rss_mb), max(0, m.peak_rss_mb)
         sizes = {k: v for k, v in m.model_mb.items() if v > 0}
-        changed = m.budget_mb != slot.budget_mb or any(self.model_mb.get(k) != v for k, v in sizes.items())
-        slot.budget_mb, slot.model_mb = max(0, m.budget_mb), sizes
+        budget = max(0, m.budget_mb)
+        changed = budget != slot.budget_mb or any(self.model_mb.get(k) != v for k, v in sizes.items())
+        slot.budget_mb, slot.model_mb = budget, sizes
         if changed:
             self.model_mb.update(sizes)
             self.memory_seq += 1
