@@ -52,8 +52,13 @@ class ModelCache:
     every batch, and forgotten when its slot gets a new key.
     """
 
-    def __init__(self, budget_bytes: int | Callable[[], int], estimate: Callable[[str], int] = model_nbytes) -> None:
+    def __init__(self, budget_bytes: int | Callable[[], int], estimate: Callable[[str], int] = model_nbytes,
+                 max_models: int = 0) -> None:
         self._budget = budget_bytes if callable(budget_bytes) else (lambda: budget_bytes)
+        # A bound on the count as well as the bytes (0: none): the coordinator's pools hold at most
+        # this many models per worker, and a worker serving outside its pool (no idle worker while
+        # work waits) must still not hold more.
+        self.max_models = max(0, int(max_models))
         self._estimate = estimate
         self._entries: OrderedDict[Hashable, Entry] = OrderedDict()  # oldest use first
         self._errors: dict[Hashable, tuple[Hashable, str]] = {}  # key -> (slot, message)
@@ -135,16 +140,21 @@ class ModelCache:
 
     def _check_room(self, need: int, budget: int, idle_before: float) -> None:
         busy = [e for e in self._entries.values() if e.used > idle_before]
-        if sum(e.nbytes for e in busy) + need > budget:
+        if sum(e.nbytes for e in busy) + need > budget or 0 < self.max_models <= len(busy):
             raise NoRoom(f"no room within {budget / MB:.0f} MB without unloading "
                          f"{', '.join(e.name for e in busy)} (in use)")
 
     def _make_room(self, need: int, budget: int) -> None:
         evicted = False
-        while self._entries and sum(e.nbytes for e in self._entries.values()) + need > budget:
+        def full() -> bool:
+            return (sum(e.nbytes for e in self._entries.values()) + need > budget
+                    or 0 < self.max_models <= len(self._entries))
+
+        while self._entries and full():
             _, old = self._entries.popitem(last=False)
-            log.info("evicting %s (%.0f MB, least recently used) to stay within %.0f MB",
-                     old.name, old.nbytes / MB, budget / MB)
+            log.info("evicting %s (%.0f MB, least recently used) to stay within %.0f MB%s",
+                     old.name, old.nbytes / MB, budget / MB,
+                     f" and {self.max_models} models" if self.max_models else "")
             self.evictions += 1
             evicted = True
         if evicted:

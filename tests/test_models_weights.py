@@ -135,6 +135,22 @@ def test_cache_evicts_least_recently_used_within_the_budget() -> None:
     assert cache.names() == ["a", "c"], "a model that can never fit evicts nothing"
 
 
+def test_cache_holds_at_most_max_models_whatever_their_size() -> None:
+    # pool_max_models: the coordinator's pools hold at most that many models per worker, and a worker
+    # serving outside its pool (work-conserving fallback) still holds no more.
+    loads: list[str] = []
+    cache = ModelCache(10_000, estimate=lambda n: 1, max_models=2)
+    for name in ("a", "b", "a", "c", "d"):
+        _get(cache, loads, name)
+        assert len(cache.names()) <= 2
+    assert cache.names() == ["c", "d"] and cache.evictions == 2 and loads == ["a", "b", "c", "d"]
+    _get(cache, loads, "d")  # a hit evicts nothing
+    assert cache.evictions == 2
+    with pytest.raises(NoRoom):  # a preload that would unload a model in use is refused
+        _get(cache, loads, "e", spare_used_within=60.0)
+    assert cache.names() == ["c", "d"]
+
+
 def test_cache_new_weights_replace_the_old_and_errors_are_per_version() -> None:
     cache, loads = _cache(1000, {"m": 10})
     _get(cache, loads, "m", key=("m", 1), slot="m")

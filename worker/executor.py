@@ -244,7 +244,7 @@ class Executor:
         if self._cache is None:
             from models import ModelCache  # noqa: PLC0415
 
-            self._cache = ModelCache(self.budget_bytes)
+            self._cache = ModelCache(self.budget_bytes, max_models=self.cfg.pool_max_models)
         return self._cache
 
     def preload(self, model: str, weights: str = "") -> None:
