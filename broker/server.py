@@ -93,7 +93,7 @@ class ResultWriter:
         self.spool.mkdir(parents=True, exist_ok=True)
         for stale in self.spool.glob("results-*.json"):
             stale.unlink(missing_ok=True)
-        self.queue: queue.Queue[tuple[str, list[dict]] | None] = queue.Queue()
+        self.queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self.done: queue.Queue[tuple[str, int]] = queue.Queue()  # (job id, SDFS version) written
         self.active = True  # set by the loop: only a primary writes
         self.owed: set[str] = set()  # queued or being written (loop thread adds, writer removes)
@@ -109,8 +109,8 @@ class ResultWriter:
                 return  # already on its way (a promotion asks again for every owed job)
             self.owed.add(job.job_id)
         self.active = True  # only a primary submits
-        items = job.rows()
-        self.queue.put((job.job_id, items))
+        # The model once for the file (rows no longer repeat it; the results file still names it).
+        self.queue.put((job.job_id, {"job": job.job_id, "model": job.model, "results": job.rows()}))
 
     def run(self) -> None:
         from sdfs.client import SdfsClient  # noqa: PLC0415 - only this thread needs a client
@@ -118,20 +118,20 @@ class ResultWriter:
         client = SdfsClient(self.cfg, [self.addr], zmq.Context.instance())
         try:
             while (item := self.queue.get()) is not None:
-                job_id, items = item
+                job_id, doc = item
                 try:
-                    self._write(client, job_id, items)
+                    self._write(client, job_id, doc)
                 finally:
                     with self.lock:
                         self.owed.discard(job_id)
         finally:
             client.close()
 
-    def _write(self, client: Any, job_id: str, items: list[dict]) -> None:
+    def _write(self, client: Any, job_id: str, doc: dict[str, Any]) -> None:
         fd, tmp = tempfile.mkstemp(prefix="results-", suffix=".json", dir=self.spool)
         try:
             with os.fdopen(fd, "w") as fh:
-                json.dump({"job": job_id, "results": items}, fh)
+                json.dump(doc, fh)
             delay, attempt = self.BACKOFF_FIRST, 0
             while self.active and not self.stopping.is_set():
                 attempt += 1

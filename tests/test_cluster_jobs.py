@@ -77,7 +77,7 @@ def test_two_jobs_with_a_worker_killed_mid_job_lose_and_duplicate_nothing(make_c
     import json  # noqa: PLC0415
 
     doc = json.loads((tmp_path / "r.json").read_text())
-    assert len(doc["results"]) == n
+    assert len(doc["results"]) == n and doc["job"] == a and doc["model"] == "alexnet"
     # Statistics are consistent with the results.
     rate = c.ctl("query_rate", job=a)["jobs"][a]
     assert rate["count"] == n

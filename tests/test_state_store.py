@@ -320,13 +320,13 @@ def test_result_writer_retries_until_the_write_succeeds_and_stops_when_not_prima
     w = ResultWriter(Config(), "127.0.0.1:1", tmp_path / "spool")
     w.BACKOFF_FIRST = 0.01
     caplog.set_level(logging.WARNING, "idunno.coordinator.server")
-    w._write(FlakyClient(), "job1-noop", [{"qid": "job1-noop:0"}])
+    w._write(FlakyClient(), "job1-noop", {"job": "job1-noop", "model": "noop", "results": [{"qid": "job1-noop:0"}]})
     assert w.written() == [("job1-noop", 7)] and w.failures == 3
     assert sum("writing results of job1-noop failed" in r.getMessage() for r in caplog.records) == 3
     assert not list((tmp_path / "spool").iterdir())  # the staging file is gone
     w.active = False  # demoted: the new primary owes the write
     FlakyClient.calls = -100
-    w._write(FlakyClient(), "job2-noop", [])
+    w._write(FlakyClient(), "job2-noop", {"job": "job2-noop", "model": "noop", "results": []})
     assert w.written() == [] and FlakyClient.calls == -100
     w.stop()
 
