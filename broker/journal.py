@@ -22,6 +22,12 @@ log = logging.getLogger("idunno.coordinator.journal")
 # own SQLite before it journals it, so replaying an older entry from our journal could only undo a
 # newer one (and 100k file entries would swell every snapshot).
 NOT_STORED = frozenset({"sdfs.files"})
+# Ops that can be megabytes each (a job's inputs, a batch of SDFS entries sized to fit one frame):
+# published in a frame of their own, as before the batching, never joined to others past the
+# standby's frame limit (max_frame_bytes: a larger frame is dropped and forces a full re-sync).
+OWN_FRAME = frozenset({"sdfs.files", "job.add"})
+# Small ops (a task's results: at most a few KB) joined per frame, at most this many.
+MAX_OPS_PER_FRAME = 128
 
 
 class Journal:
@@ -47,10 +53,13 @@ class Journal:
         if self.store is not None and op not in NOT_STORED:
             self.store.append(self.state_seq, core.term, op, data)
         if core.is_primary:
-            if self.outbox and self.outbox_term != core.term:
+            if self.outbox and (self.outbox_term != core.term or op in OWN_FRAME
+                                or len(self.outbox) >= MAX_OPS_PER_FRAME):
                 self.publish()
             self.outbox_term = core.term
             self.outbox.append((self.state_seq, op, data))
+            if op in OWN_FRAME:
+                self.publish()
 
     def publish(self) -> None:
         """Send the ops journalled since the last call to the standby, in order, in one frame."""

@@ -19,11 +19,13 @@ from typing import Any, ClassVar
 
 import msgpack
 
-# 4 (this round): streamed partial TaskResults (`final`), the standby's snapshot as a chunked
+# 5: results by position (TaskResult rows are [index, top5, error]; Task queries carry `index` and
+# `source`), no `epoch`, StateUpdates (an iteration's ops in one frame), Heartbeat/Ready memory;
+# 4: streamed partial TaskResults (`final`), the standby's snapshot as a chunked
 # transfer (StateFetch/StateChunk replace StateSnapshot), WriteChunk carries the master's write
-# `grant`, Task carries `weights`, Preload, Heartbeat/Ready carry memory (optional fields);
+# `grant`, Task carries `weights`, Preload;
 # 3: PutReplace (pipeline recovery); 2: Ready carries total `slots`. Nodes of different versions refuse each other.
-VERSION = 4
+VERSION = 5
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 
 

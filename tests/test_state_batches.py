@@ -41,3 +41,24 @@ def test_an_iterations_ops_go_in_one_frame_in_order_and_a_term_change_starts_a_n
     new = [decode(raw) for _, raw in sim.net.published[before:]]
     assert [(type(m), m.term) for m in new] == [(StateUpdate, sim.core.term - 1), (StateUpdate, sim.core.term)]
     assert [m.seq for m in new] == [sim.core.state_seq - 1, sim.core.state_seq]
+
+
+def test_no_frame_holds_more_than_its_bound_and_big_ops_go_alone():
+    # One frame per iteration must not grow past the standby's frame limit: a node re-homing 100k
+    # replicas journals ~50 sdfs.files ops of 1-2 MB in one iteration (each sized to fit a frame).
+    sim = SimCluster({"m": 0.01}, speeds=[1])
+    journal = sim.core.log
+    before = len(sim.net.published)
+    for i in range(300):
+        journal.journal("noop.small", {"i": i})
+    journal.journal("sdfs.files", {"entries": {}})
+    journal.journal("sdfs.files", {"entries": {}})
+    journal.journal("noop.small", {"i": 300})
+    journal.publish()
+    frames = [decode(raw) for _, raw in sim.net.published[before:]]
+    sizes = [len(f.ops) if isinstance(f, StateUpdates) else 1 for f in frames]
+    assert sizes == [128, 128, 44, 1, 1, 1], sizes
+    assert [f.op for f in frames[3:5]] == ["sdfs.files", "sdfs.files"]
+    seqs = [f.first + k for f in frames if isinstance(f, StateUpdates) for k in range(len(f.ops))]
+    seqs += [f.seq for f in frames if isinstance(f, StateUpdate)]
+    assert sorted(seqs) == list(range(sim.core.state_seq - 302, sim.core.state_seq + 1))  # each op once
