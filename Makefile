@@ -16,12 +16,12 @@ demo: $(STAMP)
 
 # pytest exit code 5 ("no tests collected") must not pass silently: it is turned into a failure.
 test: $(STAMP)
-	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q --durations=25 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
 
 # The same suite on a busy machine: bench/hog.py keeps 2 busy processes per core for the whole run
 # (users' machines are not idle; a test that passes only on an idle machine is a bug).
 test-loaded: $(STAMP)
-	$(PY) bench/hog.py --per-core 2 -- $(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
+	$(PY) bench/hog.py --per-core 2 -- $(PY) -m pytest -q --durations=25 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not chaos" tests
