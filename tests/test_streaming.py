@@ -103,6 +103,23 @@ def test_tasks_hold_about_a_second_of_compute_and_no_more_images_than_the_other_
     assert {n for _, job, _, n in sim.dispatches[mark:] if job == alex} == {8}
 
 
+def _task_sizes(cfg: Config | None = None, alex_weight: float = 1.0) -> dict[str, set[int]]:
+    """Task sizes after the first 5 s of AlexNet + ResNet-50 (batch 8 each) at the loaded costs."""
+    sim = SimCluster(LOADED[0], speeds=[1, 1, 1, 1], cfg=cfg)
+    sim.add_inputs("in", 600)
+    jobs = {ALEX: sim.command("submit", model=ALEX, inputs="in/", batch=8, weight=alex_weight)["job_id"],
+            RESNET: sim.command("submit", model=RESNET, inputs="in/", batch=8)["job_id"]}
+    sim.command("start")
+    sim.run_until(20.0)
+    return {m: {n for t, job, _, n in sim.dispatches if job == j and t > 5.0} for m, j in jobs.items()}
+
+
+def test_a_heavier_job_gets_proportionally_larger_tasks_and_whole_batch_results_keep_whole_batches():
+    assert _task_sizes(alex_weight=2.0) == {ALEX: {4}, RESNET: {2}}  # twice ResNet-50's tasks
+    whole = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, stream_interval=0.0)
+    assert _task_sizes(whole) == {ALEX: {8}, RESNET: {8}}  # the task is the compute batch: not cut
+
+
 def test_a_new_job_gets_its_first_result_after_one_image_not_one_batch():
     sim = SimCluster(COSTS, speeds=[1, 1, 1, 1])
     sim.add_inputs("in", 2000)
