@@ -61,7 +61,13 @@ class Config:
     # ...but the prefetched batch is bound to a job only once the worker has at most this many seconds
     # of compute left: a batch queued behind seconds of work makes completions lag dispatches, and
     # the live query rates of fairly served jobs swing by whole batches (seen: 18 % median gap).
-    prefetch_lead: float = 1.0
+    # 0.5 s: with 1 s, a worker's queue swung the completions of a ResNet-50 job against its
+    # dispatches enough to put single 10 s rate samples 10-13 % apart (tests/test_streaming.py).
+    prefetch_lead: float = 0.5
+    # A task holds at most this many seconds of predicted compute on its worker (never below one
+    # image; 0 = the job's batch as it is): the scheduler re-decides about this often per worker, so
+    # the live query rates of jobs of very different cost stay level (broker/dispatch.py batch_for).
+    task_seconds: float = 1.0
     # Models (docs/models.md): a worker keeps its loaded models within model_memory_mb (0: derived from
     # this machine's memory and the workers on it), evicting the least recently used.
     model_memory_mb: int = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,12 +81,18 @@ class _Event:
     task: Task = field(compare=False)
     first: int = field(compare=False, default=0)  # the piece of the task's queries this event answers
     last: int = field(compare=False, default=0)
+    elapsed: float = field(compare=False, default=0.0)  # the piece's compute time
 
 
 class SimCluster:
     def __init__(self, costs: dict[str, float], speeds: list[float], cfg: Config | None = None,
-                 budget_mb: int = 0, model_mb: dict[str, int] | None = None) -> None:
+                 budget_mb: int = 0, model_mb: dict[str, int] | None = None, jitter: float = 0.0,
+                 seed: int = 0) -> None:
         self.t = 0.0
+        # A loaded machine: each piece's compute time is multiplied by a log-normal factor of this
+        # sigma (0: every image costs exactly its model's cost), from a seeded generator.
+        self.jitter = jitter
+        self.rng = random.Random(seed)
         # What every worker reports of its memory (Ready, Heartbeat): its budget and the sizes of
         # the models it has been sent tasks of (as a real worker's cache reports those it loaded).
         self.budget_mb = budget_mb
@@ -146,8 +153,11 @@ class SimCluster:
                 size = len(msg.queries) if interval <= 0 else max(1, int(interval / per_image))
                 for first in range(0, len(msg.queries), size):
                     last = min(len(msg.queries), first + size)
-                    t += (last - first) * per_image
-                    heapq.heappush(self.events, _Event(t, next(self.seq), node, msg, first, last))
+                    elapsed = (last - first) * per_image
+                    if self.jitter:
+                        elapsed *= self.rng.lognormvariate(0.0, self.jitter)
+                    t += elapsed
+                    heapq.heappush(self.events, _Event(t, next(self.seq), node, msg, first, last, elapsed))
                 w.busy_until = t
 
     def _beat(self) -> None:
@@ -185,10 +195,9 @@ class SimCluster:
             if not w.alive:
                 continue
             piece = ev.task.queries[ev.first:ev.last]
-            elapsed = len(piece) * self.costs.get(ev.task.model, 0.01) / w.speed
             results = [[q["index"], [["x", 1.0]], None] for q in piece]
             final = ev.last >= len(ev.task.queries)
-            self.deliver(ev.worker, TaskResult(ev.task.task_id, ev.task.job_id, ev.worker, elapsed, results, final))
+            self.deliver(ev.worker, TaskResult(ev.task.task_id, ev.task.job_id, ev.worker, ev.elapsed, results, final))
             self.core.tick(self.t)
             self._route()
         self.t = t_end

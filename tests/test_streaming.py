@@ -38,10 +38,11 @@ def _sampled_gaps(sim: SimCluster, jobs: list[str], start: float, step: float = 
 IDLE, LOADED = ({ALEX: 0.02, RESNET: 0.09}, 3000), ({ALEX: 0.1, RESNET: 0.5}, 600)
 
 
-def _run_pair(costs: dict[str, float], inputs: int, cfg: Config | None = None) -> list[float]:
-    sim = SimCluster(costs, speeds=[1, 1, 1, 1], cfg=cfg)
+def _run_pair(costs: dict[str, float], inputs: int, cfg: Config | None = None, batch: int | str = 8,
+              jitter: float = 0.0, seed: int = 0) -> list[float]:
+    sim = SimCluster(costs, speeds=[1, 1, 1, 1], cfg=cfg, jitter=jitter, seed=seed)
     sim.add_inputs("in", inputs)
-    jobs = [sim.command("submit", model=m, inputs="in/", batch=8)["job_id"] for m in (ALEX, RESNET)]
+    jobs = [sim.command("submit", model=m, inputs="in/", batch=batch)["job_id"] for m in (ALEX, RESNET)]
     sim.command("start")
     return _sampled_gaps(sim, jobs, 15.0)
 
@@ -57,9 +58,66 @@ def test_whole_batches_bound_early_make_the_live_rate_swing():
     """The baseline, the old behaviour: results only at batch end and the prefetched batch bound to a
     job seconds before it runs. It reproduces what users saw (median ≈ 18 %, worst ≈ 35 %)."""
     old = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, stream_interval=0.0,
-                 slow_start=False, prefetch_lead=1e9)
+                 slow_start=False, prefetch_lead=1e9, task_seconds=0.0)
     gaps = _run_pair(*LOADED, cfg=old)
     assert statistics.median(gaps) > 0.10 and max(gaps) > 0.20, [f"{g:.1%}" for g in gaps]
+
+
+# Before the task bound: tasks of the whole batch (a ResNet-50 batch of 8 is 4 s under load) and a
+# prefetched task bound with 1 s of compute left.
+UNBOUNDED = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, prefetch_lead=1.0,
+                   task_seconds=0.0)
+
+
+@pytest.mark.parametrize("batch", [8, "auto"])
+def test_live_query_rate_stays_within_10_percent_when_compute_times_are_noisy(batch):
+    """A loaded machine: each streamed piece's compute time varies (log-normal, sigma 0.1). Every
+    sample, the worst one too, must stay within the issue's bound, run after run (3 seeds)."""
+    worst = []
+    for seed in range(3):
+        gaps = _run_pair(*LOADED, batch=batch, jitter=0.1, seed=seed)
+        assert len(gaps) >= 20 and statistics.median(gaps) <= 0.05, (seed, [f"{g:.1%}" for g in gaps])
+        worst.append(max(gaps))
+    assert max(worst) <= 0.10, [f"{g:.1%}" for g in worst]
+    # Without the bound on a task's compute (and with the longer prefetch lead), the same runs
+    # swing further: one task of 8 ResNet-50 images is 4 s of one worker's time, and the charge
+    # between the jobs swings by a whole AlexNet batch of 8.
+    before = [max(_run_pair(*LOADED, cfg=UNBOUNDED, batch=batch, jitter=0.1, seed=seed)) for seed in range(3)]
+    assert max(before) > 0.10, [f"{g:.1%}" for g in before]
+
+
+def test_tasks_hold_about_a_second_of_compute_and_no_more_images_than_the_other_jobs_tasks():
+    sim = SimCluster(LOADED[0], speeds=[1, 1, 1, 1])
+    sim.add_inputs("in", 600)
+    alex = sim.command("submit", model=ALEX, inputs="in/", batch=8)["job_id"]
+    resnet = sim.command("submit", model=RESNET, inputs="in/", batch=8)["job_id"]
+    sim.command("start")
+    sim.run_until(20.0)
+    sizes = {j: [n for t, job, _, n in sim.dispatches if job == j and t > 5.0] for j in (alex, resnet)}
+    # ResNet-50 at 0.5 s per image: tasks of 2 images (1 s), not 8 (4 s); AlexNet's tasks match them.
+    assert set(sizes[resnet]) == {2} and set(sizes[alex]) == {2}, sizes
+    sim.command("cancel", job=resnet)
+    mark = len(sim.dispatches)
+    sim.run_until(30.0)
+    # Alone, AlexNet's batch of 8 is 0.8 s of compute: whole batches again.
+    assert {n for _, job, _, n in sim.dispatches[mark:] if job == alex} == {8}
+
+
+def _task_sizes(cfg: Config | None = None, alex_weight: float = 1.0) -> dict[str, set[int]]:
+    """Task sizes after the first 5 s of AlexNet + ResNet-50 (batch 8 each) at the loaded costs."""
+    sim = SimCluster(LOADED[0], speeds=[1, 1, 1, 1], cfg=cfg)
+    sim.add_inputs("in", 600)
+    jobs = {ALEX: sim.command("submit", model=ALEX, inputs="in/", batch=8, weight=alex_weight)["job_id"],
+            RESNET: sim.command("submit", model=RESNET, inputs="in/", batch=8)["job_id"]}
+    sim.command("start")
+    sim.run_until(20.0)
+    return {m: {n for t, job, _, n in sim.dispatches if job == j and t > 5.0} for m, j in jobs.items()}
+
+
+def test_a_heavier_job_gets_proportionally_larger_tasks_and_whole_batch_results_keep_whole_batches():
+    assert _task_sizes(alex_weight=2.0) == {ALEX: {4}, RESNET: {2}}  # twice ResNet-50's tasks
+    whole = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, stream_interval=0.0)
+    assert _task_sizes(whole) == {ALEX: {8}, RESNET: {8}}  # the task is the compute batch: not cut
 
 
 def test_a_new_job_gets_its_first_result_after_one_image_not_one_batch():
