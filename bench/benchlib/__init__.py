@@ -268,6 +268,36 @@ def put_copies(cluster: LocalCluster, copies: int, prefix: str = "copies") -> tu
     return len(items), time.perf_counter() - t0
 
 
+# A worker's log line for each model load (worker/executor.py).
+LOADED = re.compile(r"loaded (\S+) with weights from .* in ([0-9.]+)s")
+
+
+def model_loads(cluster: LocalCluster) -> dict[str, list[float]]:
+    """Seconds of every model load, per model, from the workers' ``loaded ... in Ns`` log lines."""
+    out: dict[str, list[float]] = {}
+    for p in cluster.worker_procs():
+        try:
+            text = Path(p.log_path).read_text(errors="replace")
+        except OSError:
+            continue
+        for model, secs in LOADED.findall(text):
+            out.setdefault(model, []).append(float(secs))
+    return out
+
+
+def load_seconds(cluster: LocalCluster) -> dict[str, float]:
+    """Seconds spent loading each model, summed over the workers (their logs)."""
+    return {m: sum(v) for m, v in model_loads(cluster).items()}
+
+
+def cli_env(cluster: LocalCluster) -> dict[str, str]:
+    """The environment of a user's shell pointed at ``cluster`` (none of the benchmark's IDUNNO_ settings)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDUNNO_")}
+    env.update(IDUNNO_COORDINATOR=cluster.coordinator, IDUNNO_STANDBY=cluster.standby_addr,
+               IDUNNO_DATA_DIR=cluster.data_dir, IDUNNO_CURVE_DIR=cluster.curve_dir)
+    return env
+
+
 def _proc_status_kib(pid: int, key: str) -> int | None:
     """One ``kB`` field of /proc/<pid>/status, or None if the process is gone."""
     try:
