@@ -298,6 +298,33 @@ def cli_env(cluster: LocalCluster) -> dict[str, str]:
     return env
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (fields 14 and 15 of /proc/<pid>/stat, after the command name); 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """``cpu_seconds`` of a process and its live descendants (a worker's pulse sidecar, say)."""
+    total = cpu_seconds(pid)
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return total
+    return total + sum(tree_cpu_seconds(int(k)) for k in kids)
+
+
+def cluster_cpu_seconds(cluster: LocalCluster) -> float:
+    """CPU seconds used so far by every live process of the cluster (coordinators, workers, their children)."""
+    return sum(tree_cpu_seconds(p.popen.pid) for p in cluster.procs if p.popen.poll() is None)
+
+
 def _proc_status_kib(pid: int, key: str) -> int | None:
     """One ``kB`` field of /proc/<pid>/status, or None if the process is gone."""
     try:
