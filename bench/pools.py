@@ -22,20 +22,17 @@ The ratios compare pools against the baseline.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
-from benchlib import headline, images, ratio, running, table, temp_dir, vm_hwm_kib, wait_until
+from benchlib import headline, images, load_seconds, ratio, running, table, temp_dir, vm_hwm_kib, wait_until
 
 from cli.cluster import LocalCluster
 from common.modelnames import NOOP
 from common.rpc import RpcError
 
 MODELS = "alexnet,resnet18,mobilenet_v3_small,squeezenet1_0,shufflenet_v2_x1_0,vgg16"  # vgg16: 528 MB
-LOADED = re.compile(r"loaded (\S+) with weights from .* in ([0-9.]+)s")
 
 
 def sample(cluster: LocalCluster, seen: dict[str, Any]) -> None:
@@ -52,19 +49,6 @@ def sample(cluster: LocalCluster, seen: dict[str, Any]) -> None:
         seen["budget"][node] = d.get("budget_mb", 0)
     if sum(1 for r in rates["jobs"].values() if r["state"] == "running") >= 2:
         seen["gaps"].append(rates["gap"])
-
-
-def load_seconds(cluster: LocalCluster) -> dict[str, float]:
-    """Seconds spent loading each model, summed over the workers (their logs)."""
-    out: dict[str, float] = {}
-    for p in cluster.worker_procs():
-        try:
-            text = Path(p.log_path).read_text(errors="replace")
-        except OSError:
-            continue
-        for model, secs in LOADED.findall(text):
-            out[model] = out.get(model, 0.0) + float(secs)
-    return out
 
 
 def exactly_once(cluster: LocalCluster, job: str, n: int) -> tuple[bool, int]:

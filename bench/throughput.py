@@ -30,13 +30,21 @@
     standby): the (b) noop dispatch rate, (c) 'members' RPC round trips and an SDFS put of a 32 MB
     file (RF 4, so 128 MB encrypted in and out). Baseline (same run): the --insecure cluster.
 
+(f) Both jobs (issue #14): an AlexNet job and a ResNet-50 job over the same ``--both-images`` (100)
+    images, batch 8 each, submitted together on the (a) cluster (both models preloaded), from the
+    first dispatch of either to the last result of both. Fair-time serves the two at equal image
+    rates, so the ceiling for each is 1/(1/A + 1/R) images/s, A and R the plain-loop rates of (a)'s
+    native process for AlexNet and ResNet-50 measured in the same rounds (ResNet-50 as in (a): 2
+    threads, read + decode + predict in batches of 8). Goal: cluster >= 0.95x the ceiling.
+
     .venv/bin/python bench/throughput.py [--quick] [--images 300] [--round-trips 10000] [--cli-only]
-                                         [--curve-only]
+                                         [--curve-only] [--jobs-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import resource
@@ -47,34 +55,98 @@ import time
 
 import msgpack
 import zmq
-from benchlib import ROOT, console, headline, images, put_copies, running, table, temp_dir, wait_models, wait_until
+from benchlib import (
+    ROOT,
+    cluster_cpu_seconds,
+    console,
+    headline,
+    images,
+    put_copies,
+    running,
+    table,
+    temp_dir,
+    wait_models,
+    wait_until,
+)
 
 from cli.cluster import LocalCluster
 from common.protocol import Command, Task, TaskResult
 from common.rpc import RpcClient
 
 MODEL = "alexnet"
+MODEL_R = "resnet50"  # (f)'s second job
+# The plain loop's shapes, (processes, torch threads each): 2 threads in total either way. One process
+# with 2 intra-op threads is the stated baseline; 2 single-thread processes is the cluster's own shape
+# (no intra-op synchronisation), which a loaded machine penalises far less.
+SHAPES_MAIN, SHAPES_ALT = "1 process x 2 threads", "2 processes x 1 thread"
+SHAPES = {SHAPES_MAIN: (1, 2), SHAPES_ALT: (2, 1)}
 NOOP = "noop"
 
 
 # -- (a) ------------------------------------------------------------------------------------------
-def native(paths: list, batch: int, threads: int) -> tuple[float, int]:
-    import torch  # noqa: PLC0415 - the cluster part must not pay for it
+NATIVE = """
+import json, sys, time
+from pathlib import Path
+import torch
+from models import decode_image, get_classifier
+model, threads, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+paths = [Path(p) for p in sys.argv[4:]]
+torch.set_num_threads(threads)
+clf = get_classifier(model, num_threads=threads)
+clf.predict_batch([decode_image(p.read_bytes()) for p in paths[:batch]])  # warm-up, untimed
+print("ready", flush=True)
+sys.stdin.readline()  # go
+t0, c0 = time.time(), time.process_time()
+n = 0
+for i in range(0, len(paths), batch):
+    n += len(clf.predict_batch([decode_image(p.read_bytes()) for p in paths[i : i + batch]]))
+print(json.dumps({"start": t0, "end": time.time(), "n": n, "cpu": time.process_time() - c0}), flush=True)
+"""
 
-    from models import decode_image, get_classifier  # noqa: PLC0415
 
-    torch.set_num_threads(threads)
-    clf = get_classifier(MODEL, num_threads=threads)  # built once per process (cached)
-    clf.predict_batch([decode_image(p.read_bytes()) for p in paths[:batch]])  # warm-up, untimed
-    t0 = time.perf_counter()
-    n = 0
-    for i in range(0, len(paths), batch):
-        imgs = [decode_image(p.read_bytes()) for p in paths[i : i + batch]]
-        n += len(clf.predict_batch(imgs))
-    return time.perf_counter() - t0, n
+def native(paths: list, batch: int, threads: int, model: str = MODEL, procs: int = 1) -> tuple[float, int, float]:
+    """The plain loop (read, ``decode_image``, ``predict_batch``) in ``procs`` fresh processes of
+    ``threads`` torch threads each, over ``paths`` split between them (contiguous shares, each a
+    multiple of ``batch``), all started together once every one has its model built and warmed up.
+    Returns (seconds from the first start to the last end, images, CPU seconds of the loops)."""
+    per = math.ceil(len(paths) / procs / batch) * batch
+    shares = [paths[k * per:(k + 1) * per] for k in range(procs)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDUNNO_")}
+    children = [subprocess.Popen([sys.executable, "-c", NATIVE, model, str(threads), str(batch),
+                                  *(str(p) for p in share)], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True) for share in shares if share]
+    try:
+        for c in children:
+            assert c.stdout is not None
+            if c.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"native {model} process failed to start")
+        for c in children:
+            assert c.stdin is not None
+            c.stdin.write("go\n")
+            c.stdin.flush()
+        out = [json.loads(c.communicate(timeout=1800)[0]) for c in children]
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+                c.wait()
+    return (max(o["end"] for o in out) - min(o["start"] for o in out), sum(o["n"] for o in out),
+            sum(o["cpu"] for o in out))
 
 
-def run_job(cluster: LocalCluster, inputs: str, batch: int, timeout: float = 600, model: str = MODEL) -> dict:
+def idle_cpu_rate(cluster: LocalCluster, seconds: float = 2.0) -> float:
+    """CPU seconds per second the idle cluster uses (loops, heartbeats, pulse sidecars)."""
+    c0, t0 = cluster_cpu_seconds(cluster), time.monotonic()
+    time.sleep(seconds)
+    return (cluster_cpu_seconds(cluster) - c0) / (time.monotonic() - t0)
+
+
+def run_job(cluster: LocalCluster, inputs: str, batch: int, timeout: float = 600, model: str = MODEL,
+            idle_cpu: bool = False) -> dict:
+    """One job, first dispatch -> last result; with ``idle_cpu``, first the idle cluster's CPU rate
+    for 2 s ((a)'s CPU per image less the idle cost)."""
+    idle = idle_cpu_rate(cluster) if idle_cpu else 0.0
+    cpu0, t0 = cluster_cpu_seconds(cluster), time.monotonic()
     job = cluster.ctl("submit", model=model, inputs=inputs, batch=batch, start=True)["job_id"]
 
     def done() -> bool:
@@ -82,6 +154,8 @@ def run_job(cluster: LocalCluster, inputs: str, batch: int, timeout: float = 600
         return c["completed"] >= c["total"]
 
     wait_until(done, timeout, 0.25, f"job {job} to finish")
+    cpu = cluster_cpu_seconds(cluster) - cpu0  # the whole cluster's, submit to done (idle heartbeats included)
+    idle_used = idle * (time.monotonic() - t0)
     tl = cluster.ctl("timeline", job=job, timeout=10.0)["jobs"][job]
     spans = tl["spans"]
     first = min(s[1] for s in spans)
@@ -90,7 +164,54 @@ def run_job(cluster: LocalCluster, inputs: str, batch: int, timeout: float = 600
     per_worker: dict[str, int] = {}
     for s in spans:
         per_worker[s[0]] = per_worker.get(s[0], 0) + s[3]
-    return {"job": job, "n": n, "seconds": last - first, "per_worker": per_worker}
+    return {"job": job, "n": n, "seconds": last - first, "per_worker": per_worker, "cpu": cpu, "idle_cpu": idle_used}
+
+
+# -- (f) ------------------------------------------------------------------------------------------
+def run_both(cluster: LocalCluster, inputs: str, batch: int, timeout: float = 900) -> dict:
+    """(f): an AlexNet and a ResNet-50 job started together; images per job per second from the first
+    dispatch of either to the last result of both."""
+    jobs = [cluster.ctl("submit", model=m, inputs=inputs, batch=batch, start=False)["job_id"] for m in (MODEL, MODEL_R)]
+    cluster.ctl("start")
+
+    def done() -> bool:
+        c = cluster.ctl("completed", timeout=5.0)
+        return all(c[j]["completed"] >= c[j]["total"] for j in jobs)
+
+    wait_until(done, timeout, 0.25, f"jobs {', '.join(jobs)} to finish")
+    tl = cluster.ctl("timeline", timeout=10.0)["jobs"]
+    spans = {j: tl[j]["spans"] for j in jobs}
+    first = min(s[1] for sp in spans.values() for s in sp)
+    last = max(s[2] for sp in spans.values() for s in sp)
+    n = {j: sum(s[3] for s in sp) for j, sp in spans.items()}
+    ends = {j: max(s[2] for s in sp) - first for j, sp in spans.items()}
+    return {"jobs": jobs, "n": n, "seconds": last - first, "ends": ends}
+
+
+def both_table(nat_a: dict[str, list[float]], nat_r: dict[str, list[float]], runs: list[dict], n_images: int,
+               batch: int) -> tuple[float, dict[str, float]]:
+    """(f)'s table; returns (cluster images per job per second, the fair ceiling per native shape)."""
+    rates = [sum(x["n"].values()) / 2 / x["seconds"] for x in runs]
+    rate = statistics.median(rates)
+    med = runs[rates.index(rate)] if rate in rates else runs[0]
+    rows: list[list] = []
+    ceilings: dict[str, float] = {}
+    for shape in SHAPES:
+        a, r = statistics.median(nat_a[shape]), statistics.median(nat_r[shape])
+        ceilings[shape] = 1 / (1 / a + 1 / r)
+        rows += [[f"native A: {MODEL}, {shape}", ", ".join(f"{x:.1f}" for x in nat_a[shape]), a, "-"],
+                 [f"native R: {MODEL_R}, {shape}", ", ".join(f"{x:.2f}" for x in nat_r[shape]), r, "-"],
+                 [f"fair ceiling per job 1/(1/A + 1/R), {shape}", "-", ceilings[shape], 1.0]]
+    rows.append(["cluster: images per job per second, first dispatch (either) -> last result (both)",
+                 ", ".join(f"{x:.2f}" for x in rates), rate,
+                 " / ".join(f"{rate / c:.2f}" for c in ceilings.values())])
+    table(f"(f) both jobs: {MODEL} + {MODEL_R}, {n_images} images each, batch {batch}, submitted together "
+          f"(median of {len(runs)} alternating rounds); goal: cluster >= 0.95x the fair ceiling",
+          ["setup", "images/s per round", "median images/s", "x ceiling"], rows,
+          caption=f"x ceiling: against each native shape in turn ({' / '.join(SHAPES)}). Median round: {MODEL} "
+                  f"ended {med['ends'][med['jobs'][0]]:.1f} s and {MODEL_R} {med['ends'][med['jobs'][1]]:.1f} s "
+                  f"after the first dispatch; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    return rate, ceilings
 
 
 # -- (b) ------------------------------------------------------------------------------------------
@@ -389,6 +510,63 @@ def dispatch_only(repeat: int, noop_copies: int, raw_n: int) -> int:
     return 0
 
 
+def a_table(nat_runs: dict[str, list[tuple[float, int, float]]], clu_runs: list[dict], paths: list, repeat: int,
+            batch: int, workers: int, threads: int) -> tuple[dict[str, float], float]:
+    """(a)'s table; returns (native median images/s per shape, cluster median images/s)."""
+    nat_rates = {shape: [n / sec for sec, n, _ in runs] for shape, runs in nat_runs.items()}
+    cpu_ms = {shape: statistics.median(1000 * cpu / n for _, n, cpu in runs) for shape, runs in nat_runs.items()}
+    nat = {shape: statistics.median(rates) for shape, rates in nat_rates.items()}
+    clu_rates = [r["n"] / r["seconds"] for r in clu_runs]
+    clu_rate = statistics.median(clu_rates)
+    res = clu_runs[clu_rates.index(clu_rate)] if clu_rate in clu_rates else clu_runs[0]
+    clu_cpu = statistics.median(1000 * r["cpu"] / r["n"] for r in clu_runs)
+    clu_busy = statistics.median(1000 * (r["cpu"] - r["idle_cpu"]) / r["n"] for r in clu_runs)
+    rows: list[list] = [[f"native: {shape}, read+decode+predict", ", ".join(f"{x:.1f}" for x in nat_rates[shape]),
+                         nat[shape], "1.00" if k == 0 else f"{nat[shape] / nat[SHAPES_MAIN]:.2f}", cpu_ms[shape],
+                         "-"]
+                        for k, shape in enumerate(SHAPES)]
+    rows.append([f"cluster: {workers} workers x torch_threads={threads}, first dispatch -> last result",
+                 ", ".join(f"{x:.1f}" for x in clu_rates), clu_rate,
+                 " / ".join(f"{clu_rate / v:.2f}" for v in nat.values()), clu_cpu,
+                 " / ".join(f"{clu_cpu / v:.2f}" for v in cpu_ms.values())])
+    rows.append(["cluster, less its idle CPU (measured for 2 s before each job)", "-", "-", "-", clu_busy,
+                 " / ".join(f"{clu_busy / v:.2f}" for v in cpu_ms.values())])
+    table(f"(a) {MODEL} images/s with 2 CPU threads in total (batch {batch}, {len(paths)} images, "
+          f"median of {repeat} alternating rounds)", ["setup", "images/s per round", "median images/s", "x native",
+                                                      "CPU ms per image", "CPU x native"],
+          rows, caption=f"x native: against each native shape in turn ({' / '.join(SHAPES)}). CPU: the loops' "
+                        "own CPU time; the cluster's is every cluster process (coordinators, workers, their "
+                        "children) from submit to done. Cluster per-worker "
+                        "images (median round): "
+                        + ", ".join(f"{w}: {n}" for w, n in sorted(res["per_worker"].items())))
+    return nat, clu_rate
+
+
+def jobs_report(nat_runs: dict[str, list[tuple[float, int, float]]], clu_runs: list[dict], paths: list, repeat: int,
+                batch: int, workers: int, threads: int,
+                both: tuple[dict[str, list[float]], dict[str, list[float]], list[dict], int]) -> int:
+    """--jobs-only: (a) and (f)."""
+    nat, clu_rate = a_table(nat_runs, clu_runs, paths, repeat, batch, workers, threads)
+    nat_a, nat_r, both_runs, n_both = both
+    both_rate, ceilings = both_table(nat_a, nat_r, both_runs, n_both, batch)
+    headline(f"{a_headline(nat, clu_rate)}; {both_headline(both_rate, ceilings)}; load average "
+             f"{os.getloadavg()[0]:.1f}")
+    return 0
+
+
+def a_headline(nat: dict[str, float], clu_rate: float) -> str:
+    return (f"cluster {MODEL} {clu_rate:.1f} images/s = {clu_rate / nat[SHAPES_MAIN]:.2f}x the plain loop in one "
+            f"process ({nat[SHAPES_MAIN]:.1f} images/s, 2 threads; goal >= 0.95x), "
+            f"{clu_rate / nat[SHAPES_ALT]:.2f}x the plain loop in {SHAPES_ALT} ({nat[SHAPES_ALT]:.1f} images/s)")
+
+
+def both_headline(rate: float, ceilings: dict[str, float]) -> str:
+    return (f"{MODEL} + {MODEL_R} together {rate:.2f} images per job per second = "
+            f"{rate / ceilings[SHAPES_MAIN]:.2f}x the fair ceiling 1/(1/A + 1/R) = {ceilings[SHAPES_MAIN]:.2f} of the "
+            f"one-process loop, {rate / ceilings[SHAPES_ALT]:.2f}x {ceilings[SHAPES_ALT]:.2f} of {SHAPES_ALT} "
+            f"(goal >= 0.95x)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 100 images, 2000 round trips")
@@ -402,6 +580,9 @@ def main() -> int:
     ap.add_argument("--cli-runs", type=int, default=None, help="(d) runs of each process (default 30, quick 10)")
     ap.add_argument("--cli-only", action="store_true", help="only (d), on a small cluster of its own")
     ap.add_argument("--curve-only", action="store_true", help="only (e), on two small clusters of its own")
+    ap.add_argument("--jobs-only", action="store_true", help="only (a) and (f) (the model jobs)")
+    ap.add_argument("--both-images", type=int, default=None,
+                    help="(f) images in each of the two jobs, <= 100 (default 100, quick 20)")
     ap.add_argument("--dispatch-only", action="store_true",
                     help="only (b), on a 2-worker cluster of its own (IDUNNO_PROFILE=path profiles its coordinator)")
     args = ap.parse_args()
@@ -428,13 +609,20 @@ def main() -> int:
 
     files = images()
     paths = [p for _ in range(copies) for p in files]
-    nat_runs: list[tuple[float, int]] = []
+    n_both = min(100, args.both_images or (20 if args.quick else 100))
+    # (f)'s inputs: the first n_both of tp/0/ (names img_000 ... img_099).
+    both_glob = "tp/0/" if n_both == 100 else f"tp/0/img_0[0-{n_both // 10 - 1}]*"
+    n_both = 100 if n_both == 100 else n_both // 10 * 10
+    nat_runs: dict[str, list[tuple[float, int, float]]] = {shape: [] for shape in SHAPES}
     clu_runs: list[dict] = []
+    nat_a: dict[str, list[float]] = {shape: [] for shape in SHAPES}
+    nat_r: dict[str, list[float]] = {shape: [] for shape in SHAPES}
+    both_runs: list[dict] = []
     with temp_dir("idunno-bench-throughput-") as tmp:
         cluster = LocalCluster(workers=workers, standby=args.standby, data_dir=str(tmp), torch_threads=threads,
-                               env={"IDUNNO_PRELOAD_MODELS": MODEL})
+                               env={"IDUNNO_PRELOAD_MODELS": f"{MODEL},{MODEL_R}"})
         with running(cluster, timeout=120):
-            wait_models(cluster, [MODEL], workers)
+            wait_models(cluster, [MODEL, MODEL_R], workers)
             n_put, put_s = put_copies(cluster, copies, "tp")
             console.print(f"(a) {len(paths)} images, batch {args.batch}; cluster of {workers} workers x {threads} "
                           f"torch thread ({n_put} inputs put in {put_s:.1f}s); {repeat} rounds of native then cluster")
@@ -443,10 +631,32 @@ def main() -> int:
             # Native and cluster runs alternate, so both see the same machine; the idle cluster only
             # exchanges heartbeats while the native loop runs.
             for r in range(repeat):
-                nat_runs.append(native(paths, args.batch, workers * threads))
-                clu_runs.append(run_job(cluster, "tp/", args.batch))
-                console.print(f"    round {r + 1}/{repeat}: native {nat_runs[-1][1] / nat_runs[-1][0]:.1f} images/s, "
-                              f"cluster {clu_runs[-1]['n'] / clu_runs[-1]['seconds']:.1f} images/s")
+                for shape, (procs, n_threads) in SHAPES.items():
+                    nat_runs[shape].append(native(paths, args.batch, n_threads, procs=procs))
+                clu_runs.append(run_job(cluster, "tp/", args.batch, idle_cpu=True))
+                console.print(f"    round {r + 1}/{repeat}: native "
+                              + ", ".join(f"{sh} {v[-1][1] / v[-1][0]:.1f}" for sh, v in nat_runs.items())
+                              + f" images/s, cluster {clu_runs[-1]['n'] / clu_runs[-1]['seconds']:.1f} images/s")
+            console.print(f"(f) {MODEL} + {MODEL_R} jobs over {n_both} images each ({both_glob}), batch {args.batch}; "
+                          f"{repeat} rounds of native {MODEL}, native {MODEL_R}, then both on the cluster")
+            warm_both = run_both(cluster, "tp/0/img_00*", args.batch)  # untimed: the ResNet-50 path warms up
+            console.print(f"    cluster warm-up jobs {', '.join(warm_both['jobs'])}")
+            both_paths = files[:n_both]
+            for r in range(repeat):
+                for shape, (procs, n_threads) in SHAPES.items():
+                    sec, n, _ = native(both_paths, args.batch, n_threads, procs=procs)
+                    nat_a[shape].append(n / sec)
+                    sec, n, _ = native(both_paths, args.batch, n_threads, MODEL_R, procs=procs)
+                    nat_r[shape].append(n / sec)
+                both_runs.append(run_both(cluster, both_glob, args.batch))
+                per_job = sum(both_runs[-1]["n"].values()) / 2 / both_runs[-1]["seconds"]
+                console.print(f"    round {r + 1}/{repeat}: native {MODEL} "
+                              + ", ".join(f"{sh} {v[-1]:.1f}" for sh, v in nat_a.items()) + f"; {MODEL_R} "
+                              + ", ".join(f"{sh} {v[-1]:.2f}" for sh, v in nat_r.items())
+                              + f" images/s; cluster both {per_job:.2f} images per job per second")
+            if args.jobs_only:
+                return jobs_report(nat_runs, clu_runs, paths, repeat, args.batch, workers, threads,
+                                   (nat_a, nat_r, both_runs, n_both))
             time.sleep(1.0)  # let the coordinator write the jobs' results to SDFS before (b)
             n_noop, put_s = put_copies(cluster, noop_copies, "np")
             console.print(f"(b) noop jobs over {n_noop} inputs (put in {put_s:.1f}s), batch 1, alternating with "
@@ -463,23 +673,8 @@ def main() -> int:
     console.print(f"(e) CURVE against --insecure: {curve_rounds} alternating rounds on two 2-worker clusters")
     curve_rows = curve_cost(curve_rounds, curve_trips, curve_copies)
 
-    nat_rates = [n / sec for sec, n in nat_runs]
-    clu_rates = [r["n"] / r["seconds"] for r in clu_runs]
-    nat_rate, clu_rate = statistics.median(nat_rates), statistics.median(clu_rates)
-    res = clu_runs[clu_rates.index(clu_rate)] if clu_rate in clu_rates else clu_runs[0]
-    table(
-        f"(a) {MODEL} images/s with 2 CPU threads in total (batch {args.batch}, {len(paths)} images, "
-        f"median of {repeat} alternating rounds)",
-        ["setup", "images/s per round", "median images/s", "x native"],
-        [
-            ["native: 1 process, torch.set_num_threads(2), read+decode+predict",
-             ", ".join(f"{x:.1f}" for x in nat_rates), nat_rate, 1.0],
-            [f"cluster: {workers} workers x torch_threads={threads}, first dispatch -> last result",
-             ", ".join(f"{x:.1f}" for x in clu_rates), clu_rate, clu_rate / nat_rate],
-        ],
-        caption="cluster per-worker images (median round): "
-                + ", ".join(f"{w}: {n}" for w, n in sorted(res["per_worker"].items())),
-    )
+    nat, clu_rate = a_table(nat_runs, clu_runs, paths, repeat, args.batch, workers, threads)
+    both_rate, ceilings = both_table(nat_a, nat_r, both_runs, n_both, args.batch)
     noop_rates = [r["n"] / r["seconds"] for r in noop_runs]
     noop_rate, raw_rate = statistics.median(noop_rates), statistics.median(raw_runs)
     table(
@@ -506,12 +701,12 @@ def main() -> int:
     )
     cli_base, cli_over = cli_table(cli_times, cli_cpu)
     curve_table(curve_rows, curve_rounds)
-    headline(f"cluster {MODEL} {clu_rate:.1f} images/s = {clu_rate / nat_rate:.2f}x native single process "
-             f"({nat_rate:.1f} images/s, 2 threads; goal >= 0.95x); noop dispatch {noop_rate:,.0f} queries/s = "
+    headline(f"{a_headline(nat, clu_rate)}; noop dispatch {noop_rate:,.0f} queries/s = "
              f"{noop_rate / raw_rate:.2f}x raw ROUTER-DEALER ({raw_rate:,.0f}/s; goal >= 0.5x); 'members' RPC "
              f"{rpc_rate:,.0f} round trips/s = {rpc_rate / echo_rate:.2f}x raw echo ({echo_rate:,.0f}/s); CLI "
              f"`ctl jobs --json` {cli_base + cli_over:.3f} s = python -c pass + {cli_over:.3f} s "
-             f"(goal <= +{CLI_GOAL} s); CURVE: " + "; ".join(f"{r[0]} {r[3]:.2f}x --insecure" for r in curve_rows))
+             f"(goal <= +{CLI_GOAL} s); {both_headline(both_rate, ceilings)}; CURVE: "
+             + "; ".join(f"{r[0]} {r[3]:.2f}x --insecure" for r in curve_rows))
     return 0
 
 

@@ -268,6 +268,63 @@ def put_copies(cluster: LocalCluster, copies: int, prefix: str = "copies") -> tu
     return len(items), time.perf_counter() - t0
 
 
+# A worker's log line for each model load (worker/executor.py).
+LOADED = re.compile(r"loaded (\S+) with weights from .* in ([0-9.]+)s")
+
+
+def model_loads(cluster: LocalCluster) -> dict[str, list[float]]:
+    """Seconds of every model load, per model, from the workers' ``loaded ... in Ns`` log lines."""
+    out: dict[str, list[float]] = {}
+    for p in cluster.worker_procs():
+        try:
+            text = Path(p.log_path).read_text(errors="replace")
+        except OSError:
+            continue
+        for model, secs in LOADED.findall(text):
+            out.setdefault(model, []).append(float(secs))
+    return out
+
+
+def load_seconds(cluster: LocalCluster) -> dict[str, float]:
+    """Seconds spent loading each model, summed over the workers (their logs)."""
+    return {m: sum(v) for m, v in model_loads(cluster).items()}
+
+
+def cli_env(cluster: LocalCluster) -> dict[str, str]:
+    """The environment of a user's shell pointed at ``cluster`` (none of the benchmark's IDUNNO_ settings)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDUNNO_")}
+    env.update(IDUNNO_COORDINATOR=cluster.coordinator, IDUNNO_STANDBY=cluster.standby_addr,
+               IDUNNO_DATA_DIR=cluster.data_dir, IDUNNO_CURVE_DIR=cluster.curve_dir)
+    return env
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (fields 14 and 15 of /proc/<pid>/stat, after the command name); 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """``cpu_seconds`` of a process and its live descendants (a worker's pulse sidecar, say)."""
+    total = cpu_seconds(pid)
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return total
+    return total + sum(tree_cpu_seconds(int(k)) for k in kids)
+
+
+def cluster_cpu_seconds(cluster: LocalCluster) -> float:
+    """CPU seconds used so far by every live process of the cluster (coordinators, workers, their children)."""
+    return sum(tree_cpu_seconds(p.popen.pid) for p in cluster.procs if p.popen.poll() is None)
+
+
 def _proc_status_kib(pid: int, key: str) -> int | None:
     """One ``kB`` field of /proc/<pid>/status, or None if the process is gone."""
     try:
