@@ -71,3 +71,16 @@ def test_inputs_that_failed_to_load_and_a_broken_model_still_answer_every_query(
     task = Task("t1.2-job1", "job1", "broken", 1, _task(2).queries)
     (piece,) = ex._run(Prepared(task, 0, ["img", "img"], [None, None], broken))
     assert piece.final and all("boom" in r[2] for r in piece.results)
+
+
+def test_a_preload_warms_the_model_up_on_the_compute_thread(tmp_path):
+    class Warmable(SlowModel):
+        warmed = 0
+
+        def warm_up(self) -> None:
+            self.warmed += 1
+
+    model = Warmable(0.0)
+    ex = _executor(tmp_path, Config(), model)
+    ex._preload(Prepared(None, 0, [], [], SPEC))
+    assert model.warmed == 1 and model.calls == []  # warmed, and no task's images were run

@@ -119,6 +119,18 @@ def test_predict_batch_shape_and_probabilities() -> None:
         clf.predict_batch(imgs, topk=0)
 
 
+def test_warm_up_runs_one_forward_pass_once_and_changes_no_prediction() -> None:
+    clf = models.Classifier(SMALL, seed=0)
+    before = clf.predict_batch([_image(1)])
+    calls: list[int] = []
+    clf.model.register_forward_hook(lambda _m, inp, _out: calls.append(inp[0].shape[0]))
+    clf.warm_up()
+    clf.warm_up()
+    assert calls == [1]  # one blank image, and only the first call
+    assert clf.predict_batch([_image(1)]) == before
+    models.NoopClassifier().warm_up()  # the noop model has nothing to warm and must not fail
+
+
 def test_weights_path_roundtrip(tmp_path: Path) -> None:
     seeded = models.Classifier(SMALL, seed=3)
     state = seeded.model.state_dict()

@@ -418,7 +418,8 @@ class Executor:
             self._update_loaded()
             return
         try:
-            self._model(prep.weights, preload=True)
+            # Warmed on the compute thread, where the job's first task will run right after.
+            self._model(prep.weights, preload=True).warm_up()
         except Exception as exc:  # the compute thread must survive it: tasks get the error instead
             log.warning("preloading %s failed: %s", prep.weights.model, exc)
 
