@@ -120,11 +120,12 @@ def _forge_results(rogues: dict[str, zmq.Socket], tasks: list[P.Task]) -> None:
     """Answer any task a rogue got with a forged label (keeping it in ``tasks``), and heartbeat."""
     for node, s in rogues.items():
         while s.poll(0):
-            m = P.decode(s.recv())
-            if isinstance(m, P.Task):
-                tasks.append(m)
-                s.send(P.TaskResult(m.task_id, m.job_id, node, 0.1, [
-                    [q["index"], [["FORGED", 1.0]], None] for q in m.queries]).encode())
+            frame = P.decode(s.recv())
+            for m in frame.messages if isinstance(frame, P.Bundle) else [frame]:  # a pass's Tasks: one Bundle
+                if isinstance(m, P.Task):
+                    tasks.append(m)
+                    s.send(P.TaskResult(m.task_id, m.job_id, node, 0.1, [
+                        [q["index"], [["FORGED", 1.0]], None] for q in m.queries]).encode())
         s.send(P.Heartbeat(node).encode())
 
 
