@@ -42,6 +42,7 @@ from common.failure_detector import LOCAL_STALL
 from common.membership import MemberRegistry
 from common.modelnames import MODEL_NAMES
 from common.protocol import (
+    Bundle,
     Command,
     CoordinatorHeartbeat,
     Delete,
@@ -141,7 +142,7 @@ class Coordinator:
             PutBegin: fs.on_put_begin, PutCommit: fs.on_put_commit, PutReplace: fs.on_put_replace,
             Locate: fs.on_locate, Delete: fs.on_delete, ListFiles: fs.on_ls, ReportBad: fs.on_report_bad,
             Stored: fs.on_stored,
-            Ready: d.on_ready, TaskResult: d.on_result,
+            Ready: d.on_ready, TaskResult: d.on_result, Bundle: d.on_bundle,  # (Bundle's: with the role too)
             Command: self.control.on_command,
             StateRequest: t.on_state_request, StateFetch: t.on_state_fetch,
         }
@@ -298,7 +299,7 @@ class Coordinator:
             self.on_not_primary(ident, msg, now)
             return
         try:
-            handler(ident, msg, now)
+            handler(ident, msg, now, sender_role) if isinstance(msg, Bundle) else handler(ident, msg, now)
         except Exception as exc:  # a handler bug must never take the coordinator down
             log.exception("handler for %s failed", msg.TYPE)
             self.reply_error(ident, getattr(msg, "req", 0), ErrorCode.INTERNAL, f"internal error: {exc}")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from broker.jobs import Job, TaskInfo, parse_answers
 from broker.pool_keeper import PoolKeeper
 from broker.scheduler import Candidate
-from common.protocol import Heartbeat, Ready, Rejoin, ResultAck, Task, TaskResult
+from common.protocol import Bundle, Heartbeat, Ready, Rejoin, ResultAck, Task, TaskResult
 
 if TYPE_CHECKING:
     from broker.coordinator import Coordinator
@@ -63,6 +63,13 @@ class Dispatcher:
         self.model_mb: dict[str, int] = {}  # each model's size as the workers last reported it
         self.memory_seq = 0  # bumped when a budget or a model's size changes (the pools' sizing)
         self.pools = PoolKeeper(core)
+        # Final results taken in and not yet acknowledged, by the ROUTER identity they came from: the
+        # next Task to that identity carries them (``Task.acks``), the rest go as ResultAcks when the
+        # result's handling ends (``flush_acks``), so no ack waits longer than it did as a frame of its own.
+        self.acks: dict[bytes, list[str]] = {}
+        self.outgoing: dict[str, list[Task]] = {}  # the Tasks of the current pass, by worker
+        self.deferred = False  # taking in a Bundle: its results share one dispatch pass at its end
+        self.dispatch_wanted = False
 
     @property
     def state(self) -> Any:
@@ -161,7 +168,18 @@ class Dispatcher:
         return slot.credit > 0 and self.queued_work(node, slot) <= self.cfg.prefetch_lead
 
     def dispatch(self, now: float) -> None:
-        """Give every free worker slot a batch from the job the scheduler picks."""
+        """Give every free worker slot a batch from the job the scheduler picks: the Tasks one pass
+        gives a worker leave in one frame (a Bundle when there are several), the first carrying the
+        worker's pending acks. While a Bundle of results is being taken in, the pass waits for its end."""
+        if self.deferred:
+            self.dispatch_wanted = True
+            return
+        try:
+            self._dispatch_pass(now)
+        finally:
+            self._send_tasks(now)
+
+    def _dispatch_pass(self, now: float) -> None:
         if not self.core.is_primary:
             return
         # The free slots are found once per pass, in a heap by credit (ties: registry order, as max()
@@ -203,7 +221,8 @@ class Dispatcher:
         return node, order
 
     def _send_task(self, job: Job, node: str, now: float) -> bool:
-        """Dispatch one batch of ``job`` to ``node``: False if the send failed (the task is re-queued)."""
+        """Dispatch one batch of ``job`` to ``node``; its Task leaves at the end of the pass
+        (``_send_tasks``, which re-queues it if the send fails). Always True."""
         # Slow start: a new job's batches grow 1, 1, 2, 4, ... up to its batch size, so its first
         # result comes after one image's compute, not a whole batch's. Charging is per image, so
         # the scheduler's fairness accounting does not change.
@@ -218,12 +237,24 @@ class Dispatcher:
         queries = self._queries(job, indexes, node)
         self.slots[node].outstanding[task_id] = now
         self.state.charge(task_id, job, n)
-        if not self.core.net.send(node.encode(), Task(task_id, job.job_id, job.model, self.core.term, queries,
-                                                      job.weights)):
-            log.warning("worker %s unreachable; task %s re-queued", node, task_id)
-            self.core.emit("task.requeue", {"task_id": task_id}, now)
-            return False
+        # Sent at the end of the pass (_send_tasks), with the worker's other Tasks of this pass.
+        self.outgoing.setdefault(node, []).append(Task(task_id, job.job_id, job.model, self.core.term, queries,
+                                                       job.weights))
         return True
+
+    def _send_tasks(self, now: float) -> None:
+        """Send the Tasks of a pass, one frame per worker; the first carries the worker's acks."""
+        outgoing, self.outgoing = self.outgoing, {}
+        for node, tasks in outgoing.items():
+            ident = node.encode()
+            tasks[0].acks = self.acks.get(ident, [])
+            if self.core.net.send(ident, tasks[0] if len(tasks) == 1 else Bundle.of(tasks)):
+                self.acks.pop(ident, None)  # carried by the Task
+                continue
+            # Not sent (the acks stay pending: flush_acks sends them on their own, if it can).
+            for task in tasks:
+                log.warning("worker %s unreachable; task %s re-queued", node, task.task_id)
+                self.core.emit("task.requeue", {"task_id": task.task_id}, now)
 
     def _queries(self, job: Job, indexes: list[int], node: str) -> list[dict[str, Any]]:
         """A Task's queries; an input the worker holds no replica of carries its replicas' locations
@@ -254,7 +285,43 @@ class Dispatcher:
         self.dispatch(now)
 
     def on_result(self, ident: bytes, m: TaskResult, now: float) -> None:
-        self.core.net.send(ident, ResultAck(m.task_id, m.final))
+        # Every result is acknowledged (also one then dropped): a streamed piece's ack at once, a
+        # final one by the next Task to its worker if this handling sends one, else on its own.
+        if m.final:
+            self.acks.setdefault(ident, []).append(m.task_id)
+        else:
+            self.core.net.send(ident, ResultAck(m.task_id, False))
+        try:
+            self._take_result(ident, m, now)
+        finally:
+            if not self.deferred:
+                self.flush_acks()
+
+    def on_bundle(self, ident: bytes, m: Bundle, now: float, sender_role: str | None) -> None:
+        """Several results from one worker (its own frame's parts, each checked like a frame of its
+        own): one dispatch pass after all of them, so the Tasks it frees leave in one frame too."""
+        if self.deferred:
+            return  # never nested (Bundle.messages holds no Bundle); a guard, not a path
+        self.deferred, self.dispatch_wanted = True, False
+        try:
+            for msg in m.messages:
+                self.core.handle(ident, msg, now, sender_role)
+        finally:
+            self.deferred = False
+        try:
+            if self.dispatch_wanted:
+                self.dispatch(now)
+        finally:
+            self.flush_acks()
+
+    def flush_acks(self) -> None:
+        """Send the acks no Task carried, each as a ResultAck."""
+        acks, self.acks = self.acks, {}
+        for ident, task_ids in acks.items():
+            for task_id in task_ids:
+                self.core.net.send(ident, ResultAck(task_id, True))
+
+    def _take_result(self, ident: bytes, m: TaskResult, now: float) -> None:
         if not self.core.registry.is_alive(m.node_id):
             log.info("late result %s from %s (not a live member) dropped", m.task_id, m.node_id)
             return

@@ -7,7 +7,19 @@ speaks only for itself. A refused message gets no answer at all (and is no failo
 from __future__ import annotations
 
 from common.identity import PULSE_SUFFIX
-from common.protocol import Heartbeat, Join, Leave, Message, Pulse, Ready, StateFetch, StateRequest, Stored, TaskResult
+from common.protocol import (
+    Bundle,
+    Heartbeat,
+    Join,
+    Leave,
+    Message,
+    Pulse,
+    Ready,
+    StateFetch,
+    StateRequest,
+    Stored,
+    TaskResult,
+)
 from common.security import COORDINATOR, WORKER
 
 # Messages whose node_id names their sender: it must equal the ROUTER identity the frame came
@@ -22,7 +34,7 @@ SENDER_NAMED: tuple[type[Message], ...] = (Join, Heartbeat, Leave, Ready, TaskRe
 WORKER_ONLY = frozenset({WORKER})
 COORDINATOR_ONLY = frozenset({COORDINATOR})
 SENDER_ROLES: dict[type[Message], frozenset[str]] = {
-    **{t: WORKER_ONLY for t in (Join, Heartbeat, Pulse, Leave, Ready, TaskResult, Stored)},
+    **{t: WORKER_ONLY for t in (Join, Heartbeat, Pulse, Leave, Ready, TaskResult, Stored, Bundle)},
     StateRequest: COORDINATOR_ONLY,
     StateFetch: COORDINATOR_ONLY,  # the chunks of a state transfer: only the other coordinator's key
 }

@@ -19,13 +19,15 @@ from typing import Any, ClassVar
 
 import msgpack
 
+# 6: a Task carries `acks` (the final ResultAcks for its worker, piggybacked: one frame per query
+# instead of two), and Bundle (several Tasks, or several TaskResults, in one frame), issue #14;
 # 5: results by position (TaskResult rows are [index, top5, error]; Task queries carry `index` and
 # `source`), no `epoch`, StateUpdates (an iteration's ops in one frame), Heartbeat/Ready memory;
 # 4: streamed partial TaskResults (`final`), the standby's snapshot as a chunked
 # transfer (StateFetch/StateChunk replace StateSnapshot), WriteChunk carries the master's write
 # `grant`, Task carries `weights`, Preload;
 # 3: PutReplace (pipeline recovery); 2: Ready carries total `slots`. Nodes of different versions refuse each other.
-VERSION = 5
+VERSION = 6
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 
 
@@ -582,6 +584,10 @@ class Task(Message):
     # the version's view as Locate gives it (its live replicas) when the worker holds no replica.
     queries: list[dict[str, Any]]
     weights: str = ""  # the job's pinned SDFS checkpoint (submit --weights); "" = the model's default weights
+    # Task ids whose final results the coordinator has taken in: each is a ResultAck(task_id,
+    # final=True) carried by this Task instead of a frame of its own (the worker handles them first,
+    # and whether or not it runs the task).
+    acks: list[str] = field(default_factory=list)
 
 
 @message
@@ -696,3 +702,38 @@ class StateUpdates(Message):
     def updates(self) -> list[StateUpdate]:
         pairs = zip(self.ops, self.data, strict=True)
         return [StateUpdate(self.first + i, self.term, op, d) for i, (op, d) in enumerate(pairs)]
+
+
+# --------------------------------------------------------------------------------------------
+# several inference messages in one frame (coordinator <-> worker)
+
+
+@message
+class Bundle(Message):
+    """Several messages of the inference conversation for one peer in one frame (issue #14): the
+    Tasks one dispatch pass gives a worker, or the TaskResults a worker finished in one turn of its
+    loop. Each part is an encoded message of a type in ``BUNDLED`` (never a Bundle), handled as if it
+    had come in a frame of its own, in order. Decoding checks every part: any malformed part, or a
+    part of another type, makes the whole frame a ProtocolError."""
+
+    TYPE = "bundle"
+    parts: list[bytes]
+
+    def __post_init__(self) -> None:
+        self.messages: list[Message] = []
+        for i, part in enumerate(self.parts):
+            msg = decode(part)
+            if type(msg) not in BUNDLED:
+                raise ProtocolError(f"bundle.parts[{i}]: a {msg.TYPE} cannot be bundled")
+            self.messages.append(msg)
+
+    @classmethod
+    def of(cls, messages: list[Message]) -> Bundle:
+        """The bundle of ``messages`` (already valid: not decoded again)."""
+        b = cls.__new__(cls)
+        b.parts = [m.encode() for m in messages]
+        b.messages = list(messages)
+        return b
+
+
+BUNDLED: frozenset[type[Message]] = frozenset({Task, TaskResult, ResultAck})

@@ -16,6 +16,7 @@ from broker.coordinator import Coordinator
 from common.config import Config
 from common.modelnames import MODEL_NAMES
 from common.protocol import (
+    Bundle,
     Command,
     Heartbeat,
     Join,
@@ -60,8 +61,10 @@ class MemoryNet:
         self.published.append((topic, msg.encode()))
 
     def take(self) -> list[tuple[bytes, Message]]:
+        """What was sent, a Bundle's parts one by one (as a worker handles them)."""
         out, self.outbox = self.outbox, []
-        return [(i, decode(b)) for i, b in out]
+        msgs = [(i, decode(b)) for i, b in out]
+        return [(i, part) for i, m in msgs for part in (m.messages if isinstance(m, Bundle) else [m])]
 
 
 @dataclass
@@ -143,6 +146,7 @@ class SimCluster:
             elif isinstance(msg, ResultAck):
                 self.acks.append(msg)
             elif isinstance(msg, Task) and node in self.workers and self.workers[node].alive:
+                self.acks.extend(ResultAck(t, True) for t in msg.acks)  # piggybacked on the Task
                 w = self.workers[node]
                 w.received.append(msg)
                 self.dispatches.append((self.t, msg.job_id, node, len(msg.queries)))

@@ -9,7 +9,7 @@ from broker.coordinator import STANDBY, Coordinator
 from broker.stats import rate_gap
 from common.commands import COMMANDS
 from common.config import Config
-from common.protocol import Error, Heartbeat, Leave, Rejoin, Task, TaskResult, Topic, decode
+from common.protocol import Bundle, Error, Heartbeat, Leave, Rejoin, ResultAck, Task, TaskResult, Topic, decode
 
 CHEAP, DEAR = "cheap", "dear"
 
@@ -316,8 +316,8 @@ def test_a_failed_task_send_does_not_strand_the_worker():
     real_send, failed = sim.net.send, []
 
     def flaky(identity: bytes, msg) -> bool:
-        if isinstance(msg, Task) and not failed:
-            failed.append(msg.task_id)
+        if isinstance(msg, (Task, Bundle)) and not failed:  # a pass's Tasks for a worker leave in one frame
+            failed.append(msg)
             return False
         return real_send(identity, msg)
 
@@ -452,3 +452,54 @@ def test_a_retried_submit_returns_the_first_job_on_this_and_on_a_promoted_standb
     standby = Coordinator(sim.cfg, "sim:2", MemoryNet(), role=STANDBY, models=sim.core.models)
     standby.restore(sim.core.snapshot(), sim.core.state_seq, sim.core.term, sim.t)
     assert standby.jobs.by_request == {args["request_id"]: first["job_id"], "mine-2": other["job_id"]}
+
+
+# -- one frame per query each way (issue #14): piggybacked acks, Bundles ----------------------
+
+
+def _sent(sim: SimCluster, node: str) -> list:
+    """The frames sent to ``node`` since the last look, decoded (a Bundle stays one message)."""
+    out = [decode(b) for i, b in sim.net.outbox if i == node.encode()]
+    sim.net.outbox.clear()
+    return out
+
+
+def test_a_final_result_is_acknowledged_by_the_next_task_or_alone_when_none_goes():
+    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=1, slow_start=False)
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1], cfg=cfg)
+    node = next(iter(sim.workers))
+    sim.add_inputs("in", 2)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=1, start=True)["job_id"]
+    (first,) = sim.workers[node].received
+    sim.events.clear()
+    sim.net.outbox.clear()
+    sim.core.handle(node.encode(), TaskResult(first.task_id, job, node, 0.01, [[first.queries[0]["index"],
+                                                                                   [["a", 0.5]], None]]), sim.t)
+    (frame,) = _sent(sim, node)  # one frame: the next Task, carrying the ack
+    assert isinstance(frame, Task) and frame.acks == [first.task_id]
+    sim.core.handle(node.encode(), TaskResult(frame.task_id, job, node, 0.01, [[frame.queries[0]["index"],
+                                                                                   [["a", 0.5]], None]]), sim.t)
+    (ack,) = _sent(sim, node)  # nothing left to send: the ack goes on its own
+    assert isinstance(ack, ResultAck) and ack.task_id == frame.task_id and ack.final
+    assert sorted(sim.core.jobs.jobs[job].results) == [0, 1]
+
+
+def test_a_bundle_of_results_is_taken_in_once_each_and_answered_with_one_bundle_of_tasks():
+    sim = SimCluster({CHEAP: 0.01}, speeds=[1])  # credit 2
+    node = next(iter(sim.workers))
+    sim.add_inputs("in", 6)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=1, start=True)["job_id"]
+    held = list(sim.workers[node].received)
+    assert len(held) == 2
+    sim.events.clear()
+    sim.net.outbox.clear()
+    results = [TaskResult(t.task_id, job, node, 0.01, [[t.queries[0]["index"], [["a", 0.5]], None]]) for t in held]
+    bundle = decode(Bundle.of([*results, results[0]]).encode())  # the first one twice (a resend)
+    sim.core.handle(node.encode(), bundle, sim.t, "worker")
+    (frame,) = _sent(sim, node)  # one dispatch pass after the whole bundle: both Tasks in one frame
+    assert isinstance(frame, Bundle) and [type(m) for m in frame.messages] == [Task, Task]
+    # Every result is acknowledged (the resend too), all on the first Task.
+    assert sorted(frame.messages[0].acks) == sorted([held[0].task_id, held[0].task_id, held[1].task_id])
+    assert frame.messages[1].acks == []
+    j = sim.core.jobs.jobs[job]
+    assert len(j.results) == 2 and j.stats.duplicates == 1  # exactly once per query

@@ -9,8 +9,8 @@ import zmq
 
 from common.config import Config
 from common.protocol import Task, decode
-from sdfs.store import LocalStore
-from worker.executor import Executor, Prepared, WeightsSpec
+from sdfs.store import LocalStore, new_hasher
+from worker.executor import FAST_PATH_BYTES, Executor, Prepared, WeightsSpec
 
 
 class SlowModel:
@@ -84,3 +84,36 @@ def test_a_preload_warms_the_model_up_on_the_compute_thread(tmp_path):
     ex = _executor(tmp_path, Config(), model)
     ex._preload(Prepared(None, 0, [], [], SPEC))
     assert model.warmed == 1 and model.calls == []  # warmed, and no task's images were run
+
+
+# -- the inline fast path (InlineNoop): noop on local inputs, on the loop thread -----------------
+
+
+def _put(store: LocalStore, name: str, data: bytes) -> None:
+    h = new_hasher()
+    h.update(data)
+    w = store.begin(name, 1, len(data), h.hexdigest())
+    w.write(0, data)
+    w.finish()
+
+
+def test_noop_on_local_inputs_runs_inline_and_anything_else_goes_to_the_pipeline(tmp_path):
+    ex = _executor(tmp_path, Config())
+    _put(ex.store, "in/a.jpg", b"a" * 100)
+    _put(ex.store, "in/b.jpg", b"b" * 100)
+    shown: list[object] = []
+    ex.preload = lambda model, weights="": shown.append(model)  # how noop is shown as loaded
+    local = [{"index": 7, "input": "in/a.jpg", "version": 1}, {"index": 3, "input": "in/b.jpg", "version": 1}]
+    result = ex.inline.run(Task("t1.1-job1", "job1", "Noop", 1, local))
+    assert result is not None and result.final and result.node_id == "w@1"
+    assert result.results == [[7, [["noop", 1.0]], None], [3, [["noop", 1.0]], None]]
+    assert shown == ["noop"]  # once, on first use
+    assert ex.inline.run(Task("t2.1-job1", "job1", "noop", 1, local[:1])) is not None and shown == ["noop"]
+    # Not cheap, or not here: the pipeline's (a real model; a remote input; no exact version; too big).
+    assert ex.inline.run(Task("t3.1-job2", "job2", "alexnet", 1, local)) is None
+    remote = [*local, {"index": 1, "input": "in/elsewhere.jpg", "version": 1}]
+    assert ex.inline.run(Task("t4.1-job1", "job1", "noop", 1, remote)) is None
+    assert ex.inline.run(Task("t5.1-job1", "job1", "noop", 1, [{"index": 1, "input": "in/a.jpg"}])) is None
+    _put(ex.store, "in/big.bin", b"x" * (FAST_PATH_BYTES + 1))
+    big = [{"index": 0, "input": "in/big.bin", "version": 1}]
+    assert ex.inline.run(Task("t6.1-job1", "job1", "noop", 1, big)) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from simcluster import SimCluster
 
-from common.protocol import Message, Preload, Task
+from common.protocol import Bundle, Message, Preload, Task
 
 
 def recording(sim: SimCluster) -> list[tuple[str, Message]]:
@@ -14,7 +14,8 @@ def recording(sim: SimCluster) -> list[tuple[str, Message]]:
     send = sim.net.send
 
     def record(identity: bytes, msg: Message) -> bool:
-        sent.append((identity.decode(), msg))
+        # A Bundle's parts one by one (a pass's Tasks for a worker leave in one frame).
+        sent.extend((identity.decode(), m) for m in (msg.messages if isinstance(msg, Bundle) else [msg]))
         return send(identity, msg)
 
     sim.net.send = record  # type: ignore[method-assign]

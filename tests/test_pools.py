@@ -12,7 +12,7 @@ from simcluster import SimCluster
 
 from broker.pools import Demand, PoolPlanner, apportion, plan
 from common.config import Config
-from common.protocol import Preload, Ready, Task
+from common.protocol import Bundle, Preload, Ready, Task
 
 
 def _workers(n: int, budget: int) -> dict[str, int]:
@@ -150,7 +150,8 @@ def test_submit_preloads_only_the_pool_of_the_model_when_pools_are_bounded() -> 
     send = sim.net.send
 
     def record(identity: bytes, msg) -> bool:
-        sent.append((identity.decode(), msg))
+        # A Bundle's parts one by one: Tasks of a dispatch pass go out in one Bundle.
+        sent.extend((identity.decode(), m) for m in (msg.messages if isinstance(msg, Bundle) else [msg]))
         return send(identity, msg)
 
     sim.net.send = record

@@ -15,12 +15,15 @@ from hypothesis import strategies as st
 from common import protocol
 from common.protocol import (
     VERSION,
+    Bundle,
     Command,
     Error,
     Heartbeat,
     Join,
     Message,
     ProtocolError,
+    Task,
+    TaskResult,
     WriteChunk,
     decode,
     message_types,
@@ -72,12 +75,19 @@ def wrong_values(hint: Any) -> list[Any]:
     }[hint]
 
 
+def _plausible_fields(cls: type[Message]) -> dict[str, Any]:
+    body = {name: plausible(hint) for name, hint in _fields(cls).items()}
+    if cls is Bundle:  # its parts are messages themselves: arbitrary bytes are not one
+        body["parts"] = [sample(Task).encode(), sample(TaskResult).encode()]
+    return body
+
+
 def sample(cls: type[Message]) -> Message:
-    return cls(**{name: plausible(hint) for name, hint in _fields(cls).items()})
+    return cls(**_plausible_fields(cls))
 
 
 def raw(cls: type[Message], **changes: Any) -> dict[str, Any]:
-    body = {name: plausible(hint) for name, hint in _fields(cls).items()}
+    body = _plausible_fields(cls)
     body.update(changes)
     body["v"] = VERSION
     body["t"] = cls.TYPE
@@ -427,3 +437,11 @@ def test_near_valid_frames_decode_to_a_valid_message_or_protocol_error(body: dic
     assert type(msg) is TYPES[body["t"]]
     # Whatever decode accepted re-encodes to an equivalent, still-valid frame.
     assert decode(msg.encode()).encode() == msg.encode()  # (bytes: NaN != NaN)
+
+
+def test_a_bundle_with_a_malformed_or_unbundled_part_is_a_protocol_error() -> None:
+    good = Task("t1.1-job1", "job1", "noop", 1, [{"index": 0}], acks=["t0.1-job1"]).encode()
+    assert [type(m) for m in decode(Bundle.of([decode(good), decode(good)]).encode()).messages] == [Task, Task]
+    for part in (b"\xc1", good[:-1], Command(1, "jobs").encode(), Bundle([good]).encode(),
+                 Heartbeat("h:1@1").encode()):
+        assert_rejected(pack({"v": VERSION, "t": Bundle.TYPE, "parts": [good, part]}))

@@ -316,6 +316,7 @@ def samples(victim: str, job: str, task_id: str) -> dict[type, object]:
         P.ListFiles: P.ListFiles(48, "in/"),
         P.ReportBad: P.ReportBad(victim, "in/img00000.jpg", 1, 49),
         P.Command: P.Command(50, "jobs"),
+        P.Bundle: P.Bundle.of([TaskResult(task_id, job, victim, 0.1, [])]),
     }
 
 
@@ -341,7 +342,8 @@ def test_every_message_type_is_checked_against_the_senders_key_role(role):
             sim.core.handle(ident, decode(msg.encode()), sim.t, role)
             replies = sim.net.take()
             allowed = SENDER_ROLES.get(kind)
-            named = isinstance(msg, (Join, Heartbeat, Leave, Ready, TaskResult, Stored, P.Pulse))
+            # (A Bundle names no sender, but each of its parts is checked as if it came alone.)
+            named = isinstance(msg, (Join, Heartbeat, Leave, Ready, TaskResult, Stored, P.Pulse, P.Bundle))
             if allowed is not None and role not in allowed:
                 assert dropped(sim).get("wrong_role", 0) == before.get("wrong_role", 0) + 1, kind
                 assert replies == [], kind  # not even an error: the sender learns nothing

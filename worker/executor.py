@@ -44,6 +44,9 @@ MB = 1024 * 1024
 # Share of this machine's memory the workers on it may fill with models when model_memory_mb is 0:
 # the rest is for activations, decoded images, SDFS buffers and the other processes.
 MODEL_MEMORY_SHARE = 0.5
+# The worker's inline fast path (Executor.run_inline) reads at most this much of a noop task's local
+# inputs on its loop thread: a batch of 1-32 test JPEGs (~10-200 KB each) is a few hundred µs of reads.
+FAST_PATH_BYTES = 4 * MB
 
 
 def machine_memory_bytes() -> int:
@@ -191,6 +194,60 @@ class _TorchFreeNoop:
         return [[(NOOP, 1.0)] for _ in images]
 
 
+class InlineNoop:
+    """The fast path for cheap work, run on the worker's loop thread (``run``): a ``noop`` task whose
+    inputs are all on this node (its own replicas or the input cache), at most ``FAST_PATH_BYTES``
+    in all. Such a task costs a few file reads and no compute, while the executor's two thread hops
+    and its inproc socket cost most of a query's time (issue #14).
+
+    Only noop qualifies, by name, never by a measured cost: a real model's batch may take seconds
+    and the loop must keep heartbeats flowing; a remote input may wait on a peer.
+    """
+
+    def __init__(self, store: LocalStore, cache_dir: Path, node_id_fn: Callable[[], str],
+                 first_use: Callable[[], None]) -> None:
+        self.store, self.cache_dir, self.node_id_fn = store, cache_dir, node_id_fn
+        self.first_use: Callable[[], None] | None = first_use  # shows noop as loaded, the pipeline's way
+
+    def run(self, task: Task) -> TaskResult | None:
+        """The task's result, or None: not cheap (another model, a remote input, big files)."""
+        if task.model.strip().lower() != NOOP:
+            return None
+        paths: list[Path] = []
+        total = 0
+        for q in task.queries:
+            path = self._local_path(q.get("input"), q.get("version"))
+            try:
+                total += path.stat().st_size if path is not None else FAST_PATH_BYTES + 1
+            except OSError:
+                return None  # gone since: the pipeline reads it (or says why it cannot)
+            if total > FAST_PATH_BYTES:
+                return None
+            paths.append(path)
+        t0 = time.perf_counter()
+        results: list[list[Any]] = []
+        for q, path in zip(task.queries, paths, strict=True):
+            try:
+                path.read_bytes()  # noop takes any bytes, but a query whose input is unreadable gets the error
+                results.append([q.get("index"), [[NOOP, 1.0]], None])
+            except OSError as exc:
+                results.append([q.get("index"), None, f"{type(exc).__name__}: {exc}"])
+        if self.first_use is not None:
+            self.first_use, first = None, self.first_use
+            first()
+        return TaskResult(task.task_id, task.job_id, self.node_id_fn(), time.perf_counter() - t0, results)
+
+    def _local_path(self, name: Any, version: Any) -> Path | None:
+        """Where this node keeps ``name`` at ``version`` (a verified replica, else the input cache),
+        or None: not here, or not an exact version."""
+        if not isinstance(name, str) or type(version) is not int or version < 1:
+            return None
+        if self.store.has(name, version):
+            return self.store.path(name, version)
+        cached = self.cache_dir / f"{urllib.parse.quote(name, safe='')}@{version}"
+        return cached if cached.exists() else None
+
+
 class Executor:
     def __init__(
         self,
@@ -215,6 +272,7 @@ class Executor:
         self.ready: queue.Queue[Prepared | None] = queue.Queue(maxsize=1)
         self.host_workers_fn = host_workers_fn or (lambda: 1)
         self.resolver = WeightsResolver(cfg, store, cache_dir)
+        self.inline = InlineNoop(store, cache_dir, node_id_fn, lambda: self.preload(NOOP))
         self._cache: Any = None  # models.ModelCache, built by the compute thread (torch loads there)
         self.loaded: list[str] = []  # models loaded now; read by the loop thread (Heartbeat, Ready)
         self.model_mb: dict[str, int] = {}  # their sizes as the cache counts them (same: replaced whole)
@@ -308,8 +366,8 @@ class Executor:
 
     def _decodes(self, model: str) -> bool:
         """Whether a task's inputs are decoded into images (not for noop, which takes any bytes)."""
-        if not self.cfg.torch:
-            return False  # nothing here could use an image; a real model's queries get the model error
+        if not self.cfg.torch or model.strip().lower() == NOOP:
+            return False  # no use for an image here (a real model's queries get the model error), or noop
         try:
             # Imported on the first task, not at thread start: torchvision would load while
             # the node serves its first SDFS puts (and the CLI never pays for it at import).
@@ -378,8 +436,10 @@ class Executor:
 
     def _update_loaded(self) -> None:
         # One assignment of a new list: the loop thread reads it without a lock.
-        cached = self.cache.names() if self.cfg.torch else []  # torch-free: no model cache (it imports torch)
-        entries = self.cache.entries() if self.cfg.torch else []
+        # Torch-free, or no real model asked for yet: no model cache (building one imports torchvision).
+        has_cache = self.cfg.torch and self._cache is not None
+        cached = self.cache.names() if has_cache else []
+        entries = self.cache.entries() if has_cache else []
         sizes: dict[str, int] = {}
         for e in entries:  # a model loaded with two checkpoints counts both
             sizes[e.name] = sizes.get(e.name, 0) + round(e.nbytes / MB)
@@ -451,9 +511,9 @@ class Executor:
                     self._noop_used = True
                     self._update_loaded()
             elif prep.weights is None:
-                from models import get_classifier  # noqa: PLC0415
-
-                clf = get_classifier(task.model)  # noop: nothing to load
+                # noop (nothing to decode, nothing to load): models.NoopClassifier's answers, without
+                # importing models, whose torchvision import would hold the GIL from the loop for seconds.
+                clf = _TorchFreeNoop()
                 if not self._noop_used:
                     self._noop_used = True
                     self._update_loaded()

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -29,6 +30,7 @@ from common.failure_detector import LOCAL_STALL
 from common.identity import default_node_name, make_node_id, new_incarnation, validate_node_name
 from common.loop import run_until_stopped
 from common.protocol import (
+    Bundle,
     CoordinatorHeartbeat,
     Drop,
     Error,
@@ -61,6 +63,8 @@ from worker.replicator import Replicator
 
 log = logging.getLogger("idunno.worker")
 
+BUNDLE_RESULTS = 32  # results in one Bundle at most (a batch's rows each: well under max_frame_bytes)
+
 
 def keep_unacked(unacked: dict[str, TaskResult], piece: TaskResult) -> None:
     """Everything a task has answered so far, until the coordinator acknowledges its final piece:
@@ -73,6 +77,36 @@ def keep_unacked(unacked: dict[str, TaskResult], piece: TaskResult) -> None:
     kept.results.extend(piece.results)
     kept.elapsed += piece.elapsed
     kept.final = piece.final
+
+
+class TurnResults:
+    """The results finished in one turn of the worker's loop (``step``), inline or by the executor:
+    they leave together at its end, in one frame, a Bundle when there are several (issue #14: a
+    frame per query cost more than the query). Outside a turn nothing is held."""
+
+    def __init__(self) -> None:
+        self.pending: list[TaskResult] | None = None
+
+    def begin(self) -> None:
+        if self.pending is None:  # (not None: a turn that failed half-way; its results go with this one's)
+            self.pending = []
+
+    def hold(self, msg: TaskResult) -> bool:
+        if self.pending is None:
+            return False
+        self.pending.append(msg)
+        return True
+
+    def clear(self) -> None:
+        if self.pending:
+            self.pending.clear()
+
+    def flush(self, send: Callable[[Message], Any]) -> None:
+        """Send the turn's results (those unsent stay in the worker's ``unacked``, sent again on attach)."""
+        out, self.pending = self.pending, None
+        for i in range(0, len(out or ()), BUNDLE_RESULTS):
+            chunk = out[i : i + BUNDLE_RESULTS]
+            send(chunk[0] if len(chunk) == 1 else Bundle.of(chunk))
 
 
 def rss_mb() -> tuple[int, int]:
@@ -92,6 +126,30 @@ def heartbeat(node_id: str, busy: int, executor: Executor) -> Heartbeat:
     now, peak = rss_mb()
     return Heartbeat(node_id, busy, list(executor.loaded), rss_mb=now, peak_rss_mb=peak,
                      budget_mb=executor.budget_bytes() // MB, model_mb=dict(executor.model_mb))
+
+
+def join_msg(node_id: str, data_addr: str, store: LocalStore, held: list[str]) -> Join:
+    """The worker's Join, with its replicas and the tasks it ``held``: still computing, or finished but
+    not yet acknowledged. The coordinator keeps those out of the queue (their results follow the
+    Welcome) instead of running them twice."""
+    return Join(node_id, "worker", data_addr, store=[i.as_list() for i in store.list()],
+                inflight=list(dict.fromkeys(held)))
+
+
+def drain_sub(sub: zmq.Socket, max_frame: int, tracker: PrimaryTracker, hostview: HostView) -> None:
+    """Read what the coordinators published: their heartbeats (whom to follow) and the view."""
+    for _ in range(1000):
+        try:
+            frames = sub.recv_multipart(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        if len(frames) != 2:
+            continue
+        msg = try_decode(frames[1], max_frame, "coordinator PUB")
+        if isinstance(msg, CoordinatorHeartbeat):
+            tracker.heard(msg.addr, msg.role, msg.term, time.monotonic())
+        elif isinstance(msg, ViewUpdate):
+            hostview.on_update(msg)
 
 
 class Worker:
@@ -115,6 +173,7 @@ class Worker:
         self.unacked: dict[str, TaskResult] = {}
         self.held_reports: list[Stored] = []  # re-replication reports made while detached
         self.stale = 0  # tasks of an earlier incarnation the executor is still finishing
+        self.turn = TurnResults()
         self.next_heartbeat = 0.0
         self.next_join = 0.0
         self.executor = Executor(
@@ -134,6 +193,7 @@ class Worker:
             Error: self.on_error,
             ViewSnapshot: self.hostview.on_snapshot,
             Preload: self.on_preload,
+            Bundle: self.on_bundle,
         }
         self.actions: dict[Action, Callable[[float, str | None, int], None]] = {
             Action.FOLLOW: self._follow,
@@ -193,13 +253,15 @@ class Worker:
     # -- loop -------------------------------------------------------------------------------------
     def step(self, now: float) -> None:
         timeout = max(0.0, min(self.next_heartbeat, self.next_join if not self.joined else 1e18) - now)
+        self.turn.begin()
         for sock, _ in self.links.poll(int(min(timeout, 0.1) * 1000)):
             if sock is self.links.sub:
-                self._drain_sub()
+                drain_sub(self.links.sub, self.cfg.max_frame_bytes, self.tracker, self.hostview)
             elif sock is self.links.inbox:
                 self._drain_inbox()
             elif not sock.closed:  # a Rejoin handled just now may have replaced the links
                 self._drain_link(sock)
+        self.turn.flush(lambda m: self.links.send(self.primary, m) if self.joined else None)
         self.tick(time.monotonic())
 
     def tick(self, now: float) -> None:
@@ -216,7 +278,8 @@ class Worker:
             self.next_join = now + self.cfg.heartbeat_interval
             targets = [self.primary] if self.primary else list(self.tracker.coords)
             for addr in targets:
-                self.links.send(addr, self._join_msg())
+                self.links.send(addr, join_msg(self.node_id, self.storage.addr, self.store, [*self.inflight,
+                                                                                             *self.unacked]))
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.cfg.heartbeat_interval
             if self.joined:
@@ -228,29 +291,6 @@ class Worker:
         """Move the failover machine by ``event`` (from coordinator ``addr`` of ``term``); run its actions."""
         for action in self.fsm.handle(event):
             self.actions[action](now, addr, term)
-
-    def _join_msg(self) -> Join:
-        return Join(
-            self.node_id, "worker", self.storage.addr,
-            store=[i.as_list() for i in self.store.list()],
-            # Tasks still computing and tasks finished but not yet acknowledged: the coordinator keeps
-            # them out of the queue (their results follow the Welcome) instead of running them twice.
-            inflight=list(dict.fromkeys([*self.inflight, *self.unacked])),
-        )
-
-    def _drain_sub(self) -> None:
-        for _ in range(1000):
-            try:
-                frames = self.links.sub.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) != 2:
-                continue
-            msg = try_decode(frames[1], self.cfg.max_frame_bytes, "coordinator PUB")
-            if isinstance(msg, CoordinatorHeartbeat):
-                self.tracker.heard(msg.addr, msg.role, msg.term, time.monotonic())
-            elif isinstance(msg, ViewUpdate):
-                self.hostview.on_update(msg)
 
     def _drain_link(self, sock: zmq.Socket) -> None:
         for _ in range(256):
@@ -299,15 +339,21 @@ class Worker:
                         if self.joined:
                             self.links.send(self.primary, self._ready())
                     continue
-                keep_unacked(self.unacked, msg)
-                if self.joined:
-                    self.links.send(self.primary, msg)
+                self._finished(msg)
             elif isinstance(msg, Stored):
                 msg.node_id = self.node_id
                 if self.joined:
                     self.links.send(self.primary, msg)
                 else:
                     self.held_reports.append(msg)  # delivered once we are attached again
+
+    def _finished(self, msg: TaskResult) -> None:
+        """A piece of a task of this incarnation is done: keep it until acknowledged, send it (with the turn's)."""
+        if msg.final:
+            self.inflight.pop(msg.task_id, None)
+        keep_unacked(self.unacked, msg)
+        if not self.turn.hold(msg) and self.joined:
+            self.links.send(self.primary, msg)
 
     # -- failover actions (WORKER_TABLE) -----------------------------------------------------------
     def _follow(self, now: float, addr: str | None, term: int) -> None:
@@ -347,6 +393,7 @@ class Worker:
         self.stale += len(self.inflight)  # still in the executor: they take slots until they finish
         self.inflight.clear()
         self.unacked.clear()
+        self.turn.clear()  # the old incarnation's results: no coordinator takes them any more
         self.next_join = 0.0
 
     # -- handlers ---------------------------------------------------------------------------------
@@ -365,6 +412,8 @@ class Worker:
         self.fire(Event.REJOIN, time.monotonic(), self.primary, self.tracker.term)
 
     def on_task(self, m: Task) -> None:
+        for task_id in m.acks:  # piggybacked ResultAcks (final): as on_result_ack, task or no task
+            self.unacked.pop(task_id, None)
         if m.term < self.tracker.term or not self.joined:
             log.warning("task %s from an old term (%d < %d) ignored", m.task_id, m.term, self.tracker.term)
             return
@@ -374,7 +423,18 @@ class Worker:
             # Still run it (the query must not be lost), but this is a flow-control bug worth seeing.
             log.warning("task %s arrived beyond the %d slots this worker offers", m.task_id, self.cfg.worker_credit)
         self.inflight[m.task_id] = m
-        self.executor.submit(m, self.generation)
+        # Cheap work (noop on local inputs: InlineNoop) runs here, without the executor's thread hops.
+        if (result := self.executor.inline.run(m)) is not None:
+            self._finished(result)
+        else:  # everything else runs in the pipeline, off this loop
+            self.executor.submit(m, self.generation)
+
+    def on_bundle(self, m: Bundle) -> None:
+        for msg in m.messages:  # several messages from our primary in one frame: each as if alone (no Bundle)
+            try:
+                self.handlers.get(type(msg), lambda x: log.warning("%s in a bundle ignored", x.TYPE))(msg)
+            except Exception:
+                log.exception("handler for %s failed", msg.TYPE)
 
     def on_result_ack(self, m: ResultAck) -> None:
         if m.final:
