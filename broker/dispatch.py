@@ -80,10 +80,17 @@ class Dispatcher:
             slot.rss_mb, slot.peak_rss_mb = max(0, m.rss_mb), max(0, m.peak_rss_mb)
         sizes = {k: v for k, v in m.model_mb.items() if v > 0}
         budget = max(0, m.budget_mb)
-        changed = budget != slot.budget_mb or any(self.model_mb.get(k) != v for k, v in sizes.items())
+        changed = budget != slot.budget_mb
         slot.budget_mb, slot.model_mb = budget, sizes
+        # A model's size is the largest any worker reports now (a worker with two checkpoints of it
+        # reports their sum), and only this model's own figures change it: workers reporting
+        # different sizes of one model in turn must not bump memory_seq (and re-plan) every heartbeat.
+        for k in sizes:
+            size = max([sizes[k], *(s.model_mb.get(k, 0) for s in self.slots.values())])
+            if self.model_mb.get(k) != size:
+                self.model_mb[k] = size
+                changed = True
         if changed:
-            self.model_mb.update(sizes)
             self.memory_seq += 1
 
     def task_gone(self, task: TaskInfo) -> None:

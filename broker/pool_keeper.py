@@ -63,8 +63,9 @@ class PoolKeeper:
         sizes = [known.get(m, mean_known) for m in models] or [mean_known]
         return max(1, int(slot.budget_mb / (sum(sizes) / len(sizes))))
 
-    def refresh(self, now: float, force: bool = False) -> None:
-        """Replan when the demand changed or the replan interval elapsed (see broker.pools)."""
+    def refresh(self, now: float, force: bool = False) -> set[tuple[str, str, str]]:
+        """Replan when the demand changed or the replan interval elapsed (see broker.pools); the
+        Preloads sent (worker, model, weights)."""
         core = self.core
         slots = core.dispatcher.slots
         jobs = self._demand_jobs()
@@ -72,10 +73,12 @@ class PoolKeeper:
         # this runs on every dispatch pass), the jobs (and whether they run) and which of their
         # models have a measured cost (the first measurement replaces the default estimate).
         costs = core.state.costs.by_model
-        signature = (core.registry.seq, len(slots), core.dispatcher.memory_seq,
+        # The models' sizes matter only when no pool_max_models bounds the pools.
+        memory = 0 if self.cfg.pool_max_models else core.dispatcher.memory_seq
+        signature = (core.registry.seq, len(slots), memory,
                      tuple((j.job_id, j.weight, j.state is JobState.RUNNING, j.model in costs) for j in jobs))
         if not force and not self.planner.due(signature, now):
-            return
+            return set()
         # Sessions not yet Ready are planned too: they get a pool (and its Preload) as they attach.
         workers = [n for n in slots if core.registry.is_alive(n)]
         known = core.state.costs.per_model()
@@ -88,19 +91,34 @@ class PoolKeeper:
             d.backlog += len(j.pending) * cost
         changes = self.planner.update({w: self.capacity(w, demand) for w in workers},
                                       {w: frozenset(slots[w].models) for w in workers}, demand, signature, now)
+        sent: set[tuple[str, str, str]] = set()
         for ch in changes:
             log.debug("pool %s", ch.describe())
-            self._preload(ch.worker, ch.added - set(slots[ch.worker].models), jobs)
+            for model in sorted(ch.added - set(slots[ch.worker].models)):
+                # Warm start: a worker that joined a pool loads the model now, before its first batch.
+                for weights in sorted({j.weights for j in jobs if j.model == model}):
+                    sent.add(self._preload(ch.worker, model, weights))
         if changes:
             # One timeline event per replan, not per worker: a thousand workers joining a pool at
             # once is one line for `top` and `report`.
             core.event("pool", summarize(changes), now)
+        return sent
 
-    def _preload(self, worker: str, models: Iterable[str], jobs: list[Job]) -> None:
-        """Warm start: a worker that joined a pool loads the model now, before its first batch."""
-        for model in sorted(models):
-            for weights in sorted({j.weights for j in jobs if j.model == model}):
-                self.core.net.send(worker.encode(), Preload(model, weights))
+    def submitted(self, job: Job, now: float) -> None:
+        """Warm start for a new job: its pool is planned now, and the workers of the pool load its
+        model; a worker already in the pool (maybe with other weights loaded) is told of a pinned
+        checkpoint too. The one place a job's Preloads are sent: a worker the replan just put in
+        the pool got the job's weights from it already (it was told twice before)."""
+        sent = self.refresh(now, force=True)
+        if not job.weights:
+            return
+        for node in self.core.dispatcher.slots:
+            if job.model in self.of(node) and (node, job.model, job.weights) not in sent:
+                self._preload(node, job.model, job.weights)
+
+    def _preload(self, worker: str, model: str, weights: str) -> tuple[str, str, str]:
+        self.core.net.send(worker.encode(), Preload(model, weights))
+        return worker, model, weights
 
     def serves(self, worker: str, models: tuple[str, ...], backlog: list[Job]) -> list[Job] | None:
         """The backlogged jobs a free worker may serve: its pool's; when none of those has work,
