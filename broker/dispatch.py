@@ -156,7 +156,7 @@ class Dispatcher:
             among = None if allowed is None else {j.job_id for j in allowed}
             pick = self.state.scheduler.pick((Candidate(j.job_id, j.weight) for j in backlog), among)
             if pick is None:
-                return
+                continue  # this worker waits (its pool's jobs are paced); the others may still serve
             job = self.state.jobs.jobs[pick.job_id]
             node, order = self._warm_node(job, node, order, free)
             if not self._send_task(job, node, now):

@@ -220,6 +220,46 @@ def test_without_pool_max_models_a_pool_holds_what_fits_the_budget_workers_repor
     assert pools.capacity("nobody", ["a"]) > 1000  # no report from it: no bound
 
 
+def test_six_models_of_very_different_cost_on_four_workers_two_per_pool_rates_stay_equal() -> None:
+    """The bench/pools.py case in the sim: vgg-like 0.8 s per image beside five models of 0.04 to
+    0.12 s, 4 workers, 2 models each. No plan within the budget lets the expensive model's workers
+    carry all the cheap ones: one worker holds two cheap models only. Unpaced, its jobs ran 4x as
+    fast as the rest (75 % median gap); paced, the gap stays near the unbounded baseline's."""
+    def run(budget: int) -> list[float]:
+        costs = {"alex": 0.05, "res18": 0.12, "mobile": 0.04, "squeeze": 0.06, "shuffle": 0.05, "vgg": 0.8}
+        cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, pool_max_models=budget)
+        sim = SimCluster(costs, speeds=[1] * 4, cfg=cfg)
+        sim.add_inputs("in", 600)
+        jobs = [sim.command("submit", model=m, inputs="in/", batch=2)["job_id"] for m in costs]
+        sim.command("start")
+        pools = sim.core.dispatcher.pools
+        gaps = []
+        sim.run_until(15.0)  # warm-up: the costs are measured, the pools planned on them
+        while sim.t < 120.0 and all(sim.core.jobs.jobs[j].state == "running" for j in jobs):
+            gaps.append(sim.command("query_rate")["gap"])
+            assert all(len(pools.of(w)) <= (budget or 6) for w in sim.workers)
+            sim.run_until(sim.t + 2.0)
+        assert len(gaps) >= 40, len(gaps)  # every job still ran at 120 s: the gaps are among all six
+        return gaps
+
+    pooled, baseline = statistics.median(run(2)), statistics.median(run(0))
+    assert pooled <= max(0.05, baseline + 0.03), f"pools {pooled:.1%}, baseline {baseline:.1%}"
+
+
+def test_a_job_ahead_of_the_least_served_waits_rather_than_widen_the_gap() -> None:
+    """Pacing, on its own: two workers, one model each (pools of 1), one model 40x as dear as the
+    other: the cheap job's worker would finish 40x as many images; it waits for the dear one."""
+    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, pool_max_models=1)
+    sim = SimCluster({"cheap": 0.01, "dear": 0.4}, speeds=[1, 1], cfg=cfg)
+    sim.add_inputs("in", 3000)
+    jobs = {m: sim.command("submit", model=m, inputs="in/", batch=2)["job_id"] for m in ("cheap", "dear")}
+    sim.command("start")
+    sim.run_until(60.0)
+    done = {m: sim.core.jobs.jobs[j].completed for m, j in jobs.items()}
+    # Within the dear job's images in flight (2 tasks of 2) and half a batch of lead.
+    assert done["dear"] > 100 and abs(done["cheap"] - done["dear"]) <= 6, done
+
+
 def test_workers_reporting_different_sizes_of_a_model_do_not_replan_every_heartbeat() -> None:
     """One worker holds two checkpoints of a (it reports their sum), the other one: a's size is the
     larger figure, kept while both report, so the pools are planned once, not on every heartbeat."""
