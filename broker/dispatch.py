@@ -81,13 +81,18 @@ class Dispatcher:
         sizes = {k: v for k, v in m.model_mb.items() if v > 0}
         budget = max(0, m.budget_mb)
         changed = budget != slot.budget_mb
-        slot.budget_mb, slot.model_mb = budget, sizes
-        # A model's size is the largest any worker reports now (a worker with two checkpoints of it
+        before, slot.budget_mb, slot.model_mb = slot.model_mb, budget, sizes
+        # A model's size is the largest any worker reports (a worker with two checkpoints of it
         # reports their sum), and only this model's own figures change it: workers reporting
         # different sizes of one model in turn must not bump memory_seq (and re-plan) every heartbeat.
-        for k in sizes:
-            size = max([sizes[k], *(s.model_mb.get(k, 0) for s in self.slots.values())])
-            if self.model_mb.get(k) != size:
+        # O(1) per figure but when the worker that set the size reports it smaller (1,000 workers
+        # heartbeat every second).
+        for k, v in sizes.items():
+            known = self.model_mb.get(k, 0)
+            size = v if v > known else known
+            if v < known and before.get(k) == known:
+                size = max([v, *(s.model_mb.get(k, 0) for s in self.slots.values())])
+            if size != known:
                 self.model_mb[k] = size
                 changed = True
         if changed:

@@ -294,6 +294,9 @@ def test_workers_reporting_different_sizes_of_a_model_do_not_replan_every_heartb
     assert plans == []
     beats(300)  # a really grew: one replan
     assert len(plans) == 1 and sim.core.dispatcher.model_mb["a"] == 300
+    plans.clear()
+    beats(100)  # w0 dropped its second checkpoint: a is as large as the workers report now
+    assert len(plans) == 1 and sim.core.dispatcher.model_mb["a"] == 100
 
 
 def test_a_pinned_checkpoint_is_preloaded_once_per_worker_of_the_pool() -> None:
