@@ -13,7 +13,9 @@ Measured per configuration: exactly one accepted result per input per job (``ctl
 ``dispatches``/``arrivals``/``accepted`` per query), peak RSS per worker (the workers' heartbeat
 ``peak_rss_mb`` and /proc VmHWM of the worker processes), most models held by one worker at a time
 (``vm_info`` every ``--sample`` s), the fairness gap among running jobs (``query_rate`` every
-``--sample`` s, median and max), wall time, and seconds in model loads per job (workers' logs).
+``--sample`` s, median and max; also the median of the samples taken once every job has had
+results for a whole rate window, the steady state past the model loads, and of the 30 s
+window's gap), wall time, and seconds in model loads per job (workers' logs).
 The ratios compare pools against the baseline.
 
     .venv/bin/python bench/pools.py [--models alexnet,resnet18,...] [--inputs 16] [--workers 4]
@@ -35,8 +37,9 @@ from common.rpc import RpcError
 MODELS = "alexnet,resnet18,mobilenet_v3_small,squeezenet1_0,shufflenet_v2_x1_0,vgg16"  # vgg16: 528 MB
 
 
-def sample(cluster: LocalCluster, seen: dict[str, Any]) -> None:
-    """One sample of vm_info (models held, reported peak RSS) and query_rate (the gap)."""
+def sample(cluster: LocalCluster, seen: dict[str, Any], t: float) -> None:
+    """One sample of vm_info (models held, reported peak RSS) and query_rate (the gaps, short and
+    long window; a sample counts as steady once every job has had results for a whole window)."""
     try:
         info = cluster.ctl("vm_info", timeout=5.0)
         rates = cluster.ctl("query_rate", timeout=5.0)
@@ -47,8 +50,14 @@ def sample(cluster: LocalCluster, seen: dict[str, Any]) -> None:
         seen["held"][node] = max(seen["held"].get(node, 0), held)
         seen["peak"][node] = max(seen["peak"].get(node, 0), d.get("peak_rss_mb", 0))
         seen["budget"][node] = d.get("budget_mb", 0)
+    if seen["all_first"] is None and all(r["count"] > 0 for r in rates["jobs"].values()):
+        seen["all_first"] = t
     if sum(1 for r in rates["jobs"].values() if r["state"] == "running") >= 2:
         seen["gaps"].append(rates["gap"])
+        seen["gaps_long"].append(rates["gap_long"])
+        window = next(iter(rates["jobs"].values()))["window"]  # query_rate's short window (rate_window)
+        if seen["all_first"] is not None and t >= seen["all_first"] + window:
+            seen["steady"].append(rates["gap"])
 
 
 def exactly_once(cluster: LocalCluster, job: str, n: int) -> tuple[bool, int]:
@@ -69,17 +78,18 @@ def run(name: str, env: dict[str, str], names: list[str], n_inputs: int, workers
                 client.put_many([(str(p), f"in/{p.name}") for p in images()[:n_inputs]])
             wait_until(lambda: len(cluster.ctl("vm_info")) >= workers, 120, 0.25, f"{workers} workers")
             jobs = {m: cluster.ctl("submit", model=m, inputs="in/", batch=2)["job_id"] for m in names}
-            seen: dict[str, Any] = {"held": {}, "peak": {}, "budget": {}, "gaps": []}
+            seen: dict[str, Any] = {"held": {}, "peak": {}, "budget": {}, "gaps": [], "gaps_long": [], "steady": [],
+                                    "all_first": None}
             t0 = time.monotonic()
             cluster.ctl("start")
             while time.monotonic() - t0 < timeout:
-                sample(cluster, seen)
+                sample(cluster, seen, time.monotonic() - t0)
                 states = {j["job_id"]: j["state"] for j in cluster.ctl("jobs")}
                 if all(states.get(j) in ("done", "failed", "cancelled") for j in jobs.values()):
                     break
                 time.sleep(step)
             wall = time.monotonic() - t0
-            sample(cluster, seen)
+            sample(cluster, seen, wall)
             checks = {m: exactly_once(cluster, j, n_inputs) for m, j in jobs.items()}
             hwm = {p.name: (vm_hwm_kib(p.popen.pid) or 0) / 1024 for p in cluster.worker_procs()}
             return {"wall": wall, "checks": checks, "hwm": hwm, "loads": load_seconds(cluster), **seen}
@@ -114,10 +124,13 @@ def main() -> int:
                      peak, f"{max(r['hwm'].values(), default=0):.0f}", ratio(peak / max(1, max(base["peak"].values(),
                                                                                                 default=1))),
                      f"{statistics.median(gaps) * 100:.1f}", f"{max(gaps) * 100:.1f}", len(r["gaps"]),
+                     f"{statistics.median(r['steady'] or [0.0]) * 100:.1f} ({len(r['steady'])})",
+                     f"{statistics.median(r['gaps_long'] or [0.0]) * 100:.1f}",
                      f"{r['wall']:.1f}", ratio(r["wall"] / base["wall"]), f"{sum(r['loads'].values()):.1f}"])
     table("pools against no pool bound (same run)",
           ["configuration", "jobs exactly once", "duplicates", "max models / worker", "peak RSS MB (hb)",
-           "peak RSS MB (/proc)", "RSS vs baseline", "gap median %", "gap max %", "gap samples", "wall s",
+           "peak RSS MB (/proc)", "RSS vs baseline", "gap median %", "gap max %", "gap samples",
+           "steady gap median % (samples)", "30 s gap median %", "wall s",
            "wall vs baseline", "load s (all)"], rows)
     table("seconds in model loads per job (summed over workers)", ["model", *res],
           [[m, *(f"{r['loads'].get(m, 0.0):.1f}" for r in res.values())] for m in names])

@@ -10,7 +10,7 @@ from broker.jobs import Job, JobState
 from broker.views import CommandError, Views
 from common.commands import AUTO, COMMANDS, check_args
 from common.modelnames import NOOP, resolve_model
-from common.protocol import Command, ErrorCode, Ok, Preload
+from common.protocol import Command, ErrorCode, Ok
 from sdfs.master import MasterError
 
 if TYPE_CHECKING:
@@ -121,11 +121,7 @@ class Control:
         (docs/models.md); a worker already in the pool with other weights loaded is told too."""
         if not self.core.is_primary or job.model == NOOP:
             return
-        keeper = self.core.dispatcher.pools
-        keeper.refresh(now, force=True)  # a new job is new demand: its pool is planned (and preloaded) now
-        for node in self.core.dispatcher.slots:
-            if job.model in keeper.of(node) and job.weights:
-                self.core.net.send(node.encode(), Preload(job.model, job.weights))
+        self.core.dispatcher.pools.submitted(job, now)  # a new job is new demand: its pool is planned now
 
     def _batch_args(self, batch: Any, target: float | None) -> tuple[int, float]:
         """(batch size, latency target) from a command's arguments; batch size 0 means auto."""

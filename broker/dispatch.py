@@ -87,10 +87,22 @@ class Dispatcher:
             slot.rss_mb, slot.peak_rss_mb = max(0, m.rss_mb), max(0, m.peak_rss_mb)
         sizes = {k: v for k, v in m.model_mb.items() if v > 0}
         budget = max(0, m.budget_mb)
-        changed = budget != slot.budget_mb or any(self.model_mb.get(k) != v for k, v in sizes.items())
-        slot.budget_mb, slot.model_mb = budget, sizes
+        changed = budget != slot.budget_mb
+        before, slot.budget_mb, slot.model_mb = slot.model_mb, budget, sizes
+        # A model's size is the largest any worker reports (a worker with two checkpoints of it
+        # reports their sum), and only this model's own figures change it: workers reporting
+        # different sizes of one model in turn must not bump memory_seq (and re-plan) every heartbeat.
+        # O(1) per figure but when the worker that set the size reports it smaller (1,000 workers
+        # heartbeat every second).
+        for k, v in sizes.items():
+            known = self.model_mb.get(k, 0)
+            size = v if v > known else known
+            if v < known and before.get(k) == known:
+                size = max([v, *(s.model_mb.get(k, 0) for s in self.slots.values())])
+            if size != known:
+                self.model_mb[k] = size
+                changed = True
         if changed:
-            self.model_mb.update(sizes)
             self.memory_seq += 1
 
     def task_gone(self, task: TaskInfo) -> None:
@@ -200,7 +212,7 @@ class Dispatcher:
             among = None if allowed is None else {j.job_id for j in allowed}
             pick = self.state.scheduler.pick((Candidate(j.job_id, j.weight) for j in backlog), among)
             if pick is None:
-                return
+                continue  # this worker waits (its pool's jobs are paced); the others may still serve
             job = self.state.jobs.jobs[pick.job_id]
             node, order = self._warm_node(job, node, order, free)
             if not self._send_task(job, node, now):

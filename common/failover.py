@@ -152,6 +152,9 @@ WORKER_TABLE: dict[tuple[State, Event], Row] = {
     (S.SEEKING, E.NEW_PRIMARY): Row(S.JOINING, (A.FOLLOW,)),
     (S.SEEKING, E.WELCOME): Row(S.ATTACHED, (A.ADOPT_SENDER, A.LOG_JOINED, A.ATTACH)),
     (S.SEEKING, E.WELCOME_STALE): Row(S.JOINING, (A.ADOPT_SENDER,)),
+    # A seeking worker Joins every coordinator; one that declared this incarnation failed answers
+    # Rejoin. Ignored, the worker would keep Joining under a dead id until a primary is heard.
+    (S.SEEKING, E.REJOIN): Row(S.SEEKING, (A.NEW_INCARNATION,)),
 
     (S.JOINING, E.NEW_PRIMARY): Row(S.JOINING, (A.FOLLOW,)),
     # Not attached yet: it keeps sending its Join to the primary it chose until another is heard.

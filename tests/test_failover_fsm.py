@@ -455,12 +455,26 @@ def test_worker_ignores_a_welcome_of_an_older_term(worker) -> None:
 
 def test_the_worker_table_is_complete_where_events_can_happen(worker) -> None:
     keys = set(WORKER_TABLE)
-    # A seeking worker follows no one: its primary cannot fall silent nor ask it to rejoin.
-    impossible = {(State.SEEKING, Event.PRIMARY_SILENT), (State.SEEKING, Event.REJOIN)}
+    # A seeking worker follows no one: its primary cannot fall silent. (It can be asked to rejoin:
+    # its Join goes to every coordinator, and one that declared it failed answers Rejoin.)
+    impossible = {(State.SEEKING, Event.PRIMARY_SILENT)}
     states = (State.SEEKING, State.JOINING, State.ATTACHED)
     events = (Event.NEW_PRIMARY, Event.PRIMARY_SILENT, Event.WELCOME, Event.WELCOME_STALE, Event.REJOIN)
     assert keys == {(s, e) for s in states for e in events} - impossible
     assert reachable(WORKER_TABLE, State.SEEKING) == set(states)
     assert {a for row in WORKER_TABLE.values() for a in row.actions} == set(worker.actions)
     m = Machine(WORKER_TABLE, State.SEEKING)
-    assert m.handle(Event.REJOIN) == () and m.state == State.SEEKING  # no row: nothing changes
+    assert m.handle(Event.PRIMARY_SILENT) == () and m.state == State.SEEKING  # no row: nothing changes
+
+
+def test_a_seeking_worker_asked_to_rejoin_starts_a_new_incarnation_and_joins_everyone(worker) -> None:
+    """A seeking worker's Join reaches a coordinator that declared it failed: the Rejoin it gets
+    back gives it a new id at once (it ignored it before, Joining on under the dead id)."""
+    put_worker(worker, State.SEEKING, 100.0)
+    node, generation = worker.node_id, worker.generation
+    worker.on_rejoin(SimpleNamespace(reason="w0 was declared failed"))
+    assert worker.fsm.state == State.SEEKING and worker.primary is None
+    assert worker.node_id != node and worker.generation == generation + 1
+    assert worker.next_join == 0.0  # its next Join, under the new id, goes out on the next step
+    worker.step(101.0)
+    assert set(worker.links.links) == {A, B}  # still no primary: it asks every coordinator

@@ -12,7 +12,7 @@ from simcluster import SimCluster
 
 from broker.pools import Demand, PoolPlanner, apportion, plan
 from common.config import Config
-from common.protocol import Bundle, Preload, Ready, Task
+from common.protocol import Bundle, Heartbeat, Preload, Ready, Task
 
 
 def _workers(n: int, budget: int) -> dict[str, int]:
@@ -222,3 +222,111 @@ def test_without_pool_max_models_a_pool_holds_what_fits_the_budget_workers_repor
     # A worker's pool bound comes from its own budget, unknown models sized at the known mean.
     assert pools.capacity("127.0.0.1:9000@1", ["a", "new"]) == 2
     assert pools.capacity("nobody", ["a"]) > 1000  # no report from it: no bound
+
+
+def test_six_models_of_very_different_cost_on_four_workers_two_per_pool_rates_stay_equal() -> None:
+    """The bench/pools.py case in the sim: vgg-like 0.8 s per image beside five models of 0.04 to
+    0.12 s, 4 workers, 2 models each. No plan within the budget lets the expensive model's workers
+    carry all the cheap ones: one worker holds two cheap models only. Unpaced, its jobs ran 4x as
+    fast as the rest (75 % median gap); paced, the gap stays near the unbounded baseline's."""
+    def run(budget: int) -> list[float]:
+        costs = {"alex": 0.05, "res18": 0.12, "mobile": 0.04, "squeeze": 0.06, "shuffle": 0.05, "vgg": 0.8}
+        cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, pool_max_models=budget)
+        sim = SimCluster(costs, speeds=[1] * 4, cfg=cfg)
+        sim.add_inputs("in", 600)
+        jobs = [sim.command("submit", model=m, inputs="in/", batch=2)["job_id"] for m in costs]
+        sim.command("start")
+        pools = sim.core.dispatcher.pools
+        gaps = []
+        sim.run_until(15.0)  # warm-up: the costs are measured, the pools planned on them
+        while sim.t < 120.0 and all(sim.core.jobs.jobs[j].state == "running" for j in jobs):
+            gaps.append(sim.command("query_rate")["gap"])
+            assert all(len(pools.of(w)) <= (budget or 6) for w in sim.workers)
+            sim.run_until(sim.t + 2.0)
+        assert len(gaps) >= 40, len(gaps)  # every job still ran at 120 s: the gaps are among all six
+        return gaps
+
+    pooled, baseline = statistics.median(run(2)), statistics.median(run(0))
+    assert pooled <= max(0.05, baseline + 0.03), f"pools {pooled:.1%}, baseline {baseline:.1%}"
+
+
+def test_a_job_ahead_of_the_least_served_waits_rather_than_widen_the_gap() -> None:
+    """Pacing, on its own: two workers, one model each (pools of 1), one model 40x as dear as the
+    other: the cheap job's worker would finish 40x as many images; it waits for the dear one."""
+    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, pool_max_models=1)
+    sim = SimCluster({"cheap": 0.01, "dear": 0.4}, speeds=[1, 1], cfg=cfg)
+    sim.add_inputs("in", 3000)
+    jobs = {m: sim.command("submit", model=m, inputs="in/", batch=2)["job_id"] for m in ("cheap", "dear")}
+    sim.command("start")
+    sim.run_until(60.0)
+    done = {m: sim.core.jobs.jobs[j].completed for m, j in jobs.items()}
+    # Within the dear job's images in flight (2 tasks of 2) and half a batch of lead.
+    assert done["dear"] > 100 and abs(done["cheap"] - done["dear"]) <= 6, done
+
+
+def test_workers_reporting_different_sizes_of_a_model_do_not_replan_every_heartbeat() -> None:
+    """One worker holds two checkpoints of a (it reports their sum), the other one: a's size is the
+    larger figure, kept while both report, so the pools are planned once, not on every heartbeat."""
+    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, pool_replan_interval=1e6)
+    sim = SimCluster({"a": 0.05, "b": 0.05}, speeds=[1, 1], cfg=cfg, budget_mb=250)
+    sim.add_inputs("in", 100)
+    sim.command("submit", model="a", inputs="in/")
+    sim.command("submit", model="b", inputs="in/")
+    keeper = sim.core.dispatcher.pools
+    plans: list[float] = []
+    update = keeper.planner.update
+
+    def counted(*args, **kwargs):
+        plans.append(sim.t)
+        return update(*args, **kwargs)
+
+    keeper.planner.update = counted
+    w0, w1 = sim.workers
+
+    def beats(a0: int) -> None:
+        for _ in range(10):
+            sim.deliver(w0, Heartbeat(w0, 0, ["a"], rss_mb=300, budget_mb=250, model_mb={"a": a0}))
+            keeper.refresh(sim.t)
+            sim.deliver(w1, Heartbeat(w1, 0, ["a", "b"], rss_mb=300, budget_mb=250, model_mb={"a": 100, "b": 90}))
+            keeper.refresh(sim.t)
+
+    beats(200)
+    assert sim.core.dispatcher.model_mb == {"a": 200, "b": 90}
+    assert len(plans) <= 2, plans  # the sizes learnt (a from w0, b from w1), then no change
+    plans.clear()
+    beats(200)
+    assert plans == []
+    beats(300)  # a really grew: one replan
+    assert len(plans) == 1 and sim.core.dispatcher.model_mb["a"] == 300
+    plans.clear()
+    beats(100)  # w0 dropped its second checkpoint: a is as large as the workers report now
+    assert len(plans) == 1 and sim.core.dispatcher.model_mb["a"] == 100
+
+
+def test_a_pinned_checkpoint_is_preloaded_once_per_worker_of_the_pool() -> None:
+    """A job pinned to a checkpoint: each worker of its model's pool gets one Preload of it, whether
+    the submit put the worker in the pool (the replan preloads it) or it was there already."""
+    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, pool_max_models=1)
+    sim = SimCluster({"a": 0.05, "b": 0.05}, speeds=[1, 1], cfg=cfg)  # a pool each, whatever the demand
+    sent: list[tuple[str, Preload]] = []
+    send = sim.net.send
+
+    def record(identity: bytes, msg) -> bool:
+        if isinstance(msg, Preload):
+            sent.append((identity.decode(), msg))
+        return send(identity, msg)
+
+    sim.net.send = record
+    files = [[f"in/img{i:05d}.jpg", 1, 100, "c" * 64] for i in range(100)]
+    files += [["models/a.pth", 1, 100, "d" * 64], ["models/a2.pth", 1, 100, "e" * 64]]
+    for node in sim.workers:
+        sim.core.master.node_report(node, files)
+    sim.command("submit", model="b", inputs="in/")
+    sim.command("submit", model="a", inputs="in/", weights="models/a.pth")  # new pool members for a
+    pool = {w for w in sim.workers if "a" in sim.core.dispatcher.pools.of(w)}
+    pinned = [n for n, m in sent if (m.model, m.weights) == ("a", "models/a.pth")]
+    assert pool and sorted(pinned) == sorted(pool), (pinned, pool)  # once each (it was twice)
+    sent.clear()
+    sim.command("submit", model="a", inputs="in/", weights="models/a2.pth")  # the pool stays
+    assert {w for w in sim.workers if "a" in sim.core.dispatcher.pools.of(w)} == pool
+    assert sorted(n for n, m in sent) == sorted(pool) and all(m.weights == "models/a2.pth" for _, m in sent), sent
