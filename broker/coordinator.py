@@ -261,7 +261,7 @@ class Coordinator:
         self.dispatcher.dispatch(now)
 
     def task_timeout(self, job: Job, worker: str, n: int | None = None) -> float:
-        return self.dispatcher.task_timeout(job, worker, n)
+        return self.dispatcher.sizer.task_timeout(job, worker, n)
 
     def metrics_snapshot(self, now: float) -> dict[str, Any]:
         return self.views.metrics_snapshot(now)

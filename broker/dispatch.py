@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from broker.batching import TaskSizer
 from broker.jobs import Job, TaskInfo, parse_answers
 from broker.pool_keeper import PoolKeeper
 from broker.scheduler import Candidate
@@ -63,6 +64,7 @@ class Dispatcher:
         self.model_mb: dict[str, int] = {}  # each model's size as the workers last reported it
         self.memory_seq = 0  # bumped when a budget or a model's size changes (the pools' sizing)
         self.pools = PoolKeeper(core)
+        self.sizer = TaskSizer(core)
         # Final results taken in and not yet acknowledged, by the ROUTER identity they came from: the
         # next Task to that identity carries them (``Task.acks``), the rest go as ResultAcks when the
         # result's handling ends (``flush_acks``), so no ack waits longer than it did as a frame of its own.
@@ -111,56 +113,6 @@ class Dispatcher:
         slot = self.slots.get(task.worker)
         if slot is not None:
             slot.outstanding.pop(task.task_id, None)
-
-    def task_timeout(self, job: Job, worker: str, n: int | None = None) -> float:
-        per_image = self.state.costs.of(job.model, worker) or self.state.costs.of_worker(worker) or 1.0
-        n = n or job.batch_size or self.cfg.max_batch_size
-        return max(self.cfg.task_timeout_min, 10 * per_image * n * self.cfg.worker_credit)
-
-    def batch_for(self, job: Job, worker: str) -> int:
-        """Images in ``job``'s next task on ``worker``: the job's batch (``_job_batch``), bounded so the
-        live query rates of fairly served jobs stay level (issue #14):
-
-        - at most ``task_seconds`` of predicted compute on this worker (never below one image): the
-          scheduler decides again about every ``task_seconds`` on each worker, and the images a job
-          has in flight (dispatched, charged, not yet counted in its rate) stay few. The worker
-          computes in streamed pieces of ``stream_interval`` anyway, so the cap costs no batching
-          unless it is set below that.
-        - while other jobs are backlogged, no more images than their own next task here (scaled by
-          weight): fairness is charged per image at dispatch, so the charge between two jobs swings
-          by one task, and a job whose tasks are four times the other's swings the 10 s rates by
-          that much (AlexNet 8 images against ResNet-50's 2 under load: 12 % of a window). Under
-          load the worker computes AlexNet in pieces of about that size anyway; a job whose own
-          batch is far above another's (batch 8 beside batch 1) gives up batching for level rates.
-
-        Neither applies with whole-batch results (``stream_interval`` 0), where the task is the
-        compute batch. On an idle machine neither bites (batch 8 of AlexNet or ResNet-50 is under
-        a second)."""
-        if self.cfg.stream_interval <= 0:
-            return self._job_batch(job, worker)
-        others = [math.ceil(self._bounded_batch(j, worker) * job.weight / j.weight)
-                  for j in self.state.jobs.backlogged() if j.job_id != job.job_id and j.weight > 0]
-        return max(1, min([self._bounded_batch(job, worker), *others]))
-
-    def _bounded_batch(self, job: Job, worker: str) -> int:
-        """The job's batch held to ``task_seconds`` of compute at its measured cost on this worker."""
-        n = self._job_batch(job, worker)
-        cost = self.state.costs.of(job.model, worker)
-        if cost and self.cfg.task_seconds > 0:
-            n = min(n, max(1, int(self.cfg.task_seconds / cost + 1e-9)))
-        return n
-
-    def _job_batch(self, job: Job, worker: str) -> int:
-        """The job's batch size; for `auto` (dynamic batching, as Triton's), the largest batch whose
-        predicted compute on this worker stays under the job's latency target, from this worker's
-        measured cost per image for the model (else the cluster's), one image while nothing is measured."""
-        if job.batch_size:
-            return job.batch_size
-        cost = self.state.costs.of(job.model, worker)
-        if not cost:
-            return 1
-        target = job.latency_target or self.cfg.default_latency_target
-        return max(1, min(self.cfg.max_batch_size, int(target / cost + 1e-9)))  # 0.36 / 0.09 is 3.999...
 
     def queued_work(self, worker: str, slot: WorkerSlot) -> float:
         """Seconds of compute a worker still has to do on the tasks it holds, from their unanswered
@@ -238,14 +190,14 @@ class Dispatcher:
         # Slow start: a new job's batches grow 1, 1, 2, 4, ... up to its batch size, so its first
         # result comes after one image's compute, not a whole batch's. Charging is per image, so
         # the scheduler's fairness accounting does not change.
-        n = min(self.batch_for(job, node), len(job.pending))
+        n = min(self.sizer.batch_for(job, node), len(job.pending))
         if self.cfg.slow_start:
             n = min(n, max(1, job.counts.sent))
         indexes = list(itertools.islice(job.pending, n))
         task_id = self.state.jobs.next_task_id(job.job_id, self.core.term)
         self.core.emit("task.dispatch", {"task_id": task_id, "job_id": job.job_id, "worker": node,
                                          "indexes": indexes, "dispatched": self.core.clock()}, now)
-        self.state.jobs.tasks[task_id].deadline = now + self.task_timeout(job, node, n)
+        self.state.jobs.tasks[task_id].deadline = now + self.sizer.task_timeout(job, node, n)
         queries = self._queries(job, indexes, node)
         self.slots[node].outstanding[task_id] = now
         self.state.charge(task_id, job, n)
@@ -347,7 +299,7 @@ class Dispatcher:
         if slot is not None and m.final:
             slot.outstanding.pop(m.task_id, None)
         if task is not None and not m.final:
-            task.deadline = now + self.task_timeout(job, m.node_id)  # a streaming task is making progress
+            task.deadline = now + self.sizer.task_timeout(job, m.node_id)  # a streaming task is making progress
         self.core.emit("task.result", self._result_op(m, job, task, answers), now)
         self.dispatch(now)  # a slot is free, or the worker's queued work fell below the prefetch lead
 

@@ -80,7 +80,7 @@ class Membership:
                 self.core.emit("task.requeue", {"task_id": task.task_id}, now)
             elif (job := jobs.jobs.get(task.job_id)) is not None:
                 # A takeover restored it with the minimum timeout; a long batch deserves its own.
-                task.deadline = max(task.deadline, now + self.core.dispatcher.task_timeout(job, m.node_id))
+                task.deadline = max(task.deadline, now + self.core.dispatcher.sizer.task_timeout(job, m.node_id))
 
     def on_heartbeat(self, ident: bytes, m: Heartbeat, now: float) -> None:
         core = self.core

@@ -66,7 +66,7 @@ class Config:
     prefetch_lead: float = 0.5
     # A task holds at most this many seconds of predicted compute on its worker (never below one
     # image; 0 = the job's batch as it is): the scheduler re-decides about this often per worker, so
-    # the live query rates of jobs of very different cost stay level (broker/dispatch.py batch_for).
+    # the live query rates of jobs of very different cost stay level (broker/batching.py batch_for).
     task_seconds: float = 1.0
     # Models (docs/models.md): a worker keeps its loaded models within model_memory_mb (0: derived from
     # this machine's memory and the workers on it), evicting the least recently used.

@@ -33,12 +33,12 @@ def test_auto_batch_follows_the_workers_measured_cost_and_the_latency_target():
     job_id = sim.command("submit", model=CHEAP, inputs="in/", batch="auto", latency_target=0.2, start=True)["job_id"]
     node = next(iter(sim.workers))
     job = sim.core.jobs.jobs[job_id]
-    assert d.batch_for(job, node) == 1  # nothing measured yet
+    assert d.sizer.batch_for(job, node) == 1  # nothing measured yet
     sim.run_until(5.0)
     assert sim.core.state.costs.measured(CHEAP, node) == pytest.approx(0.05)
-    assert d.batch_for(job, node) == 4  # 0.2 s / 0.05 s per image
-    assert d.batch_for(job, "never-ran@1") == 4  # the cluster's figure for a worker that has none
-    assert d.task_timeout(job, node, 4) == max(sim.cfg.task_timeout_min, 10 * 0.05 * 4 * sim.cfg.worker_credit)
+    assert d.sizer.batch_for(job, node) == 4  # 0.2 s / 0.05 s per image
+    assert d.sizer.batch_for(job, "never-ran@1") == 4  # the cluster's figure for a worker that has none
+    assert d.sizer.task_timeout(job, node, 4) == max(sim.cfg.task_timeout_min, 10 * 0.05 * 4 * sim.cfg.worker_credit)
 
 
 def test_credit_is_slots_minus_tasks_held_and_a_result_frees_its_slot():
