@@ -34,7 +34,7 @@ from common.protocol import (
     Topic,
 )
 from common.rpc import next_req
-from common.transport import make_socket, offset_addr, tcp, try_decode
+from common.transport import drain_published, make_socket, offset_addr, tcp, try_decode
 
 log = logging.getLogger("idunno.coordinator.server")
 
@@ -67,14 +67,7 @@ class PeerLink:
             self.fd.excuse(gap)  # our own stall is not the peer's silence
 
     def drain_sub(self, on_update: Callable[[StateUpdate], None]) -> None:
-        for _ in range(10_000):
-            try:
-                frames = self.sub.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) != 2:
-                continue
-            msg = try_decode(frames[1], self.cfg.max_frame_bytes, "peer coordinator")
+        for msg in drain_published(self.sub, self.cfg.max_frame_bytes, "peer coordinator", 10_000):
             if isinstance(msg, CoordinatorHeartbeat):
                 heard = time.monotonic()
                 if self.fd is None:

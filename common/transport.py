@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import zmq
 
@@ -69,6 +70,22 @@ def try_decode(frame: bytes, max_frame: int, source: str = "") -> Message | None
     except ProtocolError as exc:
         log.warning("dropped malformed frame from %s: %s", source or "peer", exc)
         return None
+
+
+def drain_published(sub: zmq.Socket, max_frame: int, source: str, limit: int) -> Iterator[Message]:
+    """The messages waiting on a SUB socket ([topic, payload] frames), decoded; a bad one is logged
+    and skipped. At most ``limit`` frames per call, so a publisher that never pauses cannot hold the
+    caller's loop (it drains again on its next iteration)."""
+    for _ in range(limit):
+        try:
+            frames = sub.recv_multipart(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        if len(frames) != 2:
+            continue
+        msg = try_decode(frames[1], max_frame, source)
+        if msg is not None:
+            yield msg
 
 
 def router_send(sock: zmq.Socket, identity: bytes, msg: Message) -> bool:

@@ -445,3 +445,29 @@ def test_a_bundle_with_a_malformed_or_unbundled_part_is_a_protocol_error() -> No
     for part in (b"\xc1", good[:-1], Command(1, "jobs").encode(), Bundle([good]).encode(),
                  Heartbeat("h:1@1").encode()):
         assert_rejected(pack({"v": VERSION, "t": Bundle.TYPE, "parts": [good, part]}))
+
+
+def test_drain_published_yields_good_frames_skips_bad_ones_and_stops_at_its_limit() -> None:
+    import zmq
+
+    from common.transport import drain_published
+
+    ctx = zmq.Context.instance()
+    # A PAIR stands in for PUB/SUB (same frames, no slow-joiner drops to race with).
+    pub, sub = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        pub.bind("inproc://drain-published")
+        sub.connect("inproc://drain-published")
+        good = [Heartbeat(f"h:{i}@1", i).encode() for i in range(3)]
+        frames = [[b"t", good[0]], [b"t", b"\xc1garbage"], [b"only-one-frame"], [b"t", good[1]], [b"t", good[2]]]
+        for f in frames:
+            pub.send_multipart(f)
+        assert sub.poll(2000)
+        first = list(drain_published(sub, 1 << 20, "test", limit=4))  # 4 frames: 2 bad, 2 good
+        assert [m.node_id for m in first] == ["h:0@1", "h:1@1"]
+        assert sub.poll(2000)
+        assert [m.node_id for m in drain_published(sub, 1 << 20, "test", limit=4)] == ["h:2@1"]
+        assert list(drain_published(sub, 1 << 20, "test", limit=4)) == []  # nothing waiting: returns
+    finally:
+        pub.close(0)
+        sub.close(0)

@@ -52,7 +52,7 @@ from common.protocol import (
     ViewUpdate,
     Welcome,
 )
-from common.transport import try_decode
+from common.transport import drain_published, try_decode
 from sdfs.server import StorageServer
 from sdfs.store import LocalStore
 from worker.executor import MB, Executor
@@ -138,14 +138,7 @@ def join_msg(node_id: str, data_addr: str, store: LocalStore, held: list[str]) -
 
 def drain_sub(sub: zmq.Socket, max_frame: int, tracker: PrimaryTracker, hostview: HostView) -> None:
     """Read what the coordinators published: their heartbeats (whom to follow) and the view."""
-    for _ in range(1000):
-        try:
-            frames = sub.recv_multipart(flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        if len(frames) != 2:
-            continue
-        msg = try_decode(frames[1], max_frame, "coordinator PUB")
+    for msg in drain_published(sub, max_frame, "coordinator PUB", 1000):
         if isinstance(msg, CoordinatorHeartbeat):
             tracker.heard(msg.addr, msg.role, msg.term, time.monotonic())
         elif isinstance(msg, ViewUpdate):
