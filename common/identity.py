@@ -18,9 +18,12 @@ PULSE_SUFFIX = "/pulse"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-def new_incarnation() -> int:
-    # Milliseconds since the epoch: a restart (or a rejoin after being declared failed) gets a larger one.
-    return time.time_ns() // 1_000_000
+def new_incarnation(after: int = 0) -> int:
+    """Milliseconds since the epoch: a restart (or a rejoin after being declared failed) gets a
+    larger one. ``after`` is the incarnation being replaced: the new one is always above it, even
+    when the rejoin comes within the same millisecond or the wall clock stepped back (NTP), since
+    members compare incarnations to tell a new start from an old one."""
+    return max(time.time_ns() // 1_000_000, after + 1)
 
 
 def validate_node_name(name: str) -> str:

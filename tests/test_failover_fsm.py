@@ -478,3 +478,16 @@ def test_a_seeking_worker_asked_to_rejoin_starts_a_new_incarnation_and_joins_eve
     assert worker.next_join == 0.0  # its next Join, under the new id, goes out on the next step
     worker.step(101.0)
     assert set(worker.links.links) == {A, B}  # still no primary: it asks every coordinator
+
+
+def test_a_rejoin_in_the_same_millisecond_still_gets_a_larger_incarnation(worker, monkeypatch) -> None:
+    """The incarnation is wall-clock ms: a Rejoin right after start (or after the clock stepped
+    back) must still change the id upward, or the coordinator would take it for the failed one."""
+    from common import identity  # noqa: PLC0415
+    from common.identity import split_node_id  # noqa: PLC0415
+
+    name, inc = split_node_id(worker.node_id)
+    monkeypatch.setattr(identity.time, "time_ns", lambda: (inc - 5) * 1_000_000)  # clock behind the id
+    put_worker(worker, State.ATTACHED, 100.0)
+    worker.on_rejoin(SimpleNamespace(reason="unknown member"))
+    assert split_node_id(worker.node_id) == (name, inc + 1)

@@ -279,6 +279,11 @@ def test_later_incarnation_is_larger(monkeypatch: pytest.MonkeyPatch) -> None:
     # the incarnation is wall-clock milliseconds
     monkeypatch.setattr(identity.time, "time_ns", lambda: 1_234_567_891_000_000)
     assert new_incarnation() == 1_234_567_891
+    # Replacing an incarnation of the same millisecond, or one from before the clock stepped back:
+    # still above it (a rejoin must never reuse or lower its id).
+    assert new_incarnation(after=1_234_567_891) == 1_234_567_892
+    assert new_incarnation(after=1_234_567_999) == 1_234_568_000
+    assert new_incarnation(after=5) == 1_234_567_891
 
 
 def test_a_new_incarnation_of_a_name_declares_the_older_ones_failed():

@@ -27,7 +27,7 @@ import zmq
 from common.config import Config
 from common.failover import Action, Event, PrimaryTracker, State, worker_machine
 from common.failure_detector import LOCAL_STALL
-from common.identity import default_node_name, make_node_id, new_incarnation, validate_node_name
+from common.identity import default_node_name, make_node_id, new_incarnation, split_node_id, validate_node_name
 from common.loop import run_until_stopped
 from common.protocol import (
     Bundle,
@@ -379,7 +379,7 @@ class Worker:
         self.links.send(self.primary, self._ready())
 
     def _new_incarnation(self, now: float, addr: str | None, term: int) -> None:
-        self.node_id = make_node_id(self.name, new_incarnation())
+        self.node_id = make_node_id(self.name, new_incarnation(after=split_node_id(self.node_id)[1]))
         self.links.renew(self.node_id)
         self.pulse.set_node(self.node_id)
         self.generation += 1
