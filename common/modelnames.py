@@ -36,6 +36,11 @@ TORCHVISION_CLASSIFIERS: frozenset[str] = frozenset({
 MODEL_NAMES: frozenset[str] = TORCHVISION_CLASSIFIERS | {NOOP}
 
 
+def is_noop(name: str) -> bool:
+    """Whether ``name`` (as a user may spell it) is the noop model."""
+    return name.strip().lower() == NOOP
+
+
 def resolve_model(name: str, known: Collection[str] = MODEL_NAMES) -> str:
     """The canonical name of a model as a user may spell it (case, spaces, aliases).
 

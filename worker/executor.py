@@ -31,7 +31,7 @@ from typing import Any
 import zmq
 
 from common.config import Config
-from common.modelnames import NOOP
+from common.modelnames import NOOP, is_noop
 from common.protocol import ErrorCode, Task, TaskResult
 from common.rpc import RpcError
 from common.transport import make_socket
@@ -194,6 +194,11 @@ class _TorchFreeNoop:
         return [[(NOOP, 1.0)] for _ in images]
 
 
+def cached_input(cache_dir: Path, name: str, version: int) -> Path:
+    """Where a worker caches an input it read from a peer (the pipeline writes it, the inline path reads it)."""
+    return cache_dir / f"{urllib.parse.quote(name, safe='')}@{version}"
+
+
 class InlineNoop:
     """The fast path for cheap work, run on the worker's loop thread (``run``): a ``noop`` task whose
     inputs are all on this node (its own replicas or the input cache), at most ``FAST_PATH_BYTES``
@@ -211,7 +216,7 @@ class InlineNoop:
 
     def run(self, task: Task) -> TaskResult | None:
         """The task's result, or None: not cheap (another model, a remote input, big files)."""
-        if task.model.strip().lower() != NOOP:
+        if not is_noop(task.model):
             return None
         paths: list[Path] = []
         total = 0
@@ -244,7 +249,7 @@ class InlineNoop:
             return None
         if self.store.has(name, version):
             return self.store.path(name, version)
-        cached = self.cache_dir / f"{urllib.parse.quote(name, safe='')}@{version}"
+        cached = cached_input(self.cache_dir, name, version)
         return cached if cached.exists() else None
 
 
@@ -366,14 +371,14 @@ class Executor:
 
     def _decodes(self, model: str) -> bool:
         """Whether a task's inputs are decoded into images (not for noop, which takes any bytes)."""
-        if not self.cfg.torch or model.strip().lower() == NOOP:
+        if not self.cfg.torch or is_noop(model):
             return False  # no use for an image here (a real model's queries get the model error), or noop
         try:
             # Imported on the first task, not at thread start: torchvision would load while
             # the node serves its first SDFS puts (and the CLI never pays for it at import).
-            from models import is_noop  # noqa: PLC0415
+            import models  # noqa: PLC0415
 
-            return not is_noop(model)
+            return not models.is_noop(model)
         except Exception:  # a broken install: each query gets the import error as its result
             return True
 
@@ -381,7 +386,7 @@ class Executor:
         if version and self.store.has(name, version):
             data = self.store.path(name, version).read_bytes()  # our own verified replica
         else:
-            cached = self.cache_dir / f"{urllib.parse.quote(name, safe='')}@{version}"
+            cached = cached_input(self.cache_dir, name, version)
             if version and cached.exists():
                 data = cached.read_bytes()
             else:
@@ -503,7 +508,7 @@ class Executor:
         try:
             if prep.weights is None and not self.cfg.torch:
                 # A torch-free worker (bench/scale.py): noop only, and never an import of torch.
-                if task.model.strip().lower() != NOOP:
+                if not is_noop(task.model):
                     raise RuntimeError(f"cannot load model {task.model!r}: this worker runs without torch "
                                        "(config torch = false / IDUNNO_TORCH=0) and serves only noop")
                 clf = _TorchFreeNoop()
