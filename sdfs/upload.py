@@ -97,7 +97,7 @@ class PutGroup:
             self.quorum_at = now
 
 
-def straggling(s: Stream, g: PutGroup, now: float, transfer_timeout: float) -> str | None:
+def straggling(s: Stream, g: PutGroup, now: float, transfer_timeout: float, heard: float = 0.0) -> str | None:
     """Why to give up on a target now, or None to keep waiting.
 
     Peers of the same version set the pace: once one replica is written, a target that has not
@@ -105,10 +105,15 @@ def straggling(s: Stream, g: PutGroup, now: float, transfer_timeout: float) -> s
     its quorum, a target still writing gets that much longer, then the put goes on without it (the
     master brings the version to N in the background). Only a put whose targets are all slow waits
     for the full transfer_timeout.
+
+    ``heard`` is when anything last came from the target's address: a node working through our
+    other files' chunks (up to ``max_active`` streams share it, served in order) is busy, not
+    stalled. Judging each stream alone gave up on every queued file of a busy node at once on a
+    loaded machine, and their replacements queued behind the same work: the write quorum failed.
     """
-    idle = now - s.last_progress
-    if idle > transfer_timeout:
+    if now - s.last_progress > transfer_timeout:  # the backstop judges the stream alone
         return f"no answer from {s.addr} in {transfer_timeout:.0f}s"
+    idle = now - max(s.last_progress, heard)
     if g.first_done is not None and idle > max(STRAGGLER_GRACE, g.first_done - s.began):
         return f"{s.addr} stalled for {idle:.1f}s while another replica finished"
     if g.quorum_at is not None and now - g.quorum_at > max(STRAGGLER_GRACE, g.quorum_at - s.began):
@@ -131,6 +136,7 @@ class UploadPipeline:
         self.active: list[Stream] = []
         self.poller = zmq.Poller()
         self.polled: set[str] = set()  # addresses whose socket is registered with the poller
+        self.heard: dict[str, float] = {}  # address -> when anything last came from it
 
     def run(self) -> None:
         try:
@@ -163,7 +169,7 @@ class UploadPipeline:
         for s in self.active:
             if s.done:
                 continue
-            why = straggling(s, self.groups[s.put_id], now, self.cfg.transfer_timeout)
+            why = straggling(s, self.groups[s.put_id], now, self.cfg.transfer_timeout, self.heard.get(s.addr, 0.0))
             if why is None:
                 continue
             s.finish(False, why)
@@ -189,10 +195,12 @@ class UploadPipeline:
 
     def _on_ack(self, ack: Message) -> None:
         s = self.by_req.pop(getattr(ack, "req", -1), None)
-        if s is None or s.done:
+        if s is None:
+            return
+        s.last_progress = self.heard[s.addr] = time.monotonic()  # even a late ack says the node is alive
+        if s.done:
             return
         s.inflight.discard(ack.req)  # type: ignore[attr-defined]
-        s.last_progress = time.monotonic()
         if isinstance(ack, WriteAck):
             if not ack.ok:
                 s.finish(False, ack.error)

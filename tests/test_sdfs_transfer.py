@@ -39,6 +39,10 @@ def test_a_target_is_given_up_on_only_against_its_peers_pace_or_the_transfer_tim
     g.note_stored(5.0)  # a peer finished in 5 s: this one may stay idle that long (at least the grace)
     assert straggling(s, g, 5.0, transfer_timeout=15.0) is None
     assert "stalled" in straggling(s, g, 5.1, transfer_timeout=15.0)
+    # The node acked another of our files 1 s ago: it is working through its queue, not stalled.
+    assert straggling(s, g, 5.1, transfer_timeout=15.0, heard=4.1) is None
+    assert "stalled" in straggling(s, g, 6.2, transfer_timeout=15.0, heard=1.1)
+    assert "no answer" in straggling(s, g, 15.1, transfer_timeout=15.0, heard=15.0)  # the backstop is per stream
     busy = stream(began=0.0, last_progress=5.0)
     assert straggling(busy, g, 5.5, transfer_timeout=15.0) is None
     assert g.quorum_at is None
@@ -88,8 +92,10 @@ def test_the_pipeline_writes_every_file_to_every_target(rig, tmp_path: Path) -> 
                                                                for j, s in enumerate(servers)])
         groups[g.put_id] = g
     streams = [st for g in groups.values() for st in g.streams]
-    UploadPipeline(cfg, channels, streams, groups, max_active=2).run()  # fewer slots than streams
+    pipeline = UploadPipeline(cfg, channels, streams, groups, max_active=2)  # fewer slots than streams
+    pipeline.run()
     assert all(st.ok and st.fh is None for st in streams), [st.error for st in streams]
+    assert set(pipeline.heard) == {s.addr for s in servers}  # what the stall rule judges a node by
     for s in servers:
         for i in range(3):
             assert s.store.path(f"f{i}", 1).read_bytes() == DATA
