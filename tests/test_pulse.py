@@ -80,20 +80,23 @@ def test_pulses_follow_the_node_id_and_stop_when_the_loop_is_wedged(coordinator,
         def fresh() -> None:
             pf.tick(time.monotonic())
 
-        fresh()
-        first = wait_for(lambda: pulses(sock, 0.3), timeout=30, what="first pulse")
+        def ticking(seconds: float) -> list[tuple[bytes, str]]:
+            # The worker's loop ticks on while we listen: the wedge timeout is 1 s, and a busy machine
+            # can take longer than that to start the sidecar (a single tick went stale before it ran).
+            fresh()
+            return pulses(sock, seconds)
+
+        first = wait_for(lambda: ticking(0.3), timeout=30, what="first pulse")
         assert first[0] == ((b"127.0.0.1:9@1" + PULSE_SUFFIX.encode()), "127.0.0.1:9@1")
-        fresh()
-        assert len(pulses(sock, 0.6)) >= 3  # one per 0.1 s heartbeat interval, give or take scheduling
+        wait_for(lambda: len(ticking(0.6)) >= 3, timeout=10,  # one per 0.1 s heartbeat interval, give or take
+                 what="steady pulses")
         # A new incarnation: the identity follows.
         pf.set_node("127.0.0.1:9@2")
-        fresh()
-        wait_for(lambda: any(n == "127.0.0.1:9@2" for _, n in pulses(sock, 0.3)), timeout=10,
+        wait_for(lambda: any(n == "127.0.0.1:9@2" for _, n in ticking(0.3)), timeout=10,
                  what="pulse under the new node id")
         # The worker's loop stops ticking: after the wedge timeout (1 s here) the pulse stops too.
         wait_for(lambda: not pulses(sock, 0.5), timeout=10, what="pulses to stop for a wedged loop")
-        fresh()
-        wait_for(lambda: pulses(sock, 0.3), timeout=10, what="pulses to resume once the loop ticks again")
+        wait_for(lambda: ticking(0.3), timeout=10, what="pulses to resume once the loop ticks again")
     finally:
         proc.terminate()
         proc.wait(timeout=10)
