@@ -258,7 +258,12 @@ class LocalCluster:
             if sum(1 for m in self.alive_workers() if m.get("data_addr") in ours) >= n:
                 return
             time.sleep(0.1)  # polling the cluster from outside; there is no event to wait on
-        raise TimeoutError(f"cluster not ready within {timeout}s")
+        # Say which workers never showed up, and how far each got, so a slow start explains itself.
+        joined = {m.get("data_addr") for m in self.alive_workers()}
+        missing = [p for p in self.procs if p.role == "worker" and p.addr not in joined]
+        why = "".join(f"\n--- {p.name or p.addr} (not alive at the coordinator), {p.log_path}:\n{_tail(p.log_path, 8)}"
+                      for p in missing[:3])
+        raise TimeoutError(f"cluster not ready within {timeout}s: {len(missing)} worker(s) missing{why}")
 
     def ctl(self, name: str, timeout: float | None = None, **args: Any) -> Any:
         return ctl(self.config(), name, timeout=timeout, **args)
