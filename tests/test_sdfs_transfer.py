@@ -137,3 +137,56 @@ def test_read_replica_reads_verifies_and_reports_corruption_and_silence(rig) -> 
         read_replica(cfg, channels, servers[1].addr, "f", 1, len(DATA), SUM, io.BytesIO())
     assert not info.value.corrupt  # that node has no such replica: an error, not corruption
     assert servers[1].addr not in channels.socks
+
+
+class SlowStore(LocalStore):
+    """A busy node: every chunk takes ``delay`` seconds to write (served in order, as a real one)."""
+
+    delay = 0.12
+
+    def begin(self, name: str, version: int, size: int, checksum: str):
+        w = super().begin(name, version, size, checksum)
+        write = w.write
+
+        def slow_write(offset: int, data: bytes) -> None:
+            time.sleep(self.delay)  # the node's own loop is busy: this is what is being simulated
+            write(offset, data)
+
+        w.write = slow_write  # type: ignore[method-assign]
+        return w
+
+
+def test_a_busy_node_working_through_queued_files_is_not_given_up_on(tmp_path: Path) -> None:
+    # Sixteen two-chunk files to a fast and a busy node: the busy one takes about 4 s for all of them
+    # (its later files wait longer than STRAGGLER_GRACE after their fast copies), but it acks a chunk
+    # every 0.12 s, so no file is given up on. Judged stream by stream, the queued files failed.
+    cfg = Config(host="127.0.0.1", chunk_bytes=CHUNK, transfer_window=2, transfer_timeout=10.0, request_timeout=1.0)
+    ctx = zmq.Context()
+    fast = StorageServer(cfg, LocalStore(tmp_path / "fast"), ctx=ctx, port=0)
+    busy = StorageServer(cfg, SlowStore(tmp_path / "busy"), ctx=ctx, port=0)
+    channels = DataChannels(cfg, ctx)
+    try:
+        for s in (fast, busy):
+            s.start()
+        src = tmp_path / "src.bin"
+        data = DATA[: 2 * CHUNK]
+        src.write_bytes(data)
+        groups = {}
+        for i in range(16):
+            g = PutGroup(f"p{i}", f"f{i}", 1, quorum=2)
+            g.add(str(src), {"size": len(data), "checksum": hashlib.sha256(data).hexdigest()},
+                  [{"addr": fast.addr, "node_id": "fast@1"}, {"addr": busy.addr, "node_id": "busy@1"}])
+            groups[g.put_id] = g
+        streams = [st for g in groups.values() for st in g.streams]
+        t0 = time.monotonic()
+        UploadPipeline(cfg, channels, streams, groups).run()
+        took = time.monotonic() - t0
+        assert all(st.ok for st in streams), [st.error for st in streams if not st.ok]
+        assert took > STRAGGLER_GRACE  # the busy node's queue really outlasted the grace
+        for i in range(16):
+            assert busy.store.path(f"f{i}", 1).read_bytes() == data
+    finally:
+        channels.close()
+        fast.stop()
+        busy.stop()
+        ctx.term()
