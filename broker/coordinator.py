@@ -221,8 +221,7 @@ class Coordinator:
         self.emit("event", {"ts": self.clock(), "kind": kind, "detail": detail}, now)
 
     def drop(self, reason: str, now: float, fmt: str, *args: Any) -> None:
-        """Refuse a message: count it by reason, and log (at most one line per reason per second,
-        so a flood of hostile frames cannot become a flood of log records)."""
+        """Refuse a message: count it by reason, log at most a line per reason per second (no log flood)."""
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         if now - self._drop_logged.get(reason, -math.inf) >= 1.0:
             self._drop_logged[reason] = now
@@ -283,6 +282,7 @@ class Coordinator:
 
     def handle(self, ident: bytes, msg: Message, now: float, sender_role: str | None = None) -> None:
         """One message from ROUTER peer ``ident`` whose key has CURVE ``sender_role`` (None: plain mode)."""
+        self.dispatcher.scan.touch(ident.decode(errors="replace"))  # whatever it says, look at it next pass
         handler = self.handlers.get(type(msg))
         if handler is None:
             req = getattr(msg, "req", 0)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("idunno.coordinator.dispatch")
 
 MAX_ELAPSED = 86_400.0  # seconds of compute for one batch: anything longer is not a measurement
+RESCAN = 1.0  # seconds between dispatch passes that check every worker (a safety net; see _candidates)
 
 
 @dataclass
@@ -56,6 +57,41 @@ class WorkerSlot:
         return max(0, self.slots - len(self.outstanding)) if self.ready and not self.hijacked else 0
 
 
+class PassScan:
+    """Which workers a dispatch pass checks for a free slot.
+
+    Checking every worker on every pass made dispatch O(workers) per result (2/3 of the CPU of
+    1,000 simulated workers, tests/test_scale.py). A worker's eligibility changes only with its own
+    tasks, slots and costs, so a pass checks the workers found eligible by the last pass and those
+    touched since (any message from them, a task sent or taken back); and every worker once per
+    RESCAN seconds, or after a client's command, in case a change reached none of those paths.
+    """
+
+    def __init__(self, slots: dict[str, WorkerSlot]) -> None:
+        self.slots = slots  # the Dispatcher's, shared
+        self.unsettled: set[str] = set()
+        self.rescan_at = 0.0
+        self.order: dict[str, int] = {}  # worker -> its position in ``slots`` (the heap's tie-break)
+
+    def touch(self, node: str) -> None:
+        """Something about ``node`` changed: the next pass looks at it again."""
+        if node in self.slots:
+            self.unsettled.add(node)
+        else:
+            self.rescan_at = 0.0  # a client's command (submit, cancel, ...) may change any worker's work
+
+    def candidates(self, now: float) -> list[str]:
+        """The workers to check, in ``slots`` order (as a full scan gave them)."""
+        if now >= self.rescan_at or now < self.rescan_at - RESCAN:  # (or the clock went back)
+            self.rescan_at = now + RESCAN
+            self.order = {node: i for i, node in enumerate(self.slots)}
+            return list(self.slots)
+        nodes = [n for n in self.unsettled if n in self.slots]
+        if len(self.order) != len(self.slots) or any(n not in self.order for n in nodes):
+            self.order = {node: i for i, node in enumerate(self.slots)}
+        return sorted(nodes, key=self.order.__getitem__)
+
+
 class Dispatcher:
     def __init__(self, core: Coordinator) -> None:
         self.core = core
@@ -72,6 +108,7 @@ class Dispatcher:
         self.outgoing: dict[str, list[Task]] = {}  # the Tasks of the current pass, by worker
         self.deferred = False  # taking in a Bundle: its results share one dispatch pass at its end
         self.dispatch_wanted = False
+        self.scan = PassScan(self.slots)
 
     @property
     def state(self) -> Any:
@@ -113,6 +150,7 @@ class Dispatcher:
         slot = self.slots.get(task.worker)
         if slot is not None:
             slot.outstanding.pop(task.task_id, None)
+            self.scan.touch(task.worker)
 
     def queued_work(self, worker: str, slot: WorkerSlot) -> float:
         """Seconds of compute a worker still has to do on the tasks it holds, from their unanswered
@@ -145,13 +183,15 @@ class Dispatcher:
 
     def _dispatch_pass(self, now: float) -> None:
         if not self.core.is_primary:
+            self.scan.rescan_at = 0.0  # a new primary's first pass looks at every worker
             return
         # The free slots are found once per pass, in a heap by credit (ties: registry order, as max()
         # gave): only the worker just given a task changes within the pass, so it alone is pushed back.
         # Re-scanning every worker per task made a pass O(workers^2): 1,000 simulated workers took
         # 10 s to fill their slots (tests/test_scale.py).
-        free = [(-s.credit, i, node) for i, (node, s) in enumerate(self.slots.items())
-                if self.eligible(node, s) and self.core.registry.is_alive(node)]
+        free = [(-self.slots[node].credit, self.scan.order[node], node) for node in self.scan.candidates(now)
+                if self.eligible(node, self.slots[node]) and self.core.registry.is_alive(node)]
+        self.scan.unsettled = {node for _, _, node in free}  # eligible now: still so next pass unless touched
         heapq.heapify(free)
         self.pools.refresh(now)
         while free:
@@ -200,6 +240,7 @@ class Dispatcher:
         self.state.jobs.tasks[task_id].deadline = now + self.sizer.task_timeout(job, node, n)
         queries = self._queries(job, indexes, node)
         self.slots[node].outstanding[task_id] = now
+        self.scan.touch(node)
         self.state.charge(task_id, job, n)
         # Sent at the end of the pass (_send_tasks), with the worker's other Tasks of this pass.
         self.outgoing.setdefault(node, []).append(Task(task_id, job.job_id, job.model, self.core.term, queries,
@@ -340,6 +381,7 @@ class Dispatcher:
             for t in stale:
                 log.warning("no result for %s from %s in %.0fs: freeing its slot", t, node, self.cfg.task_timeout_min)
                 del slot.outstanding[t]
+                self.scan.touch(node)
 
 
 def check_result(job: Job | None, m: TaskResult, task: TaskInfo | None) -> tuple[Job, dict[int, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from simcluster import WHOLE_BATCHES, SimCluster
 
-from broker.dispatch import Dispatcher
+from broker.dispatch import RESCAN, Dispatcher
 from common.config import Config
 from common.protocol import TaskResult
 
@@ -92,3 +92,34 @@ def test_nothing_is_dispatched_by_a_standby():
     sim.core.emit("job.start", {"job_ids": list(sim.core.jobs.jobs), "ts": 0.0}, sim.t)
     sim.core.dispatcher.dispatch(sim.t)
     assert sim.core.jobs.tasks == {} and sim.dispatches == []
+
+
+def test_a_pass_checks_the_workers_that_changed_and_every_worker_once_per_rescan():
+    # 100 busy workers: a result from one of them must not make the pass check all 100 (that made
+    # dispatch O(workers) per result), yet a change that reached no worker's path is still found.
+    sim = SimCluster({CHEAP: 0.5}, speeds=[1] * 100, cfg=WHOLE_BATCHES)
+    sim.add_inputs("in", 1000)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=4, start=True)["job_id"]
+    d: Dispatcher = sim.core.dispatcher
+    checked: list[str] = []
+    eligible = d.eligible
+    d.eligible = lambda node, slot: checked.append(node) or eligible(node, slot)  # type: ignore[method-assign]
+    node = next(iter(sim.workers))
+    task = sim.workers[node].received[0]
+    d.scan.rescan_at = sim.t + RESCAN  # no safety-net scan due
+    d.dispatch(sim.t)  # settles the workers touched by being sent their first tasks (each checked once)
+    assert len(checked) == 100
+    checked.clear()
+    sim.deliver(node, TaskResult(task.task_id, job, node, 2.0, answers(task)))
+    assert node in checked and len(checked) <= 3, checked  # the worker that answered (+ any still free)
+    assert len(sim.workers[node].received) == 3  # its freed slot was refilled (two Tasks, then one more)
+    # A slot freed behind the dispatcher's back (no message, no task taken back) waits for the rescan.
+    other = list(sim.workers)[1]
+    d.slots[other].slots += 1
+    checked.clear()
+    d.dispatch(sim.t)
+    assert other not in checked and len(sim.workers[other].received) == 2
+    d.scan.rescan_at = 0.0
+    d.dispatch(sim.t)
+    sim._route()
+    assert set(checked) == set(sim.workers) and len(sim.workers[other].received) == 3
