@@ -87,6 +87,7 @@ class Proc:
     log_path: str = ""
     data_dir: str = ""
     name: str = ""  # a worker's stable name (its identity and data directory)
+    started: float = field(default_factory=time.time)  # wall clock, as members' joined_at
 
 
 @dataclass
@@ -237,6 +238,12 @@ class LocalCluster:
         except RpcError:
             return []
 
+    def _joined(self) -> set[str]:
+        """Addresses of the workers started here that have joined since they were started."""
+        started = {p.addr: p.started for p in self.procs if p.role == "worker"}
+        return {m["data_addr"] for m in self.alive_workers()
+                if m.get("data_addr") in started and float(m.get("joined_at", 0.0)) >= started[m["data_addr"]] - 1.0}
+
     def wait_ready(self, n: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         respawns = 3
@@ -251,15 +258,15 @@ class LocalCluster:
             if dead:
                 p = dead[0]
                 raise RuntimeError(f"{p.role} exited with {p.popen.returncode}; see {p.log_path}:\n{_tail(p.log_path)}")
-            # Only members at the addresses of the workers started here count: a coordinator that
+            # Only members that the workers started here joined as count: a coordinator that
             # restored its member list from disk still lists the previous run's incarnations as alive
-            # until they are replaced or time out, and their addresses lead nowhere.
-            ours = {p.addr for p in self.procs if p.role == "worker"}
-            if sum(1 for m in self.alive_workers() if m.get("data_addr") in ours) >= n:
+            # until they are replaced or time out, at the same addresses when a worker is restarted
+            # on its port (counted, they made a restarted cluster "ready" before any worker joined).
+            if len(self._joined()) >= n:
                 return
             time.sleep(0.1)  # polling the cluster from outside; there is no event to wait on
         # Say which workers never showed up, and how far each got, so a slow start explains itself.
-        joined = {m.get("data_addr") for m in self.alive_workers()}
+        joined = self._joined()
         missing = [p for p in self.procs if p.role == "worker" and p.addr not in joined]
         why = "".join(f"\n--- {p.name or p.addr} (not alive at the coordinator), {p.log_path}:\n{_tail(p.log_path, 8)}"
                       for p in missing[:3])
