@@ -37,6 +37,7 @@ class Control:
             core.reply_error(ident, m.req, ErrorCode.BAD_REQUEST,
                              f"unknown command {m.name!r}; commands: {', '.join(sorted(COMMANDS))}")
             return
+        core.dispatcher.scan.rescan()  # a command (submit, cancel, set_batch_size, ...) may free any worker
         try:
             data = fn(check_args(m.name, dict(m.args)), now)  # every argument's type and range, here
         except CommandError as exc:

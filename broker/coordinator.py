@@ -376,7 +376,7 @@ class Coordinator:
         self.registry.touch_all(now)
         for task in self.jobs.tasks.values():
             task.deadline = now + self.cfg.task_timeout_min
-        self.dispatcher.slots.clear()  # until each worker re-attaches and announces its credit
+        self.dispatcher.reset_sessions()  # until each worker re-attaches and announces its credit
         self.state.charged.clear()  # restored tasks were charged by the old primary, not by us
         self.files.next_repair = now + self.cfg.failure_timeout
         self.next_heartbeat = now  # announce the new term at once: workers switch on hearing it

@@ -70,15 +70,19 @@ class PassScan:
     def __init__(self, slots: dict[str, WorkerSlot]) -> None:
         self.slots = slots  # the Dispatcher's, shared
         self.unsettled: set[str] = set()
-        self.rescan_at = 0.0
+        self.rescan_at = -math.inf
         self.order: dict[str, int] = {}  # worker -> its position in ``slots`` (the heap's tie-break)
 
     def touch(self, node: str) -> None:
-        """Something about ``node`` changed: the next pass looks at it again."""
+        """Something about ``node`` changed: the next pass looks at it again. (Other senders, a
+        pulse sidecar or a client, change no worker's slot by speaking: not a reason to scan all.)"""
         if node in self.slots:
             self.unsettled.add(node)
-        else:
-            self.rescan_at = 0.0  # a client's command (submit, cancel, ...) may change any worker's work
+
+    def rescan(self) -> None:
+        """The next pass looks at every worker: a change (a command, a takeover, a result that
+        answers another worker's queries) may have made any of them eligible."""
+        self.rescan_at = -math.inf
 
     def candidates(self, now: float) -> list[str]:
         """The workers to check, in ``slots`` order (as a full scan gave them)."""
@@ -113,6 +117,12 @@ class Dispatcher:
     @property
     def state(self) -> Any:
         return self.core.state
+
+    def reset_sessions(self) -> None:
+        """Forget every worker's session (a takeover: each re-attaches and announces its credit)."""
+        self.slots.clear()
+        self.scan.unsettled.clear()
+        self.scan.rescan()
 
     def new_slot(self, inflight: Any, now: float) -> WorkerSlot:
         """A worker's session from its Join: the tasks it says it still holds occupy its slots."""
@@ -183,7 +193,6 @@ class Dispatcher:
 
     def _dispatch_pass(self, now: float) -> None:
         if not self.core.is_primary:
-            self.scan.rescan_at = 0.0  # a new primary's first pass looks at every worker
             return
         # The free slots are found once per pass, in a heap by credit (ties: registry order, as max()
         # gave): only the worker just given a task changes within the pass, so it alone is pushed back.
@@ -339,6 +348,8 @@ class Dispatcher:
         slot = self.slots.get(m.node_id)
         if slot is not None and m.final:
             slot.outstanding.pop(m.task_id, None)
+        if task is None:
+            self.scan.rescan()  # it may answer queries re-sent to another worker: that one may be free now
         if task is not None and not m.final:
             task.deadline = now + self.sizer.task_timeout(job, m.node_id)  # a streaming task is making progress
         self.core.emit("task.result", self._result_op(m, job, task, answers), now)

@@ -242,7 +242,7 @@ class LocalCluster:
         """Addresses of the workers started here that have joined since they were started."""
         started = {p.addr: p.started for p in self.procs if p.role == "worker"}
         return {m["data_addr"] for m in self.alive_workers()
-                if m.get("data_addr") in started and float(m.get("joined_at", 0.0)) >= started[m["data_addr"]] - 1.0}
+                if m.get("data_addr") in started and float(m.get("joined_at", 0.0)) >= started[m["data_addr"]] - 0.2}
 
     def wait_ready(self, n: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

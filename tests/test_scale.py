@@ -65,10 +65,9 @@ def lose_and_duplicate_nothing(workers: int, inputs: int) -> float:
 
 
 def test_a_thousand_workers_ten_jobs_and_a_hundred_failures_lose_and_duplicate_nothing():
-    # Correctness at scale only: what it costs is bench/scale.py's to report. A CPU budget here
-    # failed for the machine, not the code: CI under a hog measured 103 s of CPU for what takes 30 s
-    # quiet, and a 100-worker run measured alongside as a baseline did not slow alike (the large
-    # run's working set suffers more from sharing the cores). pytest-timeout still stops a blow-up.
+    # Correctness at scale only: bench/sim_scale.py reports what this scenario costs as the cluster
+    # grows (against its smallest size in the same run). A CPU budget here failed for the machine,
+    # not the code: CI under a hog measured 103 s of CPU for what takes 30 s quiet.
     cpu = lose_and_duplicate_nothing(WORKERS, INPUTS)
     print(f"\n{WORKERS} simulated workers: {cpu:.1f} s of CPU")
 
