@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("idunno.coordinator.dispatch")
 
 MAX_ELAPSED = 86_400.0  # seconds of compute for one batch: anything longer is not a measurement
-RESCAN = 1.0  # seconds between dispatch passes that check every worker (a safety net; see _candidates)
+RESCAN = 1.0  # seconds between dispatch passes that check every worker (a safety net; see PassScan)
 
 
 @dataclass
