@@ -194,9 +194,9 @@ class Dispatcher:
     def _dispatch_pass(self, now: float) -> None:
         if not self.core.is_primary:
             return
+        self.pools.refresh(now)
         if not self.state.jobs.backlogged():  # nothing to hand out: no worker need be checked (the
-            self.pools.refresh(now)  # idle ones were, on every result at a run's tail); pools still plan
-            return
+            return  # idle ones were, on every result at a run's tail)
         # The free slots are found once per pass, in a heap by credit (ties: registry order, as max()
         # gave): only the worker just given a task changes within the pass, so it alone is pushed back.
         # Re-scanning every worker per task made a pass O(workers^2): 1,000 simulated workers took
@@ -205,7 +205,6 @@ class Dispatcher:
                 if self.eligible(node, self.slots[node]) and self.core.registry.is_alive(node)]
         self.scan.unsettled = {node for _, _, node in free}  # eligible now: still so next pass unless touched
         heapq.heapify(free)
-        self.pools.refresh(now)
         while free:
             backlog = self.state.jobs.backlogged()
             if not backlog:
