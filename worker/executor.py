@@ -370,17 +370,10 @@ class Executor:
                 continue
 
     def _decodes(self, model: str) -> bool:
-        """Whether a task's inputs are decoded into images (not for noop, which takes any bytes)."""
-        if not self.cfg.torch or is_noop(model):
-            return False  # no use for an image here (a real model's queries get the model error), or noop
-        try:
-            # Imported on the first task, not at thread start: torchvision would load while
-            # the node serves its first SDFS puts (and the CLI never pays for it at import).
-            import models  # noqa: PLC0415
-
-            return not models.is_noop(model)
-        except Exception:  # a broken install: each query gets the import error as its result
-            return True
+        """Whether a task's inputs are decoded into images: not for noop, which takes any bytes, and
+        not on a torch-free worker, which has no use for an image (a real model's queries get the
+        model error). A broken install shows in ``_load``'s import: each query gets it as its result."""
+        return self.cfg.torch and not is_noop(model)
 
     def _load(self, client: SdfsClient, name: str, version: int, decode: bool = True, source: Any = None) -> Any:
         if version and self.store.has(name, version):
