@@ -53,6 +53,11 @@ class Config:
     tombstone_ttl: float = 7 * 24 * 3600.0
     # --- inference -----------------------------------------------------------------------
     torch_threads: int = 1
+    # Nice increment of a worker's fetch and compute threads (torch's threads inherit it), so the
+    # worker's loop thread (heartbeats, task hand-off, SDFS serving) runs ahead of its own inference.
+    # Only within the worker: with the kernel's autogroups (the daemons lead their own sessions) other
+    # processes are scheduled per session, so it does not yield the machine. 0 = no change.
+    compute_nice: int = 5
     preload_models: str = ""  # comma list loaded at worker start, so a job's first batch does not wait
     # false: the worker never imports torch/torchvision (serves only `noop`; other models get a clear
     # error per query). 28 MiB RSS per worker, so 100 workers fit one machine (bench/scale.py).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -117,3 +119,36 @@ def test_noop_on_local_inputs_runs_inline_and_anything_else_goes_to_the_pipeline
     _put(ex.store, "in/big.bin", b"x" * (FAST_PATH_BYTES + 1))
     big = [{"index": 0, "input": "in/big.bin", "version": 1}]
     assert ex.inline.run(Task("t6.1-job1", "job1", "noop", 1, big)) is None
+
+
+# -- priority: inference runs below the loops and the CLI ------------------------------------------
+
+
+def _nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_the_compute_thread_and_the_threads_it_starts_run_at_a_lower_priority(tmp_path):
+    seen: dict[str, int] = {}
+    done = threading.Event()
+
+    class Probe(SlowModel):
+        def warm_up(self) -> None:  # runs on the compute thread, as a preload's warm-up does
+            seen["compute"] = _nice()
+            child = threading.Thread(target=lambda: seen.setdefault("child", _nice()))  # as torch's pool
+            child.start()
+            child.join(10)
+            done.set()
+
+    base = _nice()
+    for increment, expect in ((5, min(19, base + 5)), (0, base)):
+        seen.clear()
+        done.clear()
+        ex = _executor(tmp_path / str(increment), Config(torch=False, compute_nice=increment), Probe(0.0))
+        ex.threads[1].start()  # the compute thread alone
+        ex.ready.put(Prepared(None, 0, [], [], SPEC))
+        assert done.wait(10), "the compute thread never ran the preload"
+        ex.ready.put(None)
+        ex.threads[1].join(10)
+        assert seen == {"compute": expect, "child": expect}
+    assert _nice() == base  # the caller's thread is untouched

@@ -40,6 +40,19 @@ from sdfs.store import LocalStore
 
 log = logging.getLogger("idunno.worker.executor")
 
+
+def lower_thread_priority(increment: int) -> None:
+    """Raise the calling thread's nice value by ``increment`` (Linux keeps nice per thread, and the
+    threads it starts later, torch's among them, inherit it). Never fatal: where the platform has
+    no per-thread priority the thread keeps the process's."""
+    if increment <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except (AttributeError, OSError) as exc:
+        log.debug("compute thread keeps its priority: %s", exc)
+
 MB = 1024 * 1024
 # Share of this machine's memory the workers on it may fill with models when model_memory_mb is 0:
 # the rest is for activations, decoded images, SDFS buffers and the other processes.
@@ -327,6 +340,7 @@ class Executor:
 
     # -- fetch stage ---------------------------------------------------------------------------
     def _fetch_loop(self) -> None:
+        lower_thread_priority(self.cfg.compute_nice)  # decoding images is inference work too
         client = SdfsClient(self.cfg, self.coordinators_fn(), self.ctx)
         # Weights lookups use short timeouts: an unanswered check keeps the weights known so far.
         quick = SdfsClient(self.cfg.replace(request_timeout=2.0, request_retries=1), self.coordinators_fn(), self.ctx)
@@ -451,6 +465,7 @@ class Executor:
         return gone
 
     def _compute_loop(self) -> None:
+        lower_thread_priority(self.cfg.compute_nice)
         if self.cfg.torch:
             import torch  # noqa: PLC0415 - the worker imported it before its first Join
 
