@@ -103,6 +103,10 @@ class Config:
     log_level: str = "INFO"
     # --- durable coordinator state (broker/state_store.py, docs/durability.md) -----------------
     state_compact_ops: int = 20_000  # journal ops after the last snapshot that trigger a compaction
+    # Group commit: the loop commits queued ops once the oldest has waited this long (0 = every loop
+    # iteration). A process crash loses at most this much of dispatches and results, which are run
+    # again; never what a client was answered (a command commits before its reply).
+    state_commit_interval: float = 0.01
 
     @property
     def failure_timeout(self) -> float:
@@ -190,6 +194,10 @@ def load_config(path: str | None = None, env: dict[str, str] | None = None, **ov
             or not 0 < cfg.download_timeout < math.inf):
         raise ValueError("model_memory_mb, weights_check_interval and model_in_use_window must be >= 0, "
                          "download_timeout a finite number > 0")
+    if not 0 <= cfg.state_commit_interval <= 1.0:
+        raise ValueError("state_commit_interval must be between 0 and 1 second")
+    if not 0 <= cfg.compute_nice <= 19:
+        raise ValueError("compute_nice must be between 0 and 19")
     for key in ("replication_factor", "max_versions", "chunk_bytes", "transfer_window", "worker_credit",
                 "state_compact_ops"):
         if getattr(cfg, key) < 1:

@@ -133,6 +133,10 @@ def test_bad_toml_value_raises_clear_error(tmp_path: Path) -> None:
         {"liveness": 0},
         {"replication_factor": 0},
         {"replication_factor": -3},
+        {"state_commit_interval": -0.01},
+        {"state_commit_interval": 5.0},
+        {"compute_nice": -1},
+        {"compute_nice": 20},
     ],
 )
 def test_out_of_range_values_raise(changes: dict[str, object]) -> None:

@@ -373,3 +373,32 @@ def test_a_standby_keeps_the_primary_snapshot_and_stream_and_restarts_from_them(
     assert again.state_seq == sim.core.state_seq + info["requeued"]
     assert sorted(again.jobs.jobs[job].results) == sorted(sim.core.jobs.jobs[job].results)
     assert again.jobs.jobs[job].stats.latencies.count == sim.core.jobs.jobs[job].stats.latencies.count
+
+
+def test_the_loop_commits_queued_ops_within_the_group_commit_interval_even_when_idle(tmp_path):
+    """Group commit (CoordinatorServer._durability): ops wait at most ``state_commit_interval`` for
+    their transaction, and an idle loop wakes up for it (its poll timeout includes the deadline)."""
+    import time  # noqa: PLC0415
+
+    from broker.server import CoordinatorServer  # noqa: PLC0415
+    from cli.cluster import free_port_block  # noqa: PLC0415
+
+    cfg = Config(insecure=True, state_commit_interval=0.2, data_dir=str(tmp_path))
+    srv = CoordinatorServer(cfg, f"127.0.0.1:{free_port_block()}", data_dir=str(tmp_path / "c"))
+    try:
+        t0 = time.monotonic()
+        srv.step(t0)  # as the loop runs: now primary (no peer), nothing queued
+        srv.core.event("test", "one", t0)
+        srv._durability(t0)
+        assert len(srv.store.rows) == 1 and srv.commit_due == pytest.approx(t0 + 0.2)
+        srv._durability(t0 + 0.1)  # within the interval: still queued
+        assert len(srv.store.rows) == 1
+        assert srv.poll_timeout(t0 + 0.19) <= 0.01 + 1e-9  # an idle loop wakes up for the commit
+        while srv.store.rows and time.monotonic() - t0 < 10:
+            srv.step(time.monotonic())
+        assert not srv.store.rows and srv.commit_due is None
+        assert time.monotonic() - t0 >= 0.2  # not before its time
+        kinds = [op["kind"] for _, _, name, op in ops_of(srv.store)[0] if name == "event"]
+        assert kinds[-1] == "test"
+    finally:
+        srv.close()
