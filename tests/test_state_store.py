@@ -9,6 +9,7 @@ import sqlite3
 from collections import Counter
 from pathlib import Path
 
+import msgpack
 import pytest
 from simcluster import SimCluster
 
@@ -122,11 +123,22 @@ def test_corrupt_rows_are_skipped_with_a_warning_never_a_crash(tmp_path, caplog)
     assert s.wait_idle(30)
     for seq in range(1, 5):
         s.append(seq, 1, "event", {"n": seq})
-    s.commit(4)
+        s.commit(seq)  # one op per commit: a row of its own
+    for last in (8, 10):  # several ops per commit: one row holding them (ops 5-8, then 9-10)
+        for seq in range(last - 3 if last == 8 else 9, last + 1):
+            s.append(seq, 1, "event", {"n": seq})
+        s.commit(last)
     s.close()
     db = sqlite3.connect(path)
+    assert db.execute("SELECT seq, op FROM journal ORDER BY seq").fetchall() == [
+        (1, "event"), (2, "event"), (3, "event"), (4, "event"), (8, "ops"), (10, "ops")]
     db.execute("UPDATE journal SET data = x'c1ff' WHERE seq = 2")  # not msgpack
     db.execute("UPDATE journal SET data = x'01' WHERE seq = 3")  # msgpack, but not an op
+    batch = msgpack.unpackb(db.execute("SELECT data FROM journal WHERE seq = 8").fetchone()[0])
+    batch[1][3] = b"\xc1\xff"  # op 6's data is not msgpack
+    batch[2] = "not an op"  # op 7 is not an entry at all
+    db.execute("UPDATE journal SET data = ? WHERE seq = 8", (msgpack.packb(batch),))
+    db.execute("UPDATE journal SET data = x'c1' WHERE seq = 10")  # the whole row of ops 9-10
     db.execute("DELETE FROM snapshot_rows WHERE item = 1 AND part = 1")  # a part of job b is gone
     db.execute("UPDATE snapshot_rows SET data = x'93' WHERE item = 0")  # job a truncated
     db.commit()
@@ -134,11 +146,40 @@ def test_corrupt_rows_are_skipped_with_a_warning_never_a_crash(tmp_path, caplog)
     caplog.set_level(logging.WARNING, "idunno.coordinator.store")
     s = StateStore(path)
     ops, loaded = ops_of(s)
-    assert [o[0] for o in ops] == [1, 4]
+    assert [o[0] for o in ops] == [1, 4, 5, 8]  # a corrupt op costs that op; a corrupt row, its ops
+    assert [o[3]["n"] for o in ops] == [1, 4, 5, 8]
     assert loaded.items == [("cost", {})]
-    assert loaded.skipped == 4
-    assert sum("corrupt" in r.getMessage() for r in caplog.records) == 4
+    assert loaded.skipped == 7
+    assert sum("corrupt" in r.getMessage() for r in caplog.records) == 7
     s.close()
+
+
+def test_a_format_1_file_is_read_and_upgraded_and_an_unknown_format_is_refused(tmp_path):
+    path = tmp_path / "s.sqlite"
+    s = StateStore(path)
+    s.append(1, 1, "event", {"n": 1})
+    s.commit(1)  # a row per op, as format 1 wrote every op
+    s.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = 1 WHERE key = 'format'")
+    db.commit()
+    db.close()
+    s = StateStore(path)
+    s.load()
+    for seq in (2, 3):
+        s.append(seq, 1, "event", {"n": seq})
+    s.commit(3)
+    s.close()
+    s = StateStore(path)
+    assert [o[0] for o in ops_of(s)[0]] == [1, 2, 3]
+    assert StateStore._meta(s.db, "format") == 2
+    s.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = 3 WHERE key = 'format'")
+    db.commit()
+    db.close()
+    with pytest.raises(StateStoreError, match="state format 3, this version reads 1, 2"):
+        StateStore(path)
 
 
 def test_a_torn_wal_tail_loses_only_the_last_commit(tmp_path):
