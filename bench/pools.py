@@ -58,6 +58,10 @@ def sample(cluster: LocalCluster, seen: dict[str, Any], t: float) -> None:
         window = next(iter(rates["jobs"].values()))["window"]  # query_rate's short window (rate_window)
         if seen["all_first"] is not None and t >= seen["all_first"] + window:
             seen["steady"].append(rates["gap"])
+            running = {r["model"]: r["rate"] for r in rates["jobs"].values() if r["state"] == "running"}
+            mean = sum(running.values()) / len(running)
+            for model, rate in running.items():  # who is ahead or behind, sample by sample
+                seen["relative"].setdefault(model, []).append(rate / mean if mean > 0 else 1.0)
 
 
 def exactly_once(cluster: LocalCluster, job: str, n: int) -> tuple[bool, int]:
@@ -75,11 +79,13 @@ def run(name: str, env: dict[str, str], names: list[str], n_inputs: int, workers
             from sdfs.client import SdfsClient  # noqa: PLC0415
 
             with SdfsClient(cluster.config()) as client:
-                client.put_many([(str(p), f"in/{p.name}") for p in images()[:n_inputs]])
+                files = images()  # beyond data/'s images, copies under other names (a longer run)
+                client.put_many([(str(files[i % len(files)]), f"in/{i // len(files)}-{files[i % len(files)].name}")
+                                 for i in range(n_inputs)])
             wait_until(lambda: len(cluster.ctl("vm_info")) >= workers, 120, 0.25, f"{workers} workers")
             jobs = {m: cluster.ctl("submit", model=m, inputs="in/", batch=2)["job_id"] for m in names}
             seen: dict[str, Any] = {"held": {}, "peak": {}, "budget": {}, "gaps": [], "gaps_long": [], "steady": [],
-                                    "all_first": None}
+                                    "relative": {}, "all_first": None}
             t0 = time.monotonic()
             cluster.ctl("start")
             while time.monotonic() - t0 < timeout:
@@ -98,7 +104,8 @@ def run(name: str, env: dict[str, str], names: list[str], n_inputs: int, workers
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=MODELS)
-    ap.add_argument("--inputs", type=int, default=16, help="images from data/ each job classifies")
+    ap.add_argument("--inputs", type=int, default=16,
+                    help="images each job classifies (data/'s images, then copies of them under other names)")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--budget-mb", type=int, default=0,
                     help="pools sized by model_memory_mb (pool_max_models 0) instead of pool_max_models = 2")
@@ -106,7 +113,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1800.0)
     ns = ap.parse_args()
     names = [m.strip() for m in ns.models.split(",") if m.strip()]
-    n = min(ns.inputs, len(images()))
+    n = max(1, ns.inputs)
     bound = ({"IDUNNO_MODEL_MEMORY_MB": str(ns.budget_mb), "IDUNNO_POOL_MAX_MODELS": "0"} if ns.budget_mb
              else {"IDUNNO_POOL_MAX_MODELS": "2"})
     label = f"pools (model_memory_mb = {ns.budget_mb})" if ns.budget_mb else "pools (pool_max_models = 2)"
@@ -134,6 +141,10 @@ def main() -> int:
            "wall vs baseline", "load s (all)"], rows)
     table("seconds in model loads per job (summed over workers)", ["model", *res],
           [[m, *(f"{r['loads'].get(m, 0.0):.1f}" for r in res.values())] for m in names])
+    table("steady state: each job's live rate against the mean of the running jobs' (median of the samples; "
+          "1.00 = its fair share)", ["model", *res],
+          [[m, *(f"{statistics.median(r['relative'][m]):.3f}" if r["relative"].get(m) else "-" for r in res.values())]
+           for m in names])
     pooled = res[label]
     headline(f"{label}: max {max(pooled['held'].values(), default=0)} models per worker, peak RSS "
              f"{max(pooled['peak'].values(), default=0)} MB vs {max(base['peak'].values(), default=0)} MB unbounded; "

@@ -201,14 +201,28 @@ class JobStats:
                 total += c.n * overlap / (c.end - c.start)
         return total
 
-    def rate(self, now: float, window: float) -> float:
-        """Images per second over the last ``window`` seconds, or since the first dispatch when the
-        job is younger than that (dividing a 3 s old job's images by 10 s would understate it)."""
+    def rate(self, now: float, window: float, lag: float = 0.0) -> float:
+        """Images per second over the ``window`` seconds that end ``lag`` seconds ago, or since the
+        first dispatch when the job is younger than that (dividing a 3 s old job's images by 10 s
+        would understate it). Each piece's images are spread over the time it was computed, so an
+        image still being computed is missing from the window's end: ``lag`` (see
+        :meth:`longest_piece`) keeps the window where every piece is known."""
         if self.first_result is None:
             return 0.0
+        end = max(now - max(lag, 0.0), self.first_result)
         if self.first_dispatch is not None:
-            window = max(1e-3, min(window, now - self.first_dispatch))
-        return self.images_between(now - window, now) / window
+            window = max(1e-3, min(window, end - self.first_dispatch))
+        return self.images_between(end - window, end) / window
+
+    def longest_piece(self, now: float, window: float) -> float:
+        """The longest compute time of a piece that ended in the last ``window`` seconds: a piece
+        being computed now started at most about that long ago."""
+        longest = 0.0
+        for c in reversed(self.history):
+            if c.end <= now - window:
+                break
+            longest = max(longest, c.end - c.start)
+        return longest
 
     def overall_rate(self) -> float:
         """Images per second from the first dispatch to the last result."""

@@ -134,3 +134,30 @@ def test_the_prometheus_histogram_is_counted_from_the_sketch():
                for le in ("0.05", "0.25", "2.5", "5.0", "+Inf")]
     assert buckets == [10, 15, 15, 17, 17]
     assert registry.get_sample_value("idunno_query_latency_seconds_sum", labels) == pytest.approx(7.3)
+
+
+def test_a_rate_window_that_ends_before_the_pieces_being_computed_is_not_biased_low():
+    """Three workers each finish one 0.7 s image after another, staggered: 3 / 0.7 images/s. A
+    window ending now misses the part of each image still being computed (about 1.1 images of 43);
+    ending one longest piece earlier, it misses none."""
+    stats = JobStats("j")
+    stats.first_dispatch = 0.0
+    true_rate = 3 / 0.7
+    for w in range(3):
+        t = 0.7 * w / 3  # staggered starts
+        while t + 0.7 <= 60.0:
+            stats.record(1, 0, 0.7, 0.7, t + 0.7, f"w{w}")
+            t += 0.7
+    history = sorted(stats.history, key=lambda c: c.end)
+    stats.history.clear()
+    stats.history.extend(history)
+    now = 60.0
+    lag = stats.longest_piece(now, 10.0)
+    assert lag == pytest.approx(0.7)
+    assert stats.rate(now, 10.0) < 0.98 * true_rate  # biased low by the images in progress (2.7 %)
+    assert stats.rate(now, 10.0, lag) == pytest.approx(true_rate, rel=0.01)
+    # A young job: the window starts at its first dispatch, and never ends before its first result.
+    young = JobStats("y")
+    young.first_dispatch = 0.0
+    young.record(1, 0, 0.7, 0.7, 0.7)
+    assert young.rate(0.8, 10.0, 0.7) == pytest.approx(1 / 0.7)

@@ -129,8 +129,17 @@ def test_a_new_job_gets_its_first_result_after_one_image_not_one_batch():
     b = sim.command("submit", model=RESNET, inputs="in/", batch=8)["job_id"]
     sim.run_until(8.0)
     job = sim.core.jobs.jobs[b]
-    sizes = [n for _, j, _, n in sim.dispatches if j == b]
-    assert sizes[:4] == [1, 1, 2, 4] and set(sizes[4:]) == {8}  # slow start, then the job's batch size
+    sent = [(t, n) for t, j, _, n in sim.dispatches if j == b]
+    # Slow start: one image a task until a result has measured ResNet-50's cost, then at most the
+    # images sent so far (the batch doubles), up to the job's batch size.
+    measured = job.stats.first_result
+    before, after = [n for t, n in sent if t < measured], [n for t, n in sent if t >= measured]
+    assert before and set(before) == {1}, sent[:8]
+    total = len(before)
+    for n in after:
+        assert n <= max(1, total), sent[:12]
+        total += n
+    assert after[0] > 1 and set(after[-5:]) == {8}, sent[:12]
     # A slot frees within one streamed piece of AlexNet (≤ 0.25 s); then one ResNet image.
     assert job.stats.first_result - submitted <= 0.25 + COSTS[RESNET] + 1e-6
 
