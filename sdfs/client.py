@@ -28,6 +28,7 @@ from common.commands import MAX_INT
 from common.config import Config
 from common.protocol import (
     Delete,
+    ErrorCode,
     ListFiles,
     Locate,
     Located,
@@ -40,7 +41,7 @@ from common.protocol import (
     StoreList,
     decode,
 )
-from common.rpc import RpcClient, RpcError, next_req
+from common.rpc import RpcClient, RpcError, Unavailable, next_req
 from sdfs.channels import DataChannels
 from sdfs.download import PartialWriter, current_umask, publish, read_replica
 from sdfs.errors import SdfsError
@@ -175,21 +176,39 @@ class SdfsClient:
         UploadPipeline(self.cfg, self.channels, streams, groups, max_active).run()
 
     # -- get -----------------------------------------------------------------------------------
-    def locate(self, name: str, count: int = 1) -> list[dict[str, Any]]:
+    def locate(self, name: str, count: int = 1, wait: float = 0.0) -> list[dict[str, Any]]:
+        """The newest ``count`` versions of ``name`` with their live replicas. ``wait``: seconds to
+        keep asking while the coordinator knows the file but none of its replica holders is alive
+        yet (a cluster just started: the workers are still joining, as HDFS's safe mode), with
+        backoff; the same error after that."""
         validate_name(name, self.cfg.max_name_len)
-        reply = self.rpc.call(Locate(0, name, count))
+        deadline = time.monotonic() + max(0.0, wait)
+        pause = 0.1
+        while True:
+            try:
+                reply = self.rpc.call(Locate(0, name, count))
+                break
+            except Unavailable:
+                raise  # no coordinator answered: RpcClient has retried already
+            except RpcError as exc:
+                left = deadline - time.monotonic()
+                if exc.code != ErrorCode.UNAVAILABLE or left <= 0:
+                    raise
+                log.info("%s: %s; asking again (up to %.1f s more)", name, exc, left)
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 1.0)
         if not isinstance(reply, Located):
             raise SdfsError(f"unexpected reply {reply.TYPE}")
         return reply.versions
 
     def get(self, name: str, local: str | os.PathLike[str]) -> dict[str, Any]:
-        versions = self.locate(name, 1)
+        versions = self.locate(name, 1, wait=self.cfg.request_timeout)
         v = versions[0]
         _write_file(local, lambda out: self._download(name, v, out))
         return v
 
     def get_bytes(self, name: str, version: dict[str, Any] | None = None) -> bytes:
-        v = version or self.locate(name, 1)[0]
+        v = version or self.locate(name, 1, wait=self.cfg.request_timeout)[0]
         buf = io.BytesIO()
         self._download(name, v, buf)
         return buf.getvalue()
@@ -198,7 +217,7 @@ class SdfsClient:
         """Write the newest ``count`` versions, newest first, each behind a delimiter line."""
         if not 1 <= count <= MAX_INT:
             raise SdfsError(f"number of versions must be 1..{MAX_INT}")
-        versions = self.locate(name, count)
+        versions = self.locate(name, count, wait=self.cfg.request_timeout)
 
         def write(out: IO[bytes]) -> None:
             for v in versions:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
+from common.rpc import RpcError
 from sdfs.client import SdfsClient, SdfsError
 from sdfs.names import BadName
 
@@ -261,3 +262,27 @@ def test_bad_names_and_missing_files_fail_clearly(five, tmp_path):
         r = subprocess.run([*run, *args], capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode != 0, args
         assert message in r.stderr, (args, r.stderr)
+
+
+def test_a_get_while_the_holders_are_still_joining_waits_for_them(make_cluster, tmp_path):
+    """Right after a cluster (re)starts the coordinator knows the file but no holder has joined yet
+    (HDFS's safe mode): `get` asks again until one has, and fails clearly only after its wait."""
+    c = make_cluster(workers=2, env={"IDUNNO_TORCH": "0"})
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(50_000))
+    with SdfsClient(c.config()) as client:
+        client.put(src, "a.bin")
+    workers = [(int(p.addr.rsplit(":", 1)[1]), p.data_dir) for p in c.worker_procs()]
+    for p in c.worker_procs():
+        c.kill(p, signal.SIGTERM)
+        p.popen.wait(timeout=30)
+    wait_for(lambda: not [m for m in c.members() if m["role"] == "worker" and m["state"] == "alive"],
+             timeout=30, what="workers gone")
+    with SdfsClient(c.config().replace(request_timeout=0.5)) as client, \
+            pytest.raises(RpcError, match="none of its .* replica holders is alive"):
+        client.get("a.bin", tmp_path / "none")  # no holder comes back: the error, after the wait
+    for port, d in workers:  # the same nodes (address, data and replicas) start again
+        c.add_worker(port=port, data_dir=d)
+    with SdfsClient(c.config().replace(request_timeout=60.0)) as client:  # a busy machine starts slowly
+        client.get("a.bin", tmp_path / "back")
+    assert sha(tmp_path / "back") == sha(src)
