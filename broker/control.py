@@ -48,8 +48,8 @@ class Control:
                              f"bad arguments for {m.name}: {exc}; usage: {COMMANDS[m.name].usage()}")
             return
         # Whatever a client is told (a job submitted, a count of results) is durable first: a
-        # restart never goes back behind an answer. Cheap: the loop commits once per iteration
-        # anyway, this only moves that commit before the reply.
+        # restart never goes back behind an answer. This commit comes before the loop's group
+        # commit (state_commit_interval): one more transaction per command.
         core.commit()
         core.net.send(ident, Ok(m.req, data))
 

@@ -246,7 +246,8 @@ class Dispatcher:
         # scheduler's fairness accounting does not change.
         n = min(self.sizer.batch_for(job, node), len(job.pending))
         if self.cfg.slow_start:
-            n = min(n, max(1, job.counts.sent) if self.state.costs.of(job.model) else 1)
+            measured = self.state.costs.of(job.model) or job.stats.first_result is not None  # (noop: ~0 s)
+            n = min(n, max(1, job.counts.sent) if measured else 1)
         indexes = list(itertools.islice(job.pending, n))
         task_id = self.state.jobs.next_task_id(job.job_id, self.core.term)
         self.core.emit("task.dispatch", {"task_id": task_id, "job_id": job.job_id, "worker": node,

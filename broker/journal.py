@@ -87,7 +87,7 @@ class Journal:
 
     def commit(self) -> None:
         """Make every op so far durable (a write into the WAL: survives the process's death), and
-        publish them to the standby (once per loop iteration, and before answering a client)."""
+        publish them to the standby (the loop's group commit, and before answering a client)."""
         self.publish()
         if self.store is not None:
             self.store.commit(self.state_seq)

@@ -131,7 +131,7 @@ class StateStore:
         self.lineage = 0
         self.in_tx = False
         self.rows: list[tuple[int, int, int, str, bytes]] = []  # ops appended, written at the next commit
-        self.since_snapshot = 0  # journal rows after the newest snapshot (compaction trigger)
+        self.since_snapshot = 0  # journal ops after the newest snapshot (compaction trigger)
         self.requested = 0  # compactions handed to the thread
         self.finished = 0  # ... and reported back by poll()
         self.stats = CompactionStats()
@@ -251,8 +251,8 @@ class StateStore:
 
     # -- the loop's side --------------------------------------------------------------------------
     def append(self, seq: int, term: int, op: str, data: dict[str, Any]) -> None:
-        """Queue one op for the next :meth:`commit`, which writes the iteration's ops with one
-        ``executemany`` (an INSERT per op cost the coordinator's loop ~30 us per query, issue #14)."""
+        """Queue one op for the next :meth:`commit`, which writes the queued ops as one row (an
+        INSERT per op cost the coordinator's loop ~30 us per query, issue #14)."""
         try:
             self.rows.append((self.lineage, seq, term, op, _pack(data)))
         except (TypeError, ValueError) as exc:

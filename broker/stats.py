@@ -215,14 +215,18 @@ class JobStats:
         return self.images_between(end - window, end) / window
 
     def longest_piece(self, now: float, window: float) -> float:
-        """The longest compute time of a piece that ended in the last ``window`` seconds: a piece
-        being computed now started at most about that long ago."""
-        longest = 0.0
+        """How long the pieces that ended in the last ``window`` seconds took to compute, at the
+        90th percentile: a piece being computed now started at most about that long ago. (Not the
+        maximum: a task re-sent whole after a takeover arrives as one piece of its summed time.)"""
+        times = []
         for c in reversed(self.history):
             if c.end <= now - window:
                 break
-            longest = max(longest, c.end - c.start)
-        return longest
+            times.append(c.end - c.start)
+        if not times:
+            return 0.0
+        times.sort()
+        return times[min(len(times) - 1, int(0.9 * len(times)))]
 
     def overall_rate(self) -> float:
         """Images per second from the first dispatch to the last result."""

@@ -182,8 +182,10 @@ class SdfsClient:
         yet (a cluster just started: the workers are still joining, as HDFS's safe mode), with
         backoff; the same error after that."""
         validate_name(name, self.cfg.max_name_len)
-        deadline = time.monotonic() + max(0.0, wait)
+        started = time.monotonic()
+        deadline = started + max(0.0, wait)
         pause = 0.1
+        asked = 0
         while True:
             try:
                 reply = self.rpc.call(Locate(0, name, count))
@@ -191,9 +193,15 @@ class SdfsClient:
             except Unavailable:
                 raise  # no coordinator answered: RpcClient has retried already
             except RpcError as exc:
+                asked += 1
                 left = deadline - time.monotonic()
-                if exc.code != ErrorCode.UNAVAILABLE or left <= 0:
+                if exc.code != ErrorCode.UNAVAILABLE:
                     raise
+                if left <= 0:
+                    if asked == 1:
+                        raise
+                    took = time.monotonic() - started
+                    raise RpcError(exc.code, f"{exc} (asked {asked} times in {took:.1f} s)") from None
                 log.info("%s: %s; asking again (up to %.1f s more)", name, exc, left)
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, 1.0)
@@ -201,8 +209,9 @@ class SdfsClient:
             raise SdfsError(f"unexpected reply {reply.TYPE}")
         return reply.versions
 
-    def get(self, name: str, local: str | os.PathLike[str]) -> dict[str, Any]:
-        versions = self.locate(name, 1, wait=self.cfg.request_timeout)
+    def get(self, name: str, local: str | os.PathLike[str], wait: float | None = None) -> dict[str, Any]:
+        """Write the newest version to ``local``; ``wait`` (default ``request_timeout``): see :meth:`locate`."""
+        versions = self.locate(name, 1, wait=self.cfg.request_timeout if wait is None else wait)
         v = versions[0]
         _write_file(local, lambda out: self._download(name, v, out))
         return v

@@ -25,6 +25,7 @@ class FakeSdfs:
         self.down = False
         self.locates = 0
         self.gets = 0
+        self.waits: list[float | None] = []  # get's wait: a worker's fetch thread never waits
 
     def _v(self, name: str) -> dict[str, Any]:
         version, data = self.files[name]
@@ -38,7 +39,8 @@ class FakeSdfs:
             raise RpcError(ErrorCode.NOT_FOUND, f"no such file: {name}")
         return [self._v(name)]
 
-    def get(self, name: str, local: str | os.PathLike[str]) -> dict[str, Any]:
+    def get(self, name: str, local: str | os.PathLike[str], wait: float | None = None) -> dict[str, Any]:
+        self.waits.append(wait)
         self.gets += 1
         Path(local).write_bytes(self.files[name][1])
         return self._v(name)
@@ -96,6 +98,7 @@ def test_a_new_version_is_fetched_and_a_deleted_file_reported(tmp_path: Path) ->
     sdfs.files["models/alexnet.pth"] = (1, b"one")
     first = r.resolve(sdfs, sdfs, "alexnet")
     assert r.resolve(sdfs, sdfs, "alexnet").key == first.key and sdfs.gets == 1, "a version is downloaded once"
+    assert sdfs.waits == [0.0]  # the fetch thread does not wait for holders to join
     sdfs.files["models/alexnet.pth"] = (2, b"two")
     second = r.resolve(sdfs, sdfs, "alexnet")
     assert second.key != first.key and second.slot == first.slot and Path(second.path).read_bytes() == b"two"

@@ -244,3 +244,19 @@ def test_latency_target_without_auto_and_bad_batch_words_are_refused():
             sim.command("submit", model=RESNET, inputs="in/", **args)
     assert not sim.core.jobs.jobs
 
+
+
+def test_rate_windows_end_one_long_piece_ago_capped_and_only_while_jobs_run():
+    sim = SimCluster({ALEX: 0.02, "dear": 0.7, "huge": 5.0}, speeds=[1, 1, 1, 1])
+    sim.add_inputs("in", 200)
+    jobs = [sim.command("submit", model=m, inputs="in/", batch=2)["job_id"] for m in (ALEX, "dear")]
+    sim.command("start")
+    sim.run_until(20.0)
+    out = sim.command("query_rate")
+    assert [r["lag"] for r in out["jobs"].values()] == [pytest.approx(0.7)] * 2  # dear's one-image pieces
+    sim.run_until(400.0)
+    assert all(sim.core.jobs.jobs[j].state == "done" for j in jobs)
+    assert {r["lag"] for r in sim.command("query_rate")["jobs"].values()} == {0.0}  # nothing runs
+    huge = sim.command("submit", model="huge", inputs="in/", batch=1, start=True)["job_id"]
+    sim.run_until(430.0)
+    assert sim.command("query_rate", job=huge)["jobs"][huge]["lag"] == 2.5  # a quarter of the 10 s window

@@ -157,7 +157,7 @@ class WeightsResolver:
         dest = self.dir / f"{stem}@{version}-{checksum[:16]}.pth"
         if not dest.exists():
             tmp = self.dir / f".{stem}.download"
-            got = client.get(name, tmp)
+            got = client.get(name, tmp, wait=0.0)  # the fetch thread: a lost file fails its batch at once
             if int(got["version"]) != version or str(got.get("checksum", "")) != checksum:
                 self.seen.pop(name, None)  # a newer version arrived meanwhile: file it under its own key
                 dest = self.dir / f"{stem}@{got['version']}-{str(got.get('checksum', ''))[:16]}.pth"
