@@ -52,6 +52,17 @@ class TaskSizer:
                   for j in self.state.jobs.backlogged() if j.job_id != job.job_id and j.weight > 0]
         return max(1, min([self._bounded_batch(job, worker), *others]))
 
+    def slow_start(self, job: Job, n: int) -> int:
+        """A new job's batches grow 1, 1, 2, 4, ... up to ``n``, so its first result comes after one
+        image's compute, not a whole batch's; and while nothing has measured the model's cost, a
+        task holds one image (task_seconds cannot bound it yet: the batches grew to 8 before a
+        ResNet-50 result came back, 4 s of one worker under load, and the jobs' live rates stayed
+        apart for the next 10 s). Charging is per image: the fairness accounting does not change."""
+        if not self.cfg.slow_start:
+            return n
+        measured = self.state.costs.of(job.model) or job.stats.first_result is not None  # (noop: ~0 s)
+        return min(n, max(1, job.counts.sent) if measured else 1)
+
     def _bounded_batch(self, job: Job, worker: str) -> int:
         """The job's batch held to ``task_seconds`` of compute at its measured cost on this worker."""
         n = self._job_batch(job, worker)

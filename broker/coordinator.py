@@ -241,10 +241,6 @@ class Coordinator:
     def commit(self) -> None:
         self.log.commit()
 
-    def publish(self) -> None:
-        """Send the ops so far to the standby without committing them to the state store."""
-        self.log.publish()
-
     def snapshot(self) -> dict[str, Any]:
         return self.state.snapshot()
 

@@ -238,16 +238,7 @@ class Dispatcher:
     def _send_task(self, job: Job, node: str, now: float) -> bool:
         """Dispatch one batch of ``job`` to ``node``; its Task leaves at the end of the pass
         (``_send_tasks``, which re-queues it if the send fails). Always True."""
-        # Slow start: a new job's batches grow 1, 1, 2, 4, ... up to its batch size, so its first
-        # result comes after one image's compute, not a whole batch's; and while nothing has
-        # measured the model's cost, a task holds one image (task_seconds cannot bound it yet: the
-        # batches grew to 8 before a ResNet-50 result came back, 4 s of one worker under load, and
-        # the jobs' live rates stayed apart for the next 10 s). Charging is per image, so the
-        # scheduler's fairness accounting does not change.
-        n = min(self.sizer.batch_for(job, node), len(job.pending))
-        if self.cfg.slow_start:
-            measured = self.state.costs.of(job.model) or job.stats.first_result is not None  # (noop: ~0 s)
-            n = min(n, max(1, job.counts.sent) if measured else 1)
+        n = self.sizer.slow_start(job, min(self.sizer.batch_for(job, node), len(job.pending)))
         indexes = list(itertools.islice(job.pending, n))
         task_id = self.state.jobs.next_task_id(job.job_id, self.core.term)
         self.core.emit("task.dispatch", {"task_id": task_id, "job_id": job.job_id, "worker": node,

@@ -108,6 +108,43 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def row_ops(path: Path, row: tuple[Any, ...], out: Loaded) -> Iterator[tuple[int, int, str, dict[str, Any]]]:
+    """The ops of one journal row ``(seq, term, op, data)``: itself, or the ops of an ``ops`` row;
+    corrupt ones skipped with a warning and counted in ``out.skipped``."""
+    seq, term, op, data = row
+    if op != BATCH:
+        yield from _decoded(path, seq, term, op, data, out)
+        return
+    try:
+        entries = _unpack(data)
+        if not isinstance(entries, list):
+            raise ValueError("not a list of ops")
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        out.skipped += 1
+        log.warning("coordinator state %s: journal row of ops up to seq %s is corrupt (%s); skipped", path, seq, exc)
+        return
+    for entry in entries:
+        if isinstance(entry, list) and len(entry) == 4:
+            yield from _decoded(path, *entry, out)
+        else:
+            out.skipped += 1
+            log.warning("coordinator state %s: an op in the row up to seq %s is corrupt; skipped", path, seq)
+
+
+def _decoded(path: Path, seq: Any, term: Any, op: Any, data: Any,
+             out: Loaded) -> Iterator[tuple[int, int, str, dict[str, Any]]]:
+    try:
+        value = _unpack(data)
+        if not isinstance(value, dict) or not isinstance(op, str) or op == BATCH:
+            raise ValueError("not an op")
+        seq, term = int(seq), int(term)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        out.skipped += 1
+        log.warning("coordinator state %s: journal op seq %s is corrupt (%s); skipped", path, seq, exc)
+        return
+    yield seq, term, op, value
+
+
 class StateStore:
     def __init__(self, path: str | Path, chunk_bytes: int = 1 << 20, compact_ops: int = 20_000,
                  checkpoint_interval: float = 5.0) -> None:
@@ -205,7 +242,7 @@ class StateStore:
             (self.lineage, after))
         n = 0
         for row in cur:
-            for seq, term, op, value in self._row_ops(row, out):
+            for seq, term, op, value in row_ops(self.path, row, out):
                 if seq <= after:
                     continue  # (a batch never straddles a snapshot: compact() commits first)
                 n += 1
@@ -213,41 +250,6 @@ class StateStore:
                 out.last_seq = max(out.last_seq, seq)
                 yield seq, term, op, value
         self.since_snapshot = n
-
-    def _row_ops(self, row: tuple[Any, ...], out: Loaded) -> Iterator[tuple[int, int, str, dict[str, Any]]]:
-        """The ops of one journal row: itself, or the ops of a batch row; corrupt ones skipped."""
-        seq, term, op, data = row
-        if op != BATCH:
-            yield from self._decoded(seq, term, op, data, out)
-            return
-        try:
-            entries = _unpack(data)
-            if not isinstance(entries, list):
-                raise ValueError("not a list of ops")
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            out.skipped += 1
-            log.warning("coordinator state %s: journal row of ops up to seq %s is corrupt (%s); skipped",
-                        self.path, seq, exc)
-            return
-        for entry in entries:
-            if isinstance(entry, list) and len(entry) == 4:
-                yield from self._decoded(*entry, out)
-            else:
-                out.skipped += 1
-                log.warning("coordinator state %s: an op in the row up to seq %s is corrupt; skipped", self.path, seq)
-
-    def _decoded(self, seq: Any, term: Any, op: Any, data: Any,
-                 out: Loaded) -> Iterator[tuple[int, int, str, dict[str, Any]]]:
-        try:
-            value = _unpack(data)
-            if not isinstance(value, dict) or not isinstance(op, str) or op == BATCH:
-                raise ValueError("not an op")
-            seq, term = int(seq), int(term)
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            out.skipped += 1
-            log.warning("coordinator state %s: journal op seq %s is corrupt (%s); skipped", self.path, seq, exc)
-            return
-        yield seq, term, op, value
 
     # -- the loop's side --------------------------------------------------------------------------
     def append(self, seq: int, term: int, op: str, data: dict[str, Any]) -> None:

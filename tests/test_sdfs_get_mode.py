@@ -33,7 +33,7 @@ def client_and_version(tmp_path: Path) -> Iterator[tuple[SdfsClient, dict]]:
     client = SdfsClient(Config(host="127.0.0.1", coordinator="127.0.0.1:9"), ctx=ctx)
     version = {"version": 1, "size": len(DATA), "checksum": checksum, "mtime": 0.0,
                "replicas": [{"node_id": "n@1", "addr": server.addr}]}
-    client.locate = lambda name, count=1: [version] * min(count, 1)  # type: ignore[method-assign]
+    client.locate = lambda name, count=1, wait=0.0: [version] * min(count, 1)  # type: ignore[method-assign]
     try:
         yield client, version
     finally:
