@@ -79,10 +79,10 @@ class Views:
     def rate_lag(self, clock: float) -> float:
         """How far the rate windows end before now: the longest piece the running jobs computed in
         the last window (each job's 90th percentile), at most a quarter of the window; 0 while no
-        job runs. A window ending now misses the part of each piece
-        still being computed, so a model whose pieces take 0.7 s showed 3 % below its real rate
-        beside 0.05 s ones (simulated 6 jobs, every worker serving all: 4.6 % median gap instead of
-        2.3 %); all jobs share one lag, so their windows cover the same seconds."""
+        job runs. A window ending now misses the part of each piece still being computed, so a
+        model whose pieces take 0.7 s showed 3 % below its real rate beside 0.05 s ones (simulated
+        6 jobs, every worker serving all: 4.6 % median gap instead of 2.3 %); all jobs share one
+        lag, so their windows cover the same seconds."""
         short = self.cfg.rate_window
         longest = max((j.stats.longest_piece(clock, short) for j in self.jobs.running()), default=0.0)
         return min(longest, short / 4)
