@@ -87,15 +87,14 @@ class Views:
         longest = max((j.stats.longest_piece(clock, short) for j in self.jobs.running()), default=0.0)
         return min(longest, short / 4)
 
-    def _rate(self, job: Job, lag: float, window: float | None = None) -> float:
-        return job.stats.rate(self.core.clock(), window or self.cfg.rate_window, lag)
 
     def cmd_query_rate(self, args: dict[str, Any], now: float) -> Any:
         jobs = self.selected(args)
         short, long = self.cfg.rate_window, self.cfg.rate_window_long
-        lag = self.rate_lag(self.core.clock())
-        rates = {j.job_id: {"rate": self._rate(j, lag), "count": j.completed, "window": short,
-                            "rate_long": self._rate(j, lag, long), "window_long": long, "lag": round(lag, 3),
+        clock = self.core.clock()
+        lag = self.rate_lag(clock)
+        rates = {j.job_id: {"rate": j.stats.rate(clock, short, lag), "count": j.completed, "window": short,
+                            "rate_long": j.stats.rate(clock, long, lag), "window_long": long, "lag": round(lag, 3),
                             "model": j.model, "overall": j.stats.overall_rate(), "state": str(j.state),
                             "duplicates": j.stats.duplicates}
                  for j in jobs}

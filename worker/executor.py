@@ -40,19 +40,6 @@ from sdfs.store import LocalStore
 
 log = logging.getLogger("idunno.worker.executor")
 
-
-def lower_thread_priority(increment: int) -> None:
-    """Raise the calling thread's nice value by ``increment`` (Linux keeps nice per thread, and the
-    threads it starts later, torch's among them, inherit it). Never fatal: where the platform has
-    no per-thread priority the thread keeps the process's."""
-    if increment <= 0:
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
-    except (AttributeError, OSError) as exc:
-        log.debug("compute thread keeps its priority: %s", exc)
-
 MB = 1024 * 1024
 # Share of this machine's memory the workers on it may fill with models when model_memory_mb is 0:
 # the rest is for activations, decoded images, SDFS buffers and the other processes.
@@ -81,6 +68,19 @@ def default_model_memory(workers_on_host: int) -> int:
 def weights_sdfs_name(model: str) -> str:
     """Where a model's default weights live in SDFS (``idunno models put/pull``)."""
     return f"models/{model}.pth"
+
+
+def lower_thread_priority(increment: int) -> None:
+    """Raise the calling thread's nice value by ``increment`` (Linux keeps nice per thread, and the
+    threads it starts later, torch's among them, inherit it). Never fatal: where the platform has
+    no per-thread priority the thread keeps the process's."""
+    if increment <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except (AttributeError, OSError) as exc:
+        log.debug("thread %s keeps its priority: %s", threading.current_thread().name, exc)
 
 
 @dataclass(frozen=True)
