@@ -12,6 +12,7 @@ Throughput is both jobs' completed images over the time until the first job ende
   bound to a job at once, no slow start, tasks of the whole batch (``IDUNNO_STREAM_INTERVAL=0``,
   ``IDUNNO_PREFETCH_LEAD=1e9``, ``IDUNNO_SLOW_START=0``, ``IDUNNO_TASK_SECONDS=0``);
 - ``early``: streamed results, the prefetched batch bound at once;
+- ``credit2``: the defaults but a worker holds at most 2 tasks (the depth before worker_credit 8);
 - ``late``: the defaults (streamed results, late binding, tasks bounded by ``task_seconds``);
 - ``auto``: the defaults with both jobs on ``--batch auto`` (latency target 1 s).
 
@@ -92,6 +93,7 @@ def run(cluster: LocalCluster, copies: int, start_after: float, every: float, wo
 MODES = {  # key: (row name, environment, batch)
     "old": ("old: whole batches", OLD, 8),
     "early": ("streamed, early binding", {"IDUNNO_PREFETCH_LEAD": "1e9"}, 8),
+    "credit2": ("streamed + late binding, worker_credit 2", {"IDUNNO_WORKER_CREDIT": "2"}, 8),
     "late": ("streamed + late binding", {}, 8),
     "auto": ("streamed + late binding, --batch auto", {}, "auto"),
 }

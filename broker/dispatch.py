@@ -29,6 +29,9 @@ log = logging.getLogger("idunno.coordinator.dispatch")
 
 MAX_ELAPSED = 86_400.0  # seconds of compute for one batch: anything longer is not a measurement
 RESCAN = 1.0  # seconds between dispatch passes that check every worker (a safety net; see PassScan)
+# Tasks of a model whose cost on the worker is not measured yet that the worker may hold: one
+# computing, one prefetched (a slow model's first tasks must not queue seconds of work unseen).
+UNMEASURED_DEPTH = 2
 
 
 @dataclass
@@ -162,22 +165,16 @@ class Dispatcher:
             slot.outstanding.pop(task.task_id, None)
             self.scan.touch(task.worker)
 
-    def queued_work(self, worker: str, slot: WorkerSlot) -> float:
-        """Seconds of compute a worker still has to do on the tasks it holds, from their unanswered
-        queries and its measured cost per image for each model (0 while nothing is measured)."""
-        total = 0.0
-        jobs = self.state.jobs
-        for task_id in slot.outstanding:
-            task = jobs.tasks.get(task_id)
-            job = jobs.jobs.get(task.job_id) if task is not None else None
-            if job is not None:
-                cost = self.state.costs.measured(job.model, worker)
-                if cost:
-                    total += cost * sum(1 for i in task.indexes if i not in job.results)
-        return total
-
     def eligible(self, node: str, slot: WorkerSlot) -> bool:
-        return slot.credit > 0 and self.queued_work(node, slot) <= self.cfg.prefetch_lead
+        """May ``node`` be given another task? Its credit (``worker_credit``, the pipelining depth)
+        bounds how many tasks it holds; what they add up to is bounded by their measured compute
+        (``prefetch_lead``), and while a cost is unmeasured, by ``UNMEASURED_DEPTH`` tasks. The
+        depth pays for cheap tasks (a noop query costs the coordinator less in a Bundle of several);
+        the bounds keep a queue of slow ones from making completions lag dispatches."""
+        if slot.credit <= 0:
+            return False
+        seconds, unmeasured = queued_work(self.state, node, slot)
+        return seconds <= self.cfg.prefetch_lead and unmeasured < UNMEASURED_DEPTH
 
     def dispatch(self, now: float) -> None:
         """Give every free worker slot a batch from the job the scheduler picks: the Tasks one pass
@@ -408,3 +405,20 @@ def check_result(job: Job | None, m: TaskResult, task: TaskInfo | None) -> tuple
     if not (math.isfinite(m.elapsed) and 0.0 <= m.elapsed <= MAX_ELAPSED):
         raise ValueError(f"elapsed {m.elapsed!r} is not a duration in [0, {MAX_ELAPSED:.0f}] s")
     return job, parse_answers(job, task, m.results)
+
+
+def queued_work(state: Any, worker: str, slot: WorkerSlot) -> tuple[float, int]:
+    """What a worker still has to do on the tasks it holds: the seconds of compute of their
+    unanswered queries at its measured cost per image for each model, and how many of the tasks
+    are of a model whose cost on this worker nothing has measured yet."""
+    total, unmeasured = 0.0, 0
+    for task_id in slot.outstanding:
+        task = state.jobs.tasks.get(task_id)
+        job = state.jobs.jobs.get(task.job_id) if task is not None else None
+        if job is not None:
+            cost = state.costs.measured(job.model, worker)
+            if cost:
+                total += cost * sum(1 for i in task.indexes if i not in job.results)
+            else:
+                unmeasured += 1
+    return total, unmeasured

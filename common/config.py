@@ -62,8 +62,12 @@ class Config:
     # false: the worker never imports torch/torchvision (serves only `noop`; other models get a clear
     # error per query). 28 MiB RSS per worker, so 100 workers fit one machine (bench/scale.py).
     torch: bool = True
-    worker_credit: int = 2  # batches a worker holds: one computing, one prefetched
-    # ...but the prefetched batch is bound to a job only once the worker has at most this many seconds
+    # Tasks a worker may hold: its pipelining depth, as Ray Serve's max_ongoing_requests. Cheap tasks
+    # fill it (8 noop queries at batch 1 travel in one Bundle each way: 11,500 queries/s against
+    # 6,400 with 2, bench/throughput.py (b)); slow ones are held to one computing and one prefetched
+    # by the measured seconds below, or while their cost is unmeasured (Dispatcher.eligible).
+    worker_credit: int = 8
+    # ...and a prefetched batch is bound to a job only once the worker has at most this many seconds
     # of compute left: a batch queued behind seconds of work makes completions lag dispatches, and
     # the live query rates of fairly served jobs swing by whole batches (seen: 18 % median gap).
     # 0.5 s: with 1 s, a worker's queue swung the completions of a ResNet-50 job against its

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from simcluster import WHOLE_BATCHES, SimCluster
 
@@ -38,7 +40,12 @@ def test_auto_batch_follows_the_workers_measured_cost_and_the_latency_target():
     assert sim.core.state.costs.measured(CHEAP, node) == pytest.approx(0.05)
     assert d.sizer.batch_for(job, node) == 4  # 0.2 s / 0.05 s per image
     assert d.sizer.batch_for(job, "never-ran@1") == 4  # the cluster's figure for a worker that has none
-    assert d.sizer.task_timeout(job, node, 4) == max(sim.cfg.task_timeout_min, 10 * 0.05 * 4 * sim.cfg.worker_credit)
+    # The deadline: ten times the task's compute and what may wait ahead of it (prefetch_lead, 0.5 s,
+    # or one more task of its size), whatever the credit.
+    d.sizer.cfg = replace(sim.cfg, task_timeout_min=1.0, worker_credit=8)
+    assert d.sizer.task_timeout(job, node, 4) == pytest.approx(10 * (0.2 + 0.5))
+    assert d.sizer.task_timeout(job, node, 40) == pytest.approx(10 * (2.0 + 2.0))
+    assert d.sizer.task_timeout(job, node, 1) == pytest.approx(10 * (0.05 + 0.5))
 
 
 def test_credit_is_slots_minus_tasks_held_and_a_result_frees_its_slot():
@@ -118,7 +125,7 @@ def test_a_pass_checks_the_workers_that_changed_and_every_worker_once_per_rescan
     assert len(sim.workers[node].received) == 3  # its freed slot was refilled (two Tasks, then one more)
     # A slot freed behind the dispatcher's back (no message, no task taken back) waits for the rescan.
     other = list(sim.workers)[1]
-    d.slots[other].slots += 1
+    d.slots[other].outstanding.popitem()
     checked.clear()
     d.dispatch(sim.t)
     assert other not in checked and len(sim.workers[other].received) == 2
@@ -126,3 +133,36 @@ def test_a_pass_checks_the_workers_that_changed_and_every_worker_once_per_rescan
     d.dispatch(sim.t)
     sim._route()
     assert set(checked) == set(sim.workers) and len(sim.workers[other].received) == 3
+
+
+def most_held(cost: float, credit: int) -> tuple[int, int]:
+    """(tasks each worker holds right after the job starts, the most any worker held in the run) of
+    a batch-1 job of a model costing ``cost`` s per image, on 2 workers offering ``credit`` slots."""
+    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=credit, slow_start=False,
+                 stream_interval=0.0)
+    sim = SimCluster({CHEAP: cost}, speeds=[1, 1], cfg=cfg)
+    sim.add_inputs("in", 60)
+    slots = sim.core.dispatcher.slots
+    most, route = 0, sim._route
+
+    def tracking() -> None:
+        nonlocal most
+        route()
+        most = max([most, *(len(s.outstanding) for s in slots.values())])
+
+    sim._route = tracking  # type: ignore[method-assign]
+    sim.command("submit", model=CHEAP, inputs="in/", batch=1, start=True)
+    at_start = {len(s.outstanding) for s in slots.values()}
+    sim.run_until(200 * cost)
+    assert len(sim.core.jobs.jobs[next(iter(sim.core.jobs.jobs))].results) == 60
+    return at_start.pop() if len(at_start) == 1 else -1, most
+
+
+def test_cheap_tasks_fill_a_workers_credit_but_slow_or_unmeasured_ones_stop_at_two():
+    # worker_credit is the pipelining depth: noop-cheap tasks fill it (a Bundle each way carries
+    # several); a slow model's measured seconds (prefetch_lead, 0.5 s), or a cost nothing has
+    # measured yet, hold a worker to one task computing and one prefetched.
+    assert most_held(0.001, credit=8) == (2, 8)
+    assert most_held(0.6, credit=8) == (2, 2)  # 0.6 s > prefetch_lead: the second waits for the first's result
+    assert most_held(0.2, credit=8) == (2, 3)  # 0.2 + 0.2 <= 0.5: a third is bound
+    assert most_held(0.001, credit=1) == (1, 1)
