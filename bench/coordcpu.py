@@ -10,7 +10,10 @@ batch + per query (least squares over the batch sizes): what a task costs the co
 its queries. ``py-spy record -p <coordinator pid>`` on the same loop shows the functions (see
 bench/README.md).
 
-    .venv/bin/python bench/coordcpu.py [--batches 1,2,4,8] [--jobs 6] [--inputs 1000]
+``--credits 2,8`` runs the whole table once per ``worker_credit`` (each on a cluster of its own, the
+first the baseline): how the pipelining depth spreads the per-task cost over Bundles.
+
+    .venv/bin/python bench/coordcpu.py [--batches 1,2,4,8] [--jobs 6] [--inputs 1000] [--credits 8]
 """
 
 from __future__ import annotations
@@ -78,41 +81,57 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return slope, my - slope * mx
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="1,2,4,8")
-    ap.add_argument("--jobs", type=int, default=6, help="noop jobs per batch size")
-    ap.add_argument("--inputs", type=int, default=1000)
-    args = ap.parse_args()
-    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+def measure(batches: list[int], jobs: int, inputs: int, credit: int) -> dict[int, dict[str, float]]:
+    """Each batch size's figures on a fresh cluster (``credit`` 0: the config's worker_credit)."""
+    env = {"IDUNNO_TORCH": "0"} | ({"IDUNNO_WORKER_CREDIT": str(credit)} if credit else {})
     with temp_dir("idunno-bench-coordcpu-") as tmp:
-        cluster = LocalCluster(workers=2, standby=False, data_dir=str(tmp / "c"), env={"IDUNNO_TORCH": "0"})
+        cluster = LocalCluster(workers=2, standby=False, data_dir=str(tmp / "c"), env=env)
         with running(cluster, timeout=60):
             src = tmp / "files"
             src.mkdir()
             items = []
-            for i in range(args.inputs):
+            for i in range(inputs):
                 p = src / f"f{i}.bin"
                 p.write_bytes(os.urandom(100))
                 items.append((str(p), f"in/f{i}.bin"))
             with SdfsClient(cluster.config()) as client:
                 client.put_many(items)
-            results = {b: run_jobs(cluster, b, args.jobs, args.inputs) for b in batches}
-    base = results[batches[0]]
-    rows = [[b, f"{r['rate']:,.0f}", ratio(r["rate"] / base["rate"]), f"{r['coord']:.0f}", f"{r['loop']:.0f}",
-             f"{r['io']:.0f}", f"{r['other']:.0f}", f"{r['workers']:.0f}"] for b, r in results.items()]
-    if len(batches) >= 2:
-        for what, key in (("coordinator", "coord"), ("both workers", "workers")):
-            task, query = fit([(b, r[key]) for b, r in results.items()])
-            rows.append([f"fit: {what}", "-", "-", f"{task:.0f} per task + {query:.0f} per query", "", "", "", ""])
+            return {b: run_jobs(cluster, b, jobs, inputs) for b in batches}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,2,4,8")
+    ap.add_argument("--jobs", type=int, default=6, help="noop jobs per batch size")
+    ap.add_argument("--inputs", type=int, default=1000)
+    ap.add_argument("--credits", default="", help="comma list of worker_credit values (default: the config's)")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    credits = [int(c) for c in args.credits.split(",") if c.strip()] or [0]
+    runs = {credit: measure(batches, args.jobs, args.inputs, credit) for credit in credits}
+    base = runs[credits[0]][batches[0]]
+    rows = []
+    for credit, results in runs.items():
+        label = f"credit {credit}, batch " if credit else ""
+        rows += [[f"{label}{b}", f"{r['rate']:,.0f}", ratio(r["rate"] / base["rate"]), f"{r['coord']:.0f}",
+                  f"{r['loop']:.0f}", f"{r['io']:.0f}", f"{r['other']:.0f}", f"{r['workers']:.0f}"]
+                 for b, r in results.items()]
+        if len(batches) >= 2:
+            for what, key in (("coordinator", "coord"), ("both workers", "workers")):
+                task, query = fit([(b, r[key]) for b, r in results.items()])
+                rows.append([f"fit{f' (credit {credit})' if credit else ''}: {what}", "-", "-",
+                             f"{task:.0f} per task + {query:.0f} per query", "", "", "", ""])
+    first = f"credit {credits[0]}, batch {batches[0]}" if credits[0] else f"batch {batches[0]}"
     table(f"noop jobs of {args.inputs} queries, 2 torch-free workers, {args.jobs} jobs per batch size "
-          f"(baseline: batch {batches[0]})",
+          f"(baseline: {first})",
           ["batch", "queries/s", "x baseline", "coordinator µs CPU/query", "its loop thread", "ZeroMQ I/O thread",
            "other threads", "both workers µs CPU/query"], rows)
-    best = max(results, key=lambda b: results[b]["rate"])
-    top = results[best]["rate"]
-    headline(f"noop batch {batches[0]}: {base['rate']:,.0f} queries/s, coordinator {base['coord']:.0f} µs CPU per "
-             f"query; batch {best}: {top:,.0f} queries/s ({top / base['rate']:.2f}x)")
+    parts = []
+    for credit, results in runs.items():
+        r = results[batches[0]]
+        parts.append(f"{'credit ' + str(credit) + ' ' if credit else ''}batch {batches[0]}: {r['rate']:,.0f} queries/s "
+                     f"({r['rate'] / base['rate']:.2f}x), coordinator {r['coord']:.0f} µs CPU per query")
+    headline("noop " + "; ".join(parts))
     return 0
 
 

@@ -89,7 +89,7 @@ from cli.cluster import LocalCluster, Proc
 from common import security
 from common.config import Config
 from common.logstream import PUB_PORT_OFFSET
-from common.protocol import Command, ProtocolError, StateUpdate, Topic, decode
+from common.protocol import Command, ProtocolError, StateUpdate, StateUpdates, Topic, decode
 from common.rpc import RpcClient, RpcError
 from common.transport import offset_addr, tcp
 
@@ -451,9 +451,12 @@ class JournalObserver:
                             msg = decode(frames[1], self.cfg.max_frame_bytes)
                         except ProtocolError:
                             continue
-                        if isinstance(msg, StateUpdate) and msg.op.startswith("task."):
-                            with self.lock:
-                                self.records.append((time.time(), socks[s], msg))
+                        # One loop iteration's ops travel in one StateUpdates frame (issue #14).
+                        updates = msg.updates() if isinstance(msg, StateUpdates) else [msg]
+                        now = time.time()
+                        with self.lock:
+                            self.records.extend((now, socks[s], u) for u in updates
+                                                if isinstance(u, StateUpdate) and u.op.startswith("task."))
         finally:
             for s in socks:
                 s.close(0)
