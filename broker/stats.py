@@ -201,18 +201,46 @@ class JobStats:
                 total += c.n * overlap / (c.end - c.start)
         return total
 
-    def rate(self, now: float, window: float, lag: float = 0.0) -> float:
+    def rate(self, now: float, window: float, lag: float = 0.0, ramp: float = 0.0) -> float:
         """Images per second over the ``window`` seconds that end ``lag`` seconds ago, or since the
         first dispatch when the job is younger than that (dividing a 3 s old job's images by 10 s
         would understate it). Each piece's images are spread over the time it was computed, so an
         image still being computed is missing from the window's end: ``lag`` (see
-        :meth:`longest_piece`) keeps the window where every piece is known."""
+        :meth:`longest_piece`) keeps the window where every piece is known.
+
+        ``ramp`` > 0 tapers both edges: the rate is the mean of the window's rates over the ends in
+        the last ``ramp`` seconds before ``now - lag`` (a window of the same length whose edges fade
+        in and out over ``ramp``). A job served in bursts between another model's long pieces (a
+        cheap model sharing its one worker with vgg16's 0.7 s images) moved a square window's rate
+        by a whole burst as an edge crossed it; spread over one long piece, the edge moves it by
+        little. A job younger than ``window + ramp`` keeps square edges."""
         if self.first_result is None:
             return 0.0
         end = max(now - max(lag, 0.0), self.first_result)
         if self.first_dispatch is not None:
-            window = max(1e-3, min(window, end - self.first_dispatch))
-        return self.images_between(end - window, end) / window
+            age = end - self.first_dispatch
+            if age < window + ramp:
+                ramp = 0.0
+            window = max(1e-3, min(window, age))
+        if ramp <= 0.0:
+            return self.images_between(end - window, end) / window
+        return self.images_tapered(end - ramp - window, end - window, window) / window
+
+    def images_tapered(self, u0: float, u1: float, width: float) -> float:
+        """The mean of ``images_between(u, u + width)`` over every ``u`` in ``[u0, u1]``, exactly, in
+        one pass: a piece wholly inside every such window counts whole, one at an edge by how much
+        of it the windows hold on average (``_covered``)."""
+        total = 0.0
+        for c in reversed(self.history):
+            if c.end <= u0:
+                break
+            if c.start >= u1 + width:
+                continue
+            if c.start >= u1 and c.end <= u0 + width:
+                total += c.n
+            else:
+                total += c.n * _covered(c.start, c.end, u0, u1, width)
+        return total
 
     def longest_piece(self, now: float, window: float) -> float:
         """How long the pieces that ended in the last ``window`` seconds took to compute, at the
@@ -289,6 +317,20 @@ class JobStats:
 def summarize(values: Distribution | Iterable[float]) -> dict[str, float]:
     """count, avg, std, median, p90, p95, p99 of a Distribution (or of plain values, via one)."""
     return (values if isinstance(values, Distribution) else Distribution.of(values)).summary()
+
+
+def _covered(a: float, b: float, u0: float, u1: float, width: float) -> float:
+    """The mean over ``t`` in ``[a, b]`` of the share of the windows ``[u, u + width]``, ``u`` in
+    ``[u0, u1]``, that hold ``t``: a trapezoid in ``t`` (0 before ``u0``, rising to 1 at ``u1``,
+    falling from ``u0 + width`` to 0 at ``u1 + width``), integrated exactly between its corners."""
+    r = u1 - u0
+
+    def share(t: float) -> float:
+        return max(0.0, min(u1, t) - max(u0, t - width)) / r
+
+    points = [a, *sorted(p for p in (u0, u1, u0 + width, u1 + width) if a < p < b), b]
+    area = sum((q - p) * (share(p) + share(q)) / 2 for p, q in zip(points, points[1:], strict=False))
+    return area / (b - a)
 
 
 def rate_gap(rates: list[float]) -> float:

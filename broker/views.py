@@ -93,8 +93,10 @@ class Views:
         short, long = self.cfg.rate_window, self.cfg.rate_window_long
         clock = self.core.clock()
         lag = self.rate_lag(clock)
-        rates = {j.job_id: {"rate": j.stats.rate(clock, short, lag), "count": j.completed, "window": short,
-                            "rate_long": j.stats.rate(clock, long, lag), "window_long": long, "lag": round(lag, 3),
+        # Both windows end `lag` ago and their edges fade over `lag` too (JobStats.rate: one long
+        # piece, the granularity at which a job shares a worker with the slowest model).
+        rates = {j.job_id: {"rate": j.stats.rate(clock, short, lag, lag), "count": j.completed, "window": short,
+                            "rate_long": j.stats.rate(clock, long, lag, lag), "window_long": long, "lag": round(lag, 3),
                             "model": j.model, "overall": j.stats.overall_rate(), "state": str(j.state),
                             "duplicates": j.stats.duplicates}
                  for j in jobs}

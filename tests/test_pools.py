@@ -228,10 +228,10 @@ def test_six_models_of_very_different_cost_on_four_workers_two_per_pool_rates_st
     """The bench/pools.py case in the sim: vgg-like 0.8 s per image beside five models of 0.04 to
     0.12 s, 4 workers, 2 models each. No plan within the budget lets the expensive model's workers
     carry all the cheap ones: one worker holds two cheap models only. Unpaced, its jobs ran 4x as
-    fast as the rest (75 % median gap); paced, the gap stays within a few points of the unbounded
-    baseline's. (Since the rate window ends before the pieces still being computed, the baseline
-    reads 2.3 % here, not 4.7 %; pools read 6.7 %, not 7.0 %: each cheap model has one worker, which
-    it shares with vgg's 0.8 s images, so its rate moves with theirs. Issue #15's 5 % is not met.)"""
+    fast as the rest (75 % median gap); paced, each cheap model has one worker, which it shares with
+    vgg's 0.8 s images, so it is served in bursts between them: a square 10 s window read 6.7 %
+    (the baseline 2.3 %) as its edges crossed the bursts; with edges faded over one long piece
+    (JobStats.rate's ramp), 3.5 % (the baseline 0.3 %): issue #15's 5 %."""
     def run(budget: int) -> list[float]:
         costs = {"alex": 0.05, "res18": 0.12, "mobile": 0.04, "squeeze": 0.06, "shuffle": 0.05, "vgg": 0.8}
         cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2, pool_max_models=budget)
@@ -250,7 +250,7 @@ def test_six_models_of_very_different_cost_on_four_workers_two_per_pool_rates_st
         return gaps
 
     pooled, baseline = statistics.median(run(2)), statistics.median(run(0))
-    assert pooled <= min(0.08, baseline + 0.05), f"pools {pooled:.1%}, baseline {baseline:.1%}"
+    assert pooled <= 0.05 and baseline <= 0.05, f"pools {pooled:.1%}, baseline {baseline:.1%}"
 
 
 def test_a_job_ahead_of_the_least_served_waits_rather_than_widen_the_gap() -> None:

@@ -161,3 +161,46 @@ def test_a_rate_window_that_ends_before_the_pieces_being_computed_is_not_biased_
     young.first_dispatch = 0.0
     young.record(1, 0, 0.7, 0.7, 0.7)
     assert young.rate(0.8, 10.0, 0.7) == pytest.approx(1 / 0.7)
+
+
+def test_a_tapered_window_is_the_mean_of_the_square_windows_over_its_ramp():
+    """images_tapered computes, in one pass, what averaging images_between over every window start
+    in the ramp gives (checked against 4,001 evenly spaced starts, on random pieces)."""
+    rng = random.Random(7)
+    for _ in range(20):
+        stats = JobStats("j")
+        t = 0.0
+        while t < 30.0:
+            t += rng.uniform(0.0, 0.8)
+            elapsed = rng.uniform(1e-3, 1.5)
+            stats.record(rng.randint(1, 8), 0, elapsed, elapsed, t)
+        history = sorted(stats.history, key=lambda c: c.end)
+        stats.history.clear()
+        stats.history.extend(history)
+        width, ramp = rng.uniform(2.0, 12.0), rng.uniform(0.05, 2.5)
+        u0 = rng.uniform(0.0, 30.0 - width - ramp)
+        k = 4001
+        brute = sum(stats.images_between(u0 + ramp * i / (k - 1), u0 + ramp * i / (k - 1) + width)
+                    for i in range(k)) / k
+        assert stats.images_tapered(u0, u0 + ramp, width) == pytest.approx(brute, rel=1e-3, abs=1e-6)
+
+
+def test_a_job_served_in_bursts_reads_level_through_tapered_edges():
+    """A cheap model sharing its one worker with 0.7 s images: every 0.7 s a burst of 3 images
+    computed in 0.12 s (3 / 0.7 images/s). As a square window's edge crosses a burst its rate
+    moves by 3 images of 43 (7 %); faded over one long piece (the lag), by well under 1 %."""
+    stats = JobStats("j")
+    stats.first_dispatch = 0.0
+    true_rate = 3 / 0.7
+    t = 0.0
+    while t + 0.7 <= 80.0:
+        for i in range(3):
+            stats.record(1, 0, 0.1, 0.04, t + 0.04 * (i + 1))
+        t += 0.7
+    square = [stats.rate(40.0 + d / 50, 10.0, 0.7) for d in range(50)]
+    tapered = [stats.rate(40.0 + d / 50, 10.0, 0.7, 0.7) for d in range(50)]
+    spread = [(max(x) - min(x)) / true_rate for x in (square, tapered)]
+    assert spread[0] > 0.05 and spread[1] < 0.01, spread
+    assert statistics.mean(tapered) == pytest.approx(true_rate, rel=0.005)
+    # A job younger than its window plus the ramp keeps square edges (its window is its age).
+    assert stats.rate(10.3, 10.0, 0.0, 0.7) == stats.rate(10.3, 10.0)
