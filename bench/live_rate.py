@@ -20,7 +20,7 @@ Also reported: each job's first result after start, as the CLI sees it (``comple
 0.1 s), and the machine's load average. ``--samples FILE`` keeps every sample (time, both rates and
 counts, both gaps) for a closer look at the worst ones.
 
-    .venv/bin/python bench/live_rate.py [--quick] [--copies 6] [--workers 4] [--modes old,early,late,auto]
+    .venv/bin/python bench/live_rate.py [--quick] [--copies 6] [--workers 4] [--modes old,early,credit2,late,auto]
                                         [--samples samples.json]
 """
 
@@ -106,7 +106,7 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=None, help="copies of the 100 images (default 6 = 600 inputs)")
     ap.add_argument("--from", dest="start", type=float, default=None, help="first sample, s after start (15)")
     ap.add_argument("--every", type=float, default=2.0)
-    ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)} (the first is "
+    ap.add_argument("--modes", default="old,early,late,auto", help=f"comma list of {', '.join(MODES)} (the first is "
                     "the baseline of the ratio column)")
     ap.add_argument("--samples", default="", help="write every sample (time, rates, counts, gaps) to this JSON file")
     args = ap.parse_args()

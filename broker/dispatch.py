@@ -29,9 +29,9 @@ log = logging.getLogger("idunno.coordinator.dispatch")
 
 MAX_ELAPSED = 86_400.0  # seconds of compute for one batch: anything longer is not a measurement
 RESCAN = 1.0  # seconds between dispatch passes that check every worker (a safety net; see PassScan)
-# Tasks of a model whose cost on the worker is not measured yet that the worker may hold: one
-# computing, one prefetched (a slow model's first tasks must not queue seconds of work unseen).
-UNMEASURED_DEPTH = 2
+# Tasks any worker may hold, whatever they cost: one computing, one prefetched. Deeper (up to its
+# credit) only for cheap measured ones (Dispatcher.eligible).
+BASE_DEPTH = 2
 
 
 @dataclass
@@ -166,15 +166,18 @@ class Dispatcher:
             self.scan.touch(task.worker)
 
     def eligible(self, node: str, slot: WorkerSlot) -> bool:
-        """May ``node`` be given another task? Its credit (``worker_credit``, the pipelining depth)
-        bounds how many tasks it holds; what they add up to is bounded by their measured compute
-        (``prefetch_lead``), and while a cost is unmeasured, by ``UNMEASURED_DEPTH`` tasks. The
-        depth pays for cheap tasks (a noop query costs the coordinator less in a Bundle of several);
-        the bounds keep a queue of slow ones from making completions lag dispatches."""
+        """May ``node`` be given another task? Its credit (``worker_credit``) bounds how many tasks it
+        holds, and their measured compute (``prefetch_lead``) what they add up to. Beyond
+        ``BASE_DEPTH`` tasks, only while every task it holds is of measured cost and they add up to
+        at most ``cheap_queue_seconds``: the depth hides the round trip to us for cheap tasks (noop
+        queries in Bundles of several), and a new job's first task, or a task of a model still
+        loading, never waits behind more than one other task's worth of work."""
         if slot.credit <= 0:
             return False
         seconds, unmeasured = queued_work(self.state, node, slot)
-        return seconds <= self.cfg.prefetch_lead and unmeasured < UNMEASURED_DEPTH
+        if len(slot.outstanding) < BASE_DEPTH:
+            return seconds <= self.cfg.prefetch_lead
+        return not unmeasured and seconds <= min(self.cfg.prefetch_lead, self.cfg.cheap_queue_seconds)
 
     def dispatch(self, now: float) -> None:
         """Give every free worker slot a batch from the job the scheduler picks: the Tasks one pass

@@ -183,6 +183,10 @@ class JobStats:
     def record(self, n: int, errors: int, latency: float, elapsed: float, now: float, worker: str = "") -> None:
         if n <= 0:
             return
+        if self.history and now < self.history[-1].end:
+            # Ends stay in order (the rate's scans stop at the first piece before their window): a
+            # new primary's clock may be behind the old one's, or the clock stepped back.
+            now = self.history[-1].end
         self.spans.append(Span(worker, now - latency, now, n))
         self.errors += errors
         if self.first_result is None:
@@ -223,7 +227,7 @@ class JobStats:
             if age < window + ramp:
                 ramp = 0.0
             window = max(1e-3, min(window, age))
-        if ramp <= 0.0:
+        if ramp <= 1e-6:  # (below the pieces' own floor: square edges)
             return self.images_between(end - window, end) / window
         return self.images_tapered(end - ramp - window, end - window, window) / window
 
@@ -329,6 +333,8 @@ def _covered(a: float, b: float, u0: float, u1: float, width: float) -> float:
     def share(t: float) -> float:
         return max(0.0, min(u1, t) - max(u0, t - width)) / r
 
+    if b <= a:
+        return share(a)
     points = [a, *sorted(p for p in (u0, u1, u0 + width, u1 + width) if a < p < b), b]
     area = sum((q - p) * (share(p) + share(q)) / 2 for p, q in zip(points, points[1:], strict=False))
     return area / (b - a)

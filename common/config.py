@@ -62,11 +62,14 @@ class Config:
     # false: the worker never imports torch/torchvision (serves only `noop`; other models get a clear
     # error per query). 28 MiB RSS per worker, so 100 workers fit one machine (bench/scale.py).
     torch: bool = True
-    # Tasks a worker may hold: its pipelining depth, as Ray Serve's max_ongoing_requests. Cheap tasks
-    # fill it (8 noop queries at batch 1 travel in one Bundle each way: 11,500 queries/s against
-    # 6,400 with 2, bench/throughput.py (b)); slow ones are held to one computing and one prefetched
-    # by the measured seconds below, or while their cost is unmeasured (Dispatcher.eligible).
+    # Tasks a worker may hold: its pipelining depth, as Ray Serve's max_ongoing_requests. Two (one
+    # computing, one prefetched) for any task; beyond two only while the tasks it holds add up to at
+    # most cheap_queue_seconds of measured compute (Dispatcher.eligible): noop queries at batch 1
+    # then travel 8 in a Bundle each way (about 11,000-12,800 queries/s against 6,400 with 2,
+    # bench/throughput.py (b)), while a real model's queue, ahead of a new job's first task, stays
+    # one task deep.
     worker_credit: int = 8
+    cheap_queue_seconds: float = 0.05
     # ...and a prefetched batch is bound to a job only once the worker has at most this many seconds
     # of compute left: a batch queued behind seconds of work makes completions lag dispatches, and
     # the live query rates of fairly served jobs swing by whole batches (seen: 18 % median gap).
@@ -200,6 +203,8 @@ def load_config(path: str | None = None, env: dict[str, str] | None = None, **ov
                          "download_timeout a finite number > 0")
     if not 0 <= cfg.state_commit_interval <= 1.0:
         raise ValueError("state_commit_interval must be between 0 and 1 second")
+    if not 0 <= cfg.cheap_queue_seconds < math.inf:
+        raise ValueError("cheap_queue_seconds must be a finite number >= 0")
     if not 0 <= cfg.compute_nice <= 19:
         raise ValueError("compute_nice must be between 0 and 19")
     for key in ("replication_factor", "max_versions", "chunk_bytes", "transfer_window", "worker_credit",

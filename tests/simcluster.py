@@ -100,7 +100,7 @@ class SimCluster:
         # the models it has been sent tasks of (as a real worker's cache reports those it loaded).
         self.budget_mb = budget_mb
         self.model_mb = model_mb or {}
-        self.cfg = cfg or Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=2)
+        self.cfg = cfg or Config(heartbeat_interval=1000.0, task_timeout_min=1e6)  # the shipped worker_credit
         self.net = MemoryNet()
         # The simulated models (any names) are accepted beside the real ones.
         self.core = Coordinator(self.cfg, "sim:1", self.net, clock=lambda: self.t, models=MODEL_NAMES | costs.keys())

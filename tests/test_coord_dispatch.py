@@ -158,11 +158,12 @@ def most_held(cost: float, credit: int) -> tuple[int, int]:
     return at_start.pop() if len(at_start) == 1 else -1, most
 
 
-def test_cheap_tasks_fill_a_workers_credit_but_slow_or_unmeasured_ones_stop_at_two():
+def test_cheap_tasks_fill_a_workers_credit_but_others_stop_at_two():
     # worker_credit is the pipelining depth: noop-cheap tasks fill it (a Bundle each way carries
-    # several); a slow model's measured seconds (prefetch_lead, 0.5 s), or a cost nothing has
-    # measured yet, hold a worker to one task computing and one prefetched.
+    # several). Beyond two tasks only while they add up to cheap_queue_seconds (0.05 s) of measured
+    # compute; before anything is measured, two.
     assert most_held(0.001, credit=8) == (2, 8)
-    assert most_held(0.6, credit=8) == (2, 2)  # 0.6 s > prefetch_lead: the second waits for the first's result
-    assert most_held(0.2, credit=8) == (2, 3)  # 0.2 + 0.2 <= 0.5: a third is bound
+    assert most_held(0.02, credit=8) == (2, 3)  # 2 x 0.02 <= 0.05: a third; 3 x 0.02 > 0.05: no fourth
+    assert most_held(0.2, credit=8) == (2, 2)  # a real model's queue stays one task deep
+    assert most_held(0.6, credit=8) == (2, 2)
     assert most_held(0.001, credit=1) == (1, 1)
