@@ -577,6 +577,10 @@ def main() -> int:
                     help="(b) queries in each noop job, a multiple of 100 (default 1000, quick 200)")
     ap.add_argument("--repeat", type=int, default=None, help="(a) rounds of native + cluster (default 3, quick 1)")
     ap.add_argument("--standby", action="store_true", help="run the cluster with a hot standby (default: none)")
+    ap.add_argument("--workers", type=int, default=2, help="(a), (f): the cluster's workers (default 2)")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="(a), (f): torch threads per worker (default 1; --workers 1 --torch-threads 2 is the "
+                         "one-process loop's shape)")
     ap.add_argument("--cli-runs", type=int, default=None, help="(d) runs of each process (default 30, quick 10)")
     ap.add_argument("--cli-only", action="store_true", help="only (d), on a small cluster of its own")
     ap.add_argument("--curve-only", action="store_true", help="only (e), on two small clusters of its own")
@@ -605,7 +609,7 @@ def main() -> int:
     repeat = args.repeat or (1 if args.quick else 3)
     noop_copies = max(1, math.ceil((args.noop_queries or (200 if args.quick else 1000)) / 100))
     raw_n = 2000 if args.quick else 10_000
-    workers, threads = 2, 1
+    workers, threads = args.workers, args.torch_threads
 
     files = images()
     paths = [p for _ in range(copies) for p in files]

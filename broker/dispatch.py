@@ -165,19 +165,23 @@ class Dispatcher:
             slot.outstanding.pop(task.task_id, None)
             self.scan.touch(task.worker)
 
-    def eligible(self, node: str, slot: WorkerSlot) -> bool:
+    def eligible(self, node: str, slot: WorkerSlot, now: float) -> bool:
         """May ``node`` be given another task? Its credit (``worker_credit``) bounds how many tasks it
         holds, and their measured compute (``prefetch_lead``) what they add up to. Beyond
-        ``BASE_DEPTH`` tasks, only while every task it holds is of measured cost and they add up to
-        at most ``cheap_queue_seconds``: the depth hides the round trip to us for cheap tasks (noop
-        queries in Bundles of several), and a new job's first task, or a task of a model still
-        loading, never waits behind more than one other task's worth of work."""
+        ``BASE_DEPTH`` tasks, only while the worker turns its tasks around fast: every task it holds
+        is of measured cost, they add up to at most ``cheap_queue_seconds`` of compute, and none has
+        been out longer than that. The depth hides the round trip to us for cheap tasks (noop
+        queries in Bundles of several); a new job's first task, or a task of a model still loading,
+        never waits behind more than one other task's worth of work; and a worker starved of CPU
+        (100 workers on 2 cores: 8 tasks each held a third of a 10 s window's queries in flight, and
+        the jobs' live rates drifted 28 % apart) is not handed a queue it cannot turn around."""
         if slot.credit <= 0:
             return False
         seconds, unmeasured = queued_work(self.state, node, slot)
         if len(slot.outstanding) < BASE_DEPTH:
             return seconds <= self.cfg.prefetch_lead
-        return not unmeasured and seconds <= min(self.cfg.prefetch_lead, self.cfg.cheap_queue_seconds)
+        cheap = min(self.cfg.prefetch_lead, self.cfg.cheap_queue_seconds)
+        return not unmeasured and seconds <= cheap and now - min(slot.outstanding.values()) <= cheap
 
     def dispatch(self, now: float) -> None:
         """Give every free worker slot a batch from the job the scheduler picks: the Tasks one pass
@@ -202,7 +206,7 @@ class Dispatcher:
         # Re-scanning every worker per task made a pass O(workers^2): 1,000 simulated workers took
         # 10 s to fill their slots (tests/test_scale.py).
         free = [(-self.slots[node].credit, self.scan.order[node], node) for node in self.scan.candidates(now)
-                if self.eligible(node, self.slots[node]) and self.core.registry.is_alive(node)]
+                if self.eligible(node, self.slots[node], now) and self.core.registry.is_alive(node)]
         self.scan.unsettled = {node for _, _, node in free}  # eligible now: still so next pass unless touched
         heapq.heapify(free)
         while free:
@@ -220,7 +224,7 @@ class Dispatcher:
             node, order = self._warm_node(job, node, order, free)
             if not self._send_task(job, node, now):
                 continue  # not pushed back: for this pass only, a failed send is usually a reconnect
-            if self.eligible(node, self.slots[node]):
+            if self.eligible(node, self.slots[node], now):
                 heapq.heappush(free, (-self.slots[node].credit, order, node))
 
     def _warm_node(self, job: Job, node: str, order: int, free: list[tuple[int, int, str]]) -> tuple[str, int]:

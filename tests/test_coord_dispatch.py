@@ -110,7 +110,7 @@ def test_a_pass_checks_the_workers_that_changed_and_every_worker_once_per_rescan
     d: Dispatcher = sim.core.dispatcher
     checked: list[str] = []
     eligible = d.eligible
-    d.eligible = lambda node, slot: checked.append(node) or eligible(node, slot)  # type: ignore[method-assign]
+    d.eligible = lambda node, slot, now: checked.append(node) or eligible(node, slot, now)  # type: ignore[method-assign]
     node = next(iter(sim.workers))
     task = sim.workers[node].received[0]
     d.scan.rescan_at = sim.t + RESCAN  # no safety-net scan due
@@ -167,3 +167,28 @@ def test_cheap_tasks_fill_a_workers_credit_but_others_stop_at_two():
     assert most_held(0.2, credit=8) == (2, 2)  # a real model's queue stays one task deep
     assert most_held(0.6, credit=8) == (2, 2)
     assert most_held(0.001, credit=1) == (1, 1)
+
+
+def test_a_worker_slow_to_turn_its_tasks_around_gets_no_deep_queue():
+    # Cheap measured tasks fill the credit while the worker answers at once; once its oldest task
+    # has been out longer than cheap_queue_seconds (a worker starved of CPU), it is held to two.
+    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=8, slow_start=False,
+                 stream_interval=0.0)
+    sim = SimCluster({CHEAP: 0.001}, speeds=[1], cfg=cfg)
+    sim.add_inputs("in", 100)
+    job = sim.command("submit", model=CHEAP, inputs="in/", batch=1, start=True)["job_id"]
+    node = next(iter(sim.workers))
+    slot = sim.core.dispatcher.slots[node]
+    w = sim.workers[node]
+    assert len(slot.outstanding) == 2  # nothing measured yet
+    first = w.received[0]
+    sim.t += 0.001
+    sim.deliver(node, TaskResult(first.task_id, job, node, 0.001, answers(first)))
+    assert len(slot.outstanding) == 8  # measured, cheap, answered at once: the whole credit
+    sim.t += 1.0  # the worker's next answer comes a second later
+    second = w.received[1]
+    sim.deliver(node, TaskResult(second.task_id, job, node, 0.001, answers(second)))
+    assert len(slot.outstanding) == 7  # its oldest task has waited 1 s: no refill beyond two
+    for task in [t for t in w.received if t.task_id in slot.outstanding][:5]:
+        sim.deliver(node, TaskResult(task.task_id, job, node, 0.001, answers(task)))
+    assert len(slot.outstanding) == 2
