@@ -64,7 +64,8 @@ class Config:
     torch: bool = True
     # Tasks a worker may hold: its pipelining depth, as Ray Serve's max_ongoing_requests. Two (one
     # computing, one prefetched) for any task; beyond two only while the tasks it holds add up to at
-    # most cheap_queue_seconds of measured compute (Dispatcher.eligible): noop queries at batch 1
+    # most cheap_queue_seconds of measured compute and none has been out longer than that (a worker
+    # that turns its tasks around; Dispatcher.eligible): noop queries at batch 1
     # then travel 8 in a Bundle each way (about 11,000-12,800 queries/s against 6,400 with 2,
     # bench/throughput.py (b)), while a real model's queue, ahead of a new job's first task, stays
     # one task deep.

@@ -192,3 +192,7 @@ def test_a_worker_slow_to_turn_its_tasks_around_gets_no_deep_queue():
     for task in [t for t in w.received if t.task_id in slot.outstanding][:5]:
         sim.deliver(node, TaskResult(task.task_id, job, node, 0.001, answers(task)))
     assert len(slot.outstanding) == 2
+    # Answered at once again: the deep queue comes back.
+    for task in [t for t in w.received if t.task_id in slot.outstanding]:
+        sim.deliver(node, TaskResult(task.task_id, job, node, 0.001, answers(task)))
+    assert len(slot.outstanding) == 8

@@ -9,7 +9,7 @@ import statistics
 import msgpack
 import pytest
 
-from broker.stats import RELATIVE_ACCURACY, SKETCH_BINS, Distribution, JobStats, summarize
+from broker.stats import RELATIVE_ACCURACY, SKETCH_BINS, Distribution, JobStats, _covered, summarize
 
 
 def exact_quantile(sorted_values: list[float], q: float) -> float:
@@ -180,6 +180,9 @@ def test_a_tapered_window_is_the_mean_of_the_square_windows_over_its_ramp():
         brute = sum(stats.images_between(u0 + ramp * i / (k - 1), u0 + ramp * i / (k - 1) + width)
                     for i in range(k)) / k
         assert stats.images_tapered(u0, u0 + ramp, width) == pytest.approx(brute, rel=1e-3, abs=1e-6)
+    # An empty piece counts by the share of windows that hold its instant (no division by zero).
+    assert _covered(5.0, 5.0, 4.0, 6.0, 3.0) == pytest.approx(0.5)
+    assert _covered(9.5, 9.5, 4.0, 6.0, 3.0) == 0.0
 
 
 def test_a_job_served_in_bursts_reads_level_through_tapered_edges():
