@@ -135,13 +135,19 @@ def test_a_pass_checks_the_workers_that_changed_and_every_worker_once_per_rescan
     assert set(checked) == set(sim.workers) and len(sim.workers[other].received) == 3
 
 
+def deep_sim(cost: float, credit: int, workers: int, inputs: int) -> SimCluster:
+    """Workers offering ``credit`` slots, a model of ``cost`` s per image, whole-task answers."""
+    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=credit, slow_start=False,
+                 stream_interval=0.0)
+    sim = SimCluster({CHEAP: cost}, speeds=[1] * workers, cfg=cfg)
+    sim.add_inputs("in", inputs)
+    return sim
+
+
 def most_held(cost: float, credit: int) -> tuple[int, int]:
     """(tasks each worker holds right after the job starts, the most any worker held in the run) of
     a batch-1 job of a model costing ``cost`` s per image, on 2 workers offering ``credit`` slots."""
-    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=credit, slow_start=False,
-                 stream_interval=0.0)
-    sim = SimCluster({CHEAP: cost}, speeds=[1, 1], cfg=cfg)
-    sim.add_inputs("in", 60)
+    sim = deep_sim(cost, credit, workers=2, inputs=60)
     slots = sim.core.dispatcher.slots
     most, route = 0, sim._route
 
@@ -172,10 +178,7 @@ def test_cheap_tasks_fill_a_workers_credit_but_others_stop_at_two():
 def test_a_worker_slow_to_turn_its_tasks_around_gets_no_deep_queue():
     # Cheap measured tasks fill the credit while the worker answers at once; once its oldest task
     # has been out longer than cheap_queue_seconds (a worker starved of CPU), it is held to two.
-    cfg = Config(heartbeat_interval=1000.0, task_timeout_min=1e6, worker_credit=8, slow_start=False,
-                 stream_interval=0.0)
-    sim = SimCluster({CHEAP: 0.001}, speeds=[1], cfg=cfg)
-    sim.add_inputs("in", 100)
+    sim = deep_sim(0.001, credit=8, workers=1, inputs=100)
     job = sim.command("submit", model=CHEAP, inputs="in/", batch=1, start=True)["job_id"]
     node = next(iter(sim.workers))
     slot = sim.core.dispatcher.slots[node]
