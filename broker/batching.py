@@ -26,8 +26,8 @@ class TaskSizer:
         per_image = self.state.costs.of(job.model, worker) or self.state.costs.of_worker(worker) or 1.0
         n = n or job.batch_size or self.cfg.max_batch_size
         # Ten times the task's compute and what may wait ahead of it on the worker: at most
-        # prefetch_lead of measured work, or one more task while the cost is unmeasured
-        # (Dispatcher.eligible), whatever the worker's credit.
+        # prefetch_lead of measured work, or one other task (Dispatcher.eligible), whatever the
+        # worker's credit.
         own = per_image * n
         return max(self.cfg.task_timeout_min, 10 * (own + max(own, self.cfg.prefetch_lead)))
 

@@ -3,9 +3,9 @@
 Query rate is images per second over a sliding window (default 10 s). A batch's images are spread
 over the batch's compute interval (a fluid count), so a window edge that cuts a batch in half
 counts half of it: without that, rates jump by a whole batch at each completion and two equally
-served jobs look 10-20 % apart on short windows. ``query_rate`` also fades the window's edges over one long piece
-(``JobStats.rate``'s ``ramp``), for jobs served in bursts. Timestamps are wall-clock so the standby's copy
-of the statistics stays meaningful after a takeover.
+served jobs look 10-20 % apart on short windows. ``query_rate`` also fades the window's edges over
+one long piece (``JobStats.rate``'s ``ramp``), for jobs served in bursts. Timestamps are wall-clock
+so the standby's copy of the statistics stays meaningful after a takeover.
 
 Latency and compute time per image are kept as a ``Distribution``: exact count, mean, standard
 deviation, min and max (Welford's running moments), and quantiles from a DDSketch with 1 % relative

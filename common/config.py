@@ -65,10 +65,9 @@ class Config:
     # Tasks a worker may hold: its pipelining depth, as Ray Serve's max_ongoing_requests. Two (one
     # computing, one prefetched) for any task; beyond two only while the tasks it holds add up to at
     # most cheap_queue_seconds of measured compute and none has been out longer than that (a worker
-    # that turns its tasks around; Dispatcher.eligible): noop queries at batch 1
-    # then travel 8 in a Bundle each way (about 11,000-12,800 queries/s against 6,400 with 2,
-    # bench/throughput.py (b)), while a real model's queue, ahead of a new job's first task, stays
-    # one task deep.
+    # that turns its tasks around; Dispatcher.eligible): noop queries at batch 1 then travel 8 in a
+    # Bundle each way (about 11,000-12,800 queries/s against 6,400 with 2, bench/throughput.py (b)),
+    # while a real model's queue, ahead of a new job's first task, stays one task deep.
     worker_credit: int = 8
     cheap_queue_seconds: float = 0.05
     # ...and a prefetched batch is bound to a job only once the worker has at most this many seconds
