@@ -86,8 +86,9 @@ def test_two_jobs_with_a_worker_killed_mid_job_lose_and_duplicate_nothing(make_c
 
 
 def test_set_batch_size_changes_what_workers_receive(make_cluster):
-    # Two tasks a worker at most: with the default depth (8) the workers may hold this cheap model's
-    # whole job (2 x 8 tasks of 6 images) before the change, leaving no task to dispatch after it.
+    # Two tasks a worker at most, pinned: the default depth (8) lets a worker take a third task of a
+    # model this cheap (6 images of about 6.5 ms) while its held tasks' unanswered compute is under
+    # cheap_queue_seconds, and the test needs tasks left to dispatch after the change.
     c = make_cluster(workers=2, env={"IDUNNO_PRELOAD_MODELS": "mobilenet_v3_small", "IDUNNO_WORKER_CREDIT": "2"})
     n = 60
     load(c, n)
