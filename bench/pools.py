@@ -18,14 +18,19 @@ results for a whole rate window, the steady state past the model loads, and of t
 window's gap), wall time, and seconds in model loads per job (workers' logs).
 The ratios compare pools against the baseline.
 
-    .venv/bin/python bench/pools.py [--models alexnet,resnet18,...] [--inputs 16] [--workers 4]
+    .venv/bin/python bench/pools.py [--models alexnet,resnet18,...] [--inputs 16] [--workers 4] [--trace PREFIX]
+
+``--trace PREFIX`` keeps every sample (each job's rate, count, lag and ramp; each worker's models)
+and the coordinator's timeline in PREFIX-pools.json and PREFIX-baseline.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from benchlib import headline, images, load_seconds, ratio, running, table, temp_dir, vm_hwm_kib, wait_until
@@ -52,6 +57,10 @@ def sample(cluster: LocalCluster, seen: dict[str, Any], t: float) -> None:
         seen["budget"][node] = d.get("budget_mb", 0)
     if seen["all_first"] is None and all(r["count"] > 0 for r in rates["jobs"].values()):
         seen["all_first"] = t
+    if seen["samples"] is not None:  # --trace: every sample as it came, for a look at the swings
+        seen["samples"].append({"t": round(t, 2), "gap": rates["gap"], "jobs": {
+            r["model"]: {k: r[k] for k in ("state", "count", "rate", "lag", "ramp") if k in r}
+            for r in rates["jobs"].values()}, "models": {node: d["models"] for node, d in info.items()}})
     if sum(1 for r in rates["jobs"].values() if r["state"] == "running") >= 2:
         seen["gaps"].append(rates["gap"])
         seen["gaps_long"].append(rates["gap_long"])
@@ -72,7 +81,7 @@ def exactly_once(cluster: LocalCluster, job: str, n: int) -> tuple[bool, int]:
 
 
 def run(name: str, env: dict[str, str], names: list[str], n_inputs: int, workers: int, step: float,
-        timeout: float) -> dict[str, Any]:
+        timeout: float, trace: str = "") -> dict[str, Any]:
     with temp_dir(f"idunno-bench-pools-{name}-") as tmp:
         cluster = LocalCluster(workers=workers, standby=False, data_dir=str(tmp), env=env)
         with running(cluster, timeout=120):
@@ -85,7 +94,7 @@ def run(name: str, env: dict[str, str], names: list[str], n_inputs: int, workers
             wait_until(lambda: len(cluster.ctl("vm_info")) >= workers, 120, 0.25, f"{workers} workers")
             jobs = {m: cluster.ctl("submit", model=m, inputs="in/", batch=2)["job_id"] for m in names}
             seen: dict[str, Any] = {"held": {}, "peak": {}, "budget": {}, "gaps": [], "gaps_long": [], "steady": [],
-                                    "relative": {}, "all_first": None}
+                                    "relative": {}, "all_first": None, "samples": [] if trace else None}
             t0 = time.monotonic()
             cluster.ctl("start")
             while time.monotonic() - t0 < timeout:
@@ -97,6 +106,9 @@ def run(name: str, env: dict[str, str], names: list[str], n_inputs: int, workers
             wall = time.monotonic() - t0
             sample(cluster, seen, wall)
             checks = {m: exactly_once(cluster, j, n_inputs) for m, j in jobs.items()}
+            if trace:  # the samples and the coordinator's timeline (each result's worker, end, images)
+                Path(f"{trace}-{name}.json").write_text(json.dumps(
+                    {"samples": seen["samples"], "timeline": cluster.ctl("timeline", timeout=30.0)}))
             hwm = {p.name: (vm_hwm_kib(p.popen.pid) or 0) / 1024 for p in cluster.worker_procs()}
             return {"wall": wall, "checks": checks, "hwm": hwm, "loads": load_seconds(cluster), **seen}
 
@@ -111,6 +123,8 @@ def main() -> int:
                     help="pools sized by model_memory_mb (pool_max_models 0) instead of pool_max_models = 2")
     ap.add_argument("--sample", type=float, default=2.0, help="seconds between vm_info / query_rate samples")
     ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--trace", default="", metavar="PREFIX",
+                    help="write every sample and the timeline to PREFIX-pools.json and PREFIX-baseline.json")
     ns = ap.parse_args()
     names = [m.strip() for m in ns.models.split(",") if m.strip()]
     n = max(1, ns.inputs)
@@ -118,9 +132,9 @@ def main() -> int:
              else {"IDUNNO_POOL_MAX_MODELS": "2"})
     label = f"pools (model_memory_mb = {ns.budget_mb})" if ns.budget_mb else "pools (pool_max_models = 2)"
     headline(f"model pools: {len(names)} jobs ({', '.join(names)}) x {n} inputs on {ns.workers} workers")
-    res = {label: run("pools", bound, names, n, ns.workers, ns.sample, ns.timeout),
+    res = {label: run("pools", bound, names, n, ns.workers, ns.sample, ns.timeout, ns.trace),
            "baseline (no pool bound)": run("baseline", {"IDUNNO_POOL_MAX_MODELS": "0"}, names, n, ns.workers,
-                                           ns.sample, ns.timeout)}
+                                           ns.sample, ns.timeout, ns.trace)}
     base = res["baseline (no pool bound)"]
     rows = []
     for what, r in res.items():

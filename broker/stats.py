@@ -4,7 +4,8 @@ Query rate is images per second over a sliding window (default 10 s). A batch's 
 over the batch's compute interval (a fluid count), so a window edge that cuts a batch in half
 counts half of it: without that, rates jump by a whole batch at each completion and two equally
 served jobs look 10-20 % apart on short windows. ``query_rate`` also fades the window's edges over
-one long piece (``JobStats.rate``'s ``ramp``), for jobs served in bursts. Timestamps are wall-clock
+one long piece or a job's burst period (``JobStats.rate``'s ``ramp``, ``burst_period``), for jobs
+served in bursts. Timestamps are wall-clock
 so the standby's copy of the statistics stays meaningful after a takeover.
 
 Latency and compute time per image are kept as a ``Distribution``: exact count, mean, standard
@@ -260,6 +261,36 @@ class JobStats:
             return 0.0
         times.sort()
         return times[min(len(times) - 1, int(0.9 * len(times)))]
+
+    def burst_period(self, now: float, window: float) -> float:
+        """How often the job's service stops and starts again, over the last ``window`` seconds: the
+        time from one gap in its compute (no piece of it running on any worker) to the next, as the
+        median over time (half of the span between the first and last gap is in cycles at least
+        this long); 0 with fewer than two gaps. A job with a worker of its own runs back to back
+        (cycles of one piece); a cheap model served between vgg16's images on a shared worker
+        runs in bursts a second or more apart, and a rate window's edge crossing one moves its rate
+        by the whole burst (see :meth:`rate`'s ``ramp``).
+
+        One pass from the newest piece back: the ends are in order (``record``), so a piece ending
+        before the earliest start of every later-ending piece ends a gap, and the gaps found are
+        exactly those of the union of the pieces."""
+        starts: list[float] = []  # where each gap began (its piece's end), newest first
+        covered_from = math.inf
+        for c in reversed(self.history):
+            if c.end <= now - window:
+                break
+            if c.end < covered_from - 1e-9 and covered_from < math.inf:
+                starts.append(c.end)
+            covered_from = min(covered_from, c.start)
+        if len(starts) < 2:
+            return 0.0
+        cycles = sorted((a - b for a, b in zip(starts, starts[1:], strict=False)), reverse=True)
+        half, acc = sum(cycles) / 2, 0.0
+        for cycle in cycles:
+            acc += cycle
+            if acc >= half:
+                return cycle
+        return cycles[-1]
 
     def overall_rate(self) -> float:
         """Images per second from the first dispatch to the last result."""

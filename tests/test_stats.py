@@ -204,3 +204,65 @@ def test_a_job_served_in_bursts_reads_level_through_tapered_edges():
     assert statistics.mean(tapered) == pytest.approx(true_rate, rel=0.005)
     # A job younger than its window plus the ramp keeps square edges (its window is its age).
     assert stats.rate(10.3, 10.0, 0.0, 0.7) == stats.rate(10.3, 10.0)
+
+
+def _gap_starts_by_merging(stats: JobStats, now: float, window: float) -> list[float]:
+    """The gaps of the union of the pieces ending in the window, the plain way: sort by start, merge."""
+    spans = sorted((c.start, c.end) for c in stats.history if c.end > now - window)
+    starts, reach = [], spans[0][1]
+    for a, b in spans[1:]:
+        if a > reach + 1e-9:
+            starts.append(reach)
+        reach = max(reach, b)
+    return starts
+
+
+def test_the_burst_period_is_the_median_over_time_of_the_cycles_between_gaps_of_the_union():
+    """burst_period's one backward pass finds exactly the gaps that merging the pieces finds, on
+    random pieces of several workers overlapping each other; its value is the cycle length (gap
+    start to gap start) that half of the cycles' time is in cycles at least as long as."""
+    rng = random.Random(11)
+    for _ in range(60):
+        stats = JobStats("j")
+        t = 0.0
+        while t < 40.0:
+            t += rng.expovariate(rng.choice((2.0, 20.0)))
+            elapsed = rng.uniform(1e-3, rng.choice((0.05, 1.5)))
+            stats.record(rng.randint(1, 4), 0, elapsed, elapsed, t, f"w{rng.randint(0, 3)}")
+        now, window = t, rng.uniform(3.0, 30.0)
+        starts = _gap_starts_by_merging(stats, now, window)
+        cycles = sorted((b - a for a, b in zip(starts, starts[1:], strict=False)), reverse=True)
+        if len(starts) < 2:
+            assert stats.burst_period(now, window) == 0.0
+            continue
+        period = stats.burst_period(now, window)
+        assert period in cycles
+        assert sum(c for c in cycles if c >= period) >= sum(cycles) / 2
+        assert sum(c for c in cycles if c > period) < sum(cycles) / 2
+
+
+def test_a_job_served_in_bursts_reads_level_with_edges_faded_over_its_burst_period():
+    """The shape bench/pools.py showed under load: a cheap model shares its worker with 0.5 s
+    images, and is served every 1.3 s in a burst of 3 batches of 2 (0.06 s each). Faded over one
+    long piece (0.5 s) its 10 s rate still moves by a batch as an edge crosses a burst; faded over
+    its burst period, which burst_period finds, by well under 1 %. A job with a worker of its own,
+    computed back to back, has a period of one piece: its edges fade over the long piece as before."""
+    stats = JobStats("j")
+    stats.first_dispatch = 0.0
+    true_rate = 6 / 1.3
+    t = 0.0
+    while t + 1.3 <= 80.0:
+        for i in range(3):
+            stats.record(2, 0, 0.1, 0.06, t + 0.06 * (i + 1))
+        t += 1.3
+    period = stats.burst_period(60.0, 10.0)
+    assert period == pytest.approx(1.3)
+    long_piece = [stats.rate(40.0 + d / 50, 10.0, 0.5, 0.5) for d in range(65)]
+    faded = [stats.rate(40.0 + d / 50, 10.0, 0.5, period) for d in range(65)]
+    spread = [(max(x) - min(x)) / true_rate for x in (long_piece, faded)]
+    assert spread[0] > 0.05 and spread[1] < 0.01, spread
+    assert statistics.mean(faded) == pytest.approx(true_rate, rel=0.005)
+    steady = JobStats("s")
+    for k in range(1, 200):
+        steady.record(2, 0, 0.12, 0.098, 0.1 * k)  # (2 ms between pieces: the next task's round trip)
+    assert steady.burst_period(20.0, 10.0) == pytest.approx(0.1)

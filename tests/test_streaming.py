@@ -81,9 +81,10 @@ def test_live_query_rate_stays_within_10_percent_when_compute_times_are_noisy(ba
     assert max(worst) <= 0.10, [f"{g:.1%}" for g in worst]
     # Without the bound on a task's compute (and with the longer prefetch lead), the same runs
     # swing further: one task of 8 ResNet-50 images is 4 s of one worker's time, and the charge
-    # between the jobs swings by a whole AlexNet batch of 8.
+    # between the jobs swings by a whole AlexNet batch of 8. (Worst samples 9.7-13.3 % against
+    # 6.2-6.6 %; the windows' edges fading over the burst period hide part of that swing.)
     before = [max(_run_pair(*LOADED, cfg=UNBOUNDED, batch=batch, jitter=0.1, seed=seed)) for seed in range(3)]
-    assert max(before) > 0.10, [f"{g:.1%}" for g in before]
+    assert max(before) > 1.3 * max(worst), ([f"{g:.1%}" for g in before], [f"{g:.1%}" for g in worst])
 
 
 def test_tasks_hold_about_a_second_of_compute_and_no_more_images_than_the_other_jobs_tasks():
@@ -254,9 +255,12 @@ def test_rate_windows_end_one_long_piece_ago_capped_and_only_while_jobs_run():
     sim.run_until(20.0)
     out = sim.command("query_rate")
     assert [r["lag"] for r in out["jobs"].values()] == [pytest.approx(0.7)] * 2  # dear's one-image pieces
+    # Four workers serve both jobs, so neither comes in bursts: the edges fade over the lag.
+    assert [r["ramp"] for r in out["jobs"].values()] == [pytest.approx(0.7)] * 2
     sim.run_until(400.0)
     assert all(sim.core.jobs.jobs[j].state == "done" for j in jobs)
     assert {r["lag"] for r in sim.command("query_rate")["jobs"].values()} == {0.0}  # nothing runs
     huge = sim.command("submit", model="huge", inputs="in/", batch=1, start=True)["job_id"]
     sim.run_until(430.0)
-    assert sim.command("query_rate", job=huge)["jobs"][huge]["lag"] == 2.5  # a quarter of the 10 s window
+    out = sim.command("query_rate", job=huge)["jobs"][huge]
+    assert out["lag"] == out["ramp"] == 2.5  # a quarter of the 10 s window
