@@ -16,9 +16,11 @@ narrow as memory requires, no narrower, because a narrow pool makes the live rat
 
 Hysteresis. A new plan is adopted only when the demand changed (jobs, weights or workers) or at
 most every ``pool_replan_interval``; a worker leaves a model that still has demand only when the
-model it gains has more backlog per worker than one model load takes, and at most one worker
-leaves each model per interval. A worker with an empty pool (new, or its models have no more
-demand) is assigned freely: nothing is lost by loading onto an idle worker.
+model it gains has more backlog per worker than one model load takes, and a model whose pool a
+move changed (a worker left or joined it) loses no worker for an interval: at most one worker
+leaves each model per interval, and no move is undone within one. A worker with an empty pool
+(new, or its models have no more demand) is assigned freely: nothing is lost by loading onto an
+idle worker; a pool over its budget shrinks at once.
 
 The pools live only in the primary's memory: a new primary rebuilds them from the workers' reports
 (their loaded models) and the replicated jobs on its first dispatch pass.
@@ -178,7 +180,9 @@ class PoolPlanner:
         self.pools: dict[str, frozenset[str]] = {}
         self.signature: object = None
         self.next_replan = -math.inf
-        self.moved: dict[str, float] = {}  # model -> when a worker last left its pool
+        # model -> when a worker last left or joined its pool by a move (idle workers joining do
+        # not count): within an interval of that, the model loses no worker
+        self.moved: dict[str, float] = {}
 
     def of(self, worker: str) -> frozenset[str]:
         return self.pools.get(worker, frozenset())
@@ -225,9 +229,12 @@ class PoolPlanner:
             orphan = any(served.get(m, 0) == 0 for m in gain)
             worth = orphan or all(m in loaded.get(w, ()) or
                                   demand[m].backlog / (served.get(m, 0) + 1) > self.load_time for m in gain)
-            if gain and not worth:
+            # A pool over its budget (the workers' reported sizes shrank it) shrinks whatever holds:
+            # the budget is memory.
+            over = len(base[w]) > budget[w]
+            if gain and not worth and not over:
                 continue
-            if any(served[m] <= 1 if orphan else held(m) for m in lose):
+            if not over and any(served[m] <= 1 if orphan else held(m) for m in lose):
                 # One move per model per interval, and never a model's last worker; the worker
                 # still takes on the new model beside its own where its budget allows (a swing).
                 if len(base[w] | gain) <= budget[w]:
@@ -242,6 +249,11 @@ class PoolPlanner:
                     self.moved[m] = now
             for m in gain:
                 served[m] = served.get(m, 0) + 1
+                # A model that just gained a worker keeps it for an interval: without this, the next
+                # cost measurement's replan moved a worker back 0.2 s later (bench/pools.py: worker-3
+                # +alexnet -vgg16, then +vgg16 -alexnet), two loads of 528 MB for nothing.
+                if demand[m].running:
+                    self.moved[m] = now
         return out
 
     def _commit(self, old: dict[str, frozenset[str]], new: dict[str, frozenset[str]]) -> list[PoolChange]:

@@ -67,6 +67,25 @@ def test_planner_moves_one_worker_per_model_per_interval_and_only_when_worth_a_l
     assert sum("b" in x for x in q.pools.values()) == 1  # its one worker (every model gets one), no more
 
 
+def test_a_move_is_not_undone_within_an_interval_when_the_demand_swings_back() -> None:
+    """Two cost measurements 0.2 s apart once moved a worker off vgg16 and back onto it: two loads
+    of a 528 MB model for nothing. A model whose pool a move changed keeps its workers for an
+    interval, whichever way the move went; once it elapsed, the plan is followed again."""
+    p = PoolPlanner(replan_interval=5.0, load_time=0.0)
+    w = _workers(4, 1)
+    a_heavy = {"a": Demand("a", 3.0, 100.0), "b": Demand("b", 1.0, 100.0)}
+    b_heavy = {"a": Demand("a", 1.0, 100.0), "b": Demand("b", 3.0, 100.0)}
+    p.update(w, {}, a_heavy, "s1", 0.0)
+    assert sorted(sum(m in x for x in p.pools.values()) for m in "ab") == [1, 3]
+    moves = []
+    for t, demand, sig in ((10.0, b_heavy, "s2"), (10.2, a_heavy, "s3"), (10.4, b_heavy, "s4"), (10.6, a_heavy, "s5")):
+        moves += [(t, ch.worker) for ch in p.update(w, {}, demand, sig, t) if ch.removed]
+    assert [t for t, _ in moves] == [10.0], moves  # one worker left a for b; nothing undid it
+    assert sum("b" in x for x in p.pools.values()) == 2
+    back = p.update(w, {}, a_heavy, "s6", 15.1)  # the interval elapsed: the plan is followed again
+    assert len(back) == 1 and sum("a" in x for x in p.pools.values()) == 3
+
+
 def test_queued_models_move_freely_and_a_model_without_demand_leaves_the_pools() -> None:
     p = PoolPlanner(replan_interval=5.0, load_time=0.0)
     w = _workers(4, 1)
