@@ -617,7 +617,8 @@ class ResultAck(Message):
 
 @message
 class Preload(Message):
-    """Load this model (with these weights) now: a job that needs it was submitted (warm start).
+    """Load this model (with these weights) now: a job that needs it was submitted (warm start), or
+    the coordinator put this worker in the model's pool.
 
     A hint: the worker loads it off its loop, within its memory budget, and answers nothing; the
     model then shows in its Heartbeat/Ready ``models``.
