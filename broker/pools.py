@@ -218,23 +218,26 @@ class PoolPlanner:
         def held(m: str) -> bool:  # the model may not lose a worker now
             return demand[m].running and (served[m] <= 1 or now - self.moved.get(m, -math.inf) < self.replan_interval)
 
-        # Workers whose pool only grows (idle ones included) first: they cost no model anything.
-        order = sorted(target, key=lambda w: (bool(base[w] - target[w]), w))
+        # Workers whose pool only grows (idle ones included) first: they cost no model anything;
+        # pools over their budget last, so the models they drop have their new workers by then.
+        order = sorted(target, key=lambda w: (len(base[w]) > budget[w], bool(base[w] - target[w]), w))
         for w in order:
             lose, gain = base[w] - target[w], target[w] - base[w]
             if not lose:
                 out[w] = target[w]
+                for m in gain:
+                    served[m] = served.get(m, 0) + 1
+                continue
+            if len(base[w]) > budget[w]:
+                out[w] = self._shrink(base[w], target[w], budget[w], served, demand, now)
                 continue
             # A model no worker serves yet takes one whatever the cost: every job must progress.
             orphan = any(served.get(m, 0) == 0 for m in gain)
             worth = orphan or all(m in loaded.get(w, ()) or
                                   demand[m].backlog / (served.get(m, 0) + 1) > self.load_time for m in gain)
-            # A pool over its budget (the workers' reported sizes shrank it) shrinks whatever holds:
-            # the budget is memory.
-            over = len(base[w]) > budget[w]
-            if gain and not worth and not over:
+            if gain and not worth:
                 continue
-            if not over and any(served[m] <= 1 if orphan else held(m) for m in lose):
+            if any(served[m] <= 1 if orphan else held(m) for m in lose):
                 # One move per model per interval, and never a model's last worker; the worker
                 # still takes on the new model beside its own where its budget allows (a swing).
                 if len(base[w] | gain) <= budget[w]:
@@ -243,18 +246,40 @@ class PoolPlanner:
                         served[m] = served.get(m, 0) + 1
                 continue
             out[w] = target[w]
-            for m in lose:
-                served[m] -= 1
-                if demand[m].running:
-                    self.moved[m] = now
-            for m in gain:
-                served[m] = served.get(m, 0) + 1
-                # A model that just gained a worker keeps it for an interval: without this, the next
-                # cost measurement's replan moved a worker back 0.2 s later (bench/pools.py: worker-3
-                # +alexnet -vgg16, then +vgg16 -alexnet), two loads of 528 MB for nothing.
-                if demand[m].running:
-                    self.moved[m] = now
+            self._moved(base[w], target[w], served, demand, now)
+        # A shrinking pool kept a model it was the last worker of, which a pool after it then took.
+        for w in order:
+            if len(out[w]) > budget[w]:
+                out[w] = self._shrink(out[w], target[w], budget[w], served, demand, now)
         return out
+
+    def _shrink(self, base: frozenset[str], target: frozenset[str], budget: int, served: dict[str, int],
+                demand: dict[str, Demand], now: float) -> frozenset[str]:
+        """A pool over its budget (the sizes the workers report shrank it) shrinks now, whatever the
+        holds: the budget is memory. It keeps the models it is the last worker of, then its target's
+        (those it has first), up to the budget; over it only when it is the last worker of more."""
+        pool = {m for m in base if served.get(m, 0) <= 1}
+        for m in sorted(target, key=lambda k: (k not in base, k)):
+            if len(pool) >= budget:
+                break
+            pool.add(m)
+        new = frozenset(pool)
+        self._moved(base, new, served, demand, now)
+        return new
+
+    def _moved(self, old: frozenset[str], new: frozenset[str], served: dict[str, int], demand: dict[str, Demand],
+               now: float) -> None:
+        """Count a worker's move from pool ``old`` to ``new``: the models it left and joined are held
+        for an interval. A model that just gained a worker keeps it: without that, the next cost
+        measurement's replan moved a worker back 0.2 s later (bench/pools.py: worker-3 +alexnet
+        -vgg16, then +vgg16 -alexnet), two loads of 528 MB for nothing."""
+        for m in old - new:
+            served[m] -= 1
+        for m in new - old:
+            served[m] = served.get(m, 0) + 1
+        for m in old ^ new:
+            if demand[m].running:
+                self.moved[m] = now
 
     def _commit(self, old: dict[str, frozenset[str]], new: dict[str, frozenset[str]]) -> list[PoolChange]:
         self.pools = new

@@ -264,24 +264,30 @@ class JobStats:
 
     def burst_period(self, now: float, window: float) -> float:
         """How often the job's service stops and starts again, over the last ``window`` seconds: the
-        time from one gap in its compute (no piece of it running on any worker) to the next, as the
-        median over time (half of the span between the first and last gap is in cycles at least
-        this long); 0 with fewer than two gaps. A job with a worker of its own runs back to back
-        (cycles of one piece); a cheap model served between vgg16's images on a shared worker
-        runs in bursts a second or more apart, and a rate window's edge crossing one moves its rate
-        by the whole burst (see :meth:`rate`'s ``ramp``).
+        time from one gap in its compute (no piece of it running on any worker, for at least its
+        mean piece's time) to the next, as the median over time (half of the span between the
+        first and last gap is in cycles at least this long); 0 with fewer than two such gaps. A
+        job computed back to back, by one worker or several, has none (the round trip between two
+        pieces is far shorter than a piece); a cheap model served between vgg16's images on a
+        shared worker runs in bursts a second or more apart, and a rate window's edge crossing one
+        moves its rate by the whole burst (see :meth:`rate`'s ``ramp``).
 
         One pass from the newest piece back: the ends are in order (``record``), so a piece ending
         before the earliest start of every later-ending piece ends a gap, and the gaps found are
         exactly those of the union of the pieces."""
-        starts: list[float] = []  # where each gap began (its piece's end), newest first
+        gaps: list[tuple[float, float]] = []  # (start, length) of each gap, newest first
         covered_from = math.inf
+        busy, pieces = 0.0, 0
         for c in reversed(self.history):
             if c.end <= now - window:
                 break
             if c.end < covered_from - 1e-9 and covered_from < math.inf:
-                starts.append(c.end)
+                gaps.append((c.end, covered_from - c.end))
             covered_from = min(covered_from, c.start)
+            busy += c.end - c.start
+            pieces += 1
+        mean_piece = busy / max(pieces, 1)
+        starts = [start for start, length in gaps if length >= mean_piece]
         if len(starts) < 2:
             return 0.0
         cycles = sorted((a - b for a, b in zip(starts, starts[1:], strict=False)), reverse=True)

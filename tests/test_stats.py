@@ -206,21 +206,24 @@ def test_a_job_served_in_bursts_reads_level_through_tapered_edges():
     assert stats.rate(10.3, 10.0, 0.0, 0.7) == stats.rate(10.3, 10.0)
 
 
-def _gap_starts_by_merging(stats: JobStats, now: float, window: float) -> list[float]:
-    """The gaps of the union of the pieces ending in the window, the plain way: sort by start, merge."""
+def _gap_starts_by_merging(stats: JobStats, now: float, window: float, least: float | None = None) -> list[float]:
+    """The gaps of the union of the pieces ending in the window, the plain way (sort by start,
+    merge), that last at least ``least`` (default: the mean piece)."""
     spans = sorted((c.start, c.end) for c in stats.history if c.end > now - window)
+    mean_piece = sum(b - a for a, b in spans) / len(spans) if least is None else least
     starts, reach = [], spans[0][1]
     for a, b in spans[1:]:
-        if a > reach + 1e-9:
+        if a > reach + 1e-9 and a - reach >= mean_piece:
             starts.append(reach)
         reach = max(reach, b)
     return starts
 
 
 def test_the_burst_period_is_the_median_over_time_of_the_cycles_between_gaps_of_the_union():
-    """burst_period's one backward pass finds exactly the gaps that merging the pieces finds, on
-    random pieces of several workers overlapping each other; its value is the cycle length (gap
-    start to gap start) that half of the cycles' time is in cycles at least as long as."""
+    """burst_period's one backward pass finds exactly the gaps (of at least a mean piece) that
+    merging the pieces finds, on random pieces of several workers overlapping each other; its
+    value is the cycle length (gap start to gap start) that half of the cycles' time is in cycles
+    at least as long as."""
     rng = random.Random(11)
     for _ in range(60):
         stats = JobStats("j")
@@ -245,8 +248,9 @@ def test_a_job_served_in_bursts_reads_level_with_edges_faded_over_its_burst_peri
     """The shape bench/pools.py showed under load: a cheap model shares its worker with 0.5 s
     images, and is served every 1.3 s in a burst of 3 batches of 2 (0.06 s each). Faded over one
     long piece (0.5 s) its 10 s rate still moves by a batch as an edge crosses a burst; faded over
-    its burst period, which burst_period finds, by well under 1 %. A job with a worker of its own,
-    computed back to back, has a period of one piece: its edges fade over the long piece as before."""
+    its burst period, which burst_period finds, by well under 1 %. A job computed back to back
+    (a 2 ms round trip between pieces), by one worker or by two with a rare short gap in their
+    union, has no burst period: its edges fade over the long piece as before."""
     stats = JobStats("j")
     stats.first_dispatch = 0.0
     true_rate = 6 / 1.3
@@ -265,4 +269,12 @@ def test_a_job_served_in_bursts_reads_level_with_edges_faded_over_its_burst_peri
     steady = JobStats("s")
     for k in range(1, 200):
         steady.record(2, 0, 0.12, 0.098, 0.1 * k)  # (2 ms between pieces: the next task's round trip)
-    assert steady.burst_period(20.0, 10.0) == pytest.approx(0.1)
+    assert steady.burst_period(20.0, 10.0) == 0.0
+    two, t = JobStats("t"), 0.0  # two workers, 0.5 s pieces; every 3 s both pause for 5 ms
+    for k in range(80):
+        t += 0.005 if k % 6 == 0 else 0.0
+        for w in (0, 1):
+            two.record(1, 0, 0.5, 0.5, t + 0.5, f"w{w}")
+        t += 0.5
+    assert len(_gap_starts_by_merging(two, 40.0, 10.0)) == 0 < len(_gap_starts_by_merging(two, 40.0, 10.0, 0.0))
+    assert two.burst_period(40.0, 10.0) == 0.0

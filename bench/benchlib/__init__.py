@@ -14,6 +14,7 @@ import importlib.util
 import math
 import os
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -178,7 +179,12 @@ def running(cluster: LocalCluster, timeout: float = 90.0, port_retries: int = 2)
     ``free_port_block`` can only tell that a port is free *now*: on a machine where other clusters
     start too, one of ours may be taken before the daemon binds it. Then (a daemon's log says so)
     the cluster is stopped and started again on fresh ports, up to ``port_retries`` times.
+    A SIGTERM (``timeout``, ``kill``) ends the benchmark as Ctrl-C does, through the clean-up: by
+    default Python dies at once and the daemons, in sessions of their own, outlived it.
     """
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         for attempt in range(port_retries + 1):
             try:
@@ -193,7 +199,7 @@ def running(cluster: LocalCluster, timeout: float = 90.0, port_retries: int = 2)
                 cluster.stop()
                 cluster.procs.clear()
         yield cluster
-    except BaseException:
+    except Exception:
         show_logs(cluster)
         raise
     finally:
@@ -204,6 +210,12 @@ def running(cluster: LocalCluster, timeout: float = 90.0, port_retries: int = 2)
                 p.popen.kill()
                 p.popen.wait(timeout=5)
             console.print(f"[red]warning: {len(left)} cluster processes had to be killed[/]")
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _port_taken(cluster: LocalCluster) -> str:
