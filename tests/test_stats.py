@@ -185,18 +185,24 @@ def test_a_tapered_window_is_the_mean_of_the_square_windows_over_its_ramp():
     assert _covered(9.5, 9.5, 4.0, 6.0, 3.0) == 0.0
 
 
+def _bursts(period: float, pieces: int, images: int, piece: float, until: float = 80.0) -> JobStats:
+    """A job served every ``period`` seconds in a burst of ``pieces`` back-to-back pieces."""
+    stats = JobStats("j")
+    stats.first_dispatch = 0.0
+    t = 0.0
+    while t + period <= until:
+        for i in range(pieces):
+            stats.record(images, 0, 0.1, piece, t + piece * (i + 1))
+        t += period
+    return stats
+
+
 def test_a_job_served_in_bursts_reads_level_through_tapered_edges():
     """A cheap model sharing its one worker with 0.7 s images: every 0.7 s a burst of 3 images
     computed in 0.12 s (3 / 0.7 images/s). As a square window's edge crosses a burst its rate
     moves by 3 images of 43 (7 %); faded over one long piece (the lag), by well under 1 %."""
-    stats = JobStats("j")
-    stats.first_dispatch = 0.0
+    stats = _bursts(period=0.7, pieces=3, images=1, piece=0.04)
     true_rate = 3 / 0.7
-    t = 0.0
-    while t + 0.7 <= 80.0:
-        for i in range(3):
-            stats.record(1, 0, 0.1, 0.04, t + 0.04 * (i + 1))
-        t += 0.7
     square = [stats.rate(40.0 + d / 50, 10.0, 0.7) for d in range(50)]
     tapered = [stats.rate(40.0 + d / 50, 10.0, 0.7, 0.7) for d in range(50)]
     spread = [(max(x) - min(x)) / true_rate for x in (square, tapered)]
@@ -251,14 +257,8 @@ def test_a_job_served_in_bursts_reads_level_with_edges_faded_over_its_burst_peri
     its burst period, which burst_period finds, by well under 1 %. A job computed back to back
     (a 2 ms round trip between pieces), by one worker or by two with a rare short gap in their
     union, has no burst period: its edges fade over the long piece as before."""
-    stats = JobStats("j")
-    stats.first_dispatch = 0.0
+    stats = _bursts(period=1.3, pieces=3, images=2, piece=0.06)
     true_rate = 6 / 1.3
-    t = 0.0
-    while t + 1.3 <= 80.0:
-        for i in range(3):
-            stats.record(2, 0, 0.1, 0.06, t + 0.06 * (i + 1))
-        t += 1.3
     period = stats.burst_period(60.0, 10.0)
     assert period == pytest.approx(1.3)
     long_piece = [stats.rate(40.0 + d / 50, 10.0, 0.5, 0.5) for d in range(65)]
