@@ -247,18 +247,26 @@ class PoolPlanner:
                 continue
             out[w] = target[w]
             self._moved(base[w], target[w], served, demand, now)
-        # A shrinking pool kept a model it was the last worker of, which a pool after it then took.
-        for w in order:
-            if len(out[w]) > budget[w]:
-                out[w] = self._shrink(out[w], target[w], budget[w], served, demand, now)
+        # A shrinking pool kept a model it was the last worker of, which a pool after it then took
+        # (and that one's shrink may give another such model a second worker: until none does).
+        for _ in range(len(order)):
+            changed = False
+            for w in order:
+                if len(out[w]) > budget[w]:
+                    pool = self._shrink(out[w], target[w], budget[w], served, demand, now)
+                    changed |= pool != out[w]
+                    out[w] = pool
+            if not changed:
+                break
         return out
 
     def _shrink(self, base: frozenset[str], target: frozenset[str], budget: int, served: dict[str, int],
                 demand: dict[str, Demand], now: float) -> frozenset[str]:
         """A pool over its budget (the sizes the workers report shrank it) shrinks now, whatever the
-        holds: the budget is memory. It keeps the models it is the last worker of, then its target's
-        (those it has first), up to the budget; over it only when it is the last worker of more."""
-        pool = {m for m in base if served.get(m, 0) <= 1}
+        holds: the budget is memory. It keeps the running models it is the last worker of, then its
+        target's (those it has first), up to the budget; over it only when it is the last worker of
+        more running models. A queued model may lose its last worker (the next plan gives it one)."""
+        pool = {m for m in base if served.get(m, 0) <= 1 and demand[m].running}
         for m in sorted(target, key=lambda k: (k not in base, k)):
             if len(pool) >= budget:
                 break

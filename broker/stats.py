@@ -17,6 +17,7 @@ constant per job however many queries it answers (a sorted list of every latency
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -265,7 +266,7 @@ class JobStats:
     def burst_period(self, now: float, window: float) -> float:
         """How often the job's service stops and starts again, over the last ``window`` seconds: the
         time from one gap in its compute (no piece of it running on any worker, for at least its
-        mean piece's time) to the next, as the median over time (half of the span between the
+        median piece's time) to the next, as the median over time (half of the span between the
         first and last gap is in cycles at least this long); 0 with fewer than two such gaps. A
         job computed back to back, by one worker or several, has none (the round trip between two
         pieces is far shorter than a piece); a cheap model served between vgg16's images on a
@@ -277,17 +278,18 @@ class JobStats:
         exactly those of the union of the pieces."""
         gaps: list[tuple[float, float]] = []  # (start, length) of each gap, newest first
         covered_from = math.inf
-        busy, pieces = 0.0, 0
+        pieces: list[float] = []
         for c in reversed(self.history):
             if c.end <= now - window:
                 break
             if c.end < covered_from - 1e-9 and covered_from < math.inf:
                 gaps.append((c.end, covered_from - c.end))
             covered_from = min(covered_from, c.start)
-            busy += c.end - c.start
-            pieces += 1
-        mean_piece = busy / max(pieces, 1)
-        starts = [start for start, length in gaps if length >= mean_piece]
+            pieces.append(c.end - c.start)
+        # (The median, not the mean: a task re-sent whole after a takeover is one piece of its
+        # summed time.)
+        typical = statistics.median(pieces) if pieces else 0.0
+        starts = [start for start, length in gaps if length >= typical]
         if len(starts) < 2:
             return 0.0
         cycles = sorted((a - b for a, b in zip(starts, starts[1:], strict=False)), reverse=True)

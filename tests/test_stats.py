@@ -214,19 +214,19 @@ def test_a_job_served_in_bursts_reads_level_through_tapered_edges():
 
 def _gap_starts_by_merging(stats: JobStats, now: float, window: float, least: float | None = None) -> list[float]:
     """The gaps of the union of the pieces ending in the window, the plain way (sort by start,
-    merge), that last at least ``least`` (default: the mean piece)."""
+    merge), that last at least ``least`` (default: the median piece)."""
     spans = sorted((c.start, c.end) for c in stats.history if c.end > now - window)
-    mean_piece = sum(b - a for a, b in spans) / len(spans) if least is None else least
+    typical = statistics.median(b - a for a, b in spans) if least is None else least
     starts, reach = [], spans[0][1]
     for a, b in spans[1:]:
-        if a > reach + 1e-9 and a - reach >= mean_piece:
+        if a > reach + 1e-9 and a - reach >= typical:
             starts.append(reach)
         reach = max(reach, b)
     return starts
 
 
 def test_the_burst_period_is_the_median_over_time_of_the_cycles_between_gaps_of_the_union():
-    """burst_period's one backward pass finds exactly the gaps (of at least a mean piece) that
+    """burst_period's one backward pass finds exactly the gaps (of at least a median piece) that
     merging the pieces finds, on random pieces of several workers overlapping each other; its
     value is the cycle length (gap start to gap start) that half of the cycles' time is in cycles
     at least as long as."""

@@ -182,9 +182,8 @@ def running(cluster: LocalCluster, timeout: float = 90.0, port_retries: int = 2)
     A SIGTERM (``timeout``, ``kill``) ends the benchmark as Ctrl-C does, through the clean-up: by
     default Python dies at once and the daemons, in sessions of their own, outlived it.
     """
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
     try:
         for attempt in range(port_retries + 1):
             try:
@@ -199,10 +198,12 @@ def running(cluster: LocalCluster, timeout: float = 90.0, port_retries: int = 2)
                 cluster.stop()
                 cluster.procs.clear()
         yield cluster
-    except Exception:
+    except BaseException:
         show_logs(cluster)
         raise
     finally:
+        if main:  # a second SIGTERM (``timeout -k``) must not cut the clean-up short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         cluster.stop()
         left = [p for p in cluster.procs if p.popen.poll() is None]
         if left:
@@ -210,8 +211,8 @@ def running(cluster: LocalCluster, timeout: float = 90.0, port_retries: int = 2)
                 p.popen.kill()
                 p.popen.wait(timeout=5)
             console.print(f"[red]warning: {len(left)} cluster processes had to be killed[/]")
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
