@@ -434,9 +434,7 @@ class Worker:
             self.unacked.pop(m.task_id, None)
 
     def on_preload(self, m: Preload) -> None:
-        # Sent when a job is submitted and when a replan puts this worker in the model's pool.
-        log.info("preloading %s%s (the coordinator put this worker in its pool)", m.model,
-                 f" with {m.weights}" if m.weights else "")
+        log.info("preloading %s%s (this worker is in its pool)", m.model, f" with {m.weights}" if m.weights else "")
         self.executor.preload(m.model, m.weights)  # loads off this loop (worker/executor.py)
 
     def on_drop(self, m: Drop) -> None:
