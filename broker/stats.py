@@ -5,8 +5,8 @@ over the batch's compute interval (a fluid count), so a window edge that cuts a 
 counts half of it: without that, rates jump by a whole batch at each completion and two equally
 served jobs look 10-20 % apart on short windows. ``query_rate`` also fades the window's edges over
 one long piece or a job's burst period (``JobStats.rate``'s ``ramp``, ``burst_period``), for jobs
-served in bursts. Timestamps are wall-clock
-so the standby's copy of the statistics stays meaningful after a takeover.
+served in bursts. Timestamps are wall-clock so the standby's copy of the statistics stays
+meaningful after a takeover.
 
 Latency and compute time per image are kept as a ``Distribution``: exact count, mean, standard
 deviation, min and max (Welford's running moments), and quantiles from a DDSketch with 1 % relative

@@ -95,7 +95,7 @@ class Views:
         same seconds alike. With pools of 2 a cheap model shares its one worker with vgg16 and
         is served about every 1.3 s, in bursts of 3 batches, on a machine under load; faded over
         one 0.5 s piece only, its 10 s rate moved by a batch as an edge crossed a burst
-        (bench/pools.py under hog.py: 6.3-6.7 % median gap, 0.6-2.0 % without pools)."""
+        (bench/pools.py under hog.py: 6.2-6.7 % median gap, 0.6-2.0 % without pools)."""
         short = self.cfg.rate_window
         period = max((j.stats.burst_period(clock, short) for j in self.jobs.running()), default=0.0)
         return min(max(lag, period), short / 4)
